@@ -1,0 +1,3 @@
+from loradrift.cli import main
+import sys
+sys.exit(main())

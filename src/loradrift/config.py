@@ -1,0 +1,284 @@
+"""One typed config for every command.
+
+Resolution order (later wins): field defaults → preset YAML → `--config` YAML files → dotted CLI
+overrides (`train.lr=1e-4`). A preset or file may hold `per_task: {task: {...}}` blocks that apply
+only when that task runs; CLI overrides still win over them. Unknown keys and wrong types raise
+`ConfigError` naming the dotted key.
+
+    from loradrift.config import resolve_config
+    cfg = resolve_config(preset="tiny", overrides=["train.max_steps=5"], task="sst2")
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PRESET = "smollm2"
+ALL_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the key or file."""
+
+
+class _Strict(BaseModel):
+    # extra="forbid" is what turns a typo in YAML or on the CLI into an error naming the key.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(_Strict):
+    """Random-init Llama for tests: seconds on CPU."""
+
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
+    init_seed: int = Field(0, description="seed of the random init, so 'tiny' is one fixed model")
+
+
+class ModelConfig(_Strict):
+    name: str = Field(
+        "smollm2-135m",
+        description="registry name (tiny, smollm2-135m, tinyllama-1.1b, minilm-l6), Hub id or local folder",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype; auto = bfloat16 on a CUDA device that supports it, else float32"
+    )
+    pooling: Literal["auto", "last", "mean", "first"] = Field(
+        "auto", description="sequence pooling for the classifier and the probes; auto = last non-padding token for decoders, first for encoders"
+    )
+    max_length: int = Field(128, gt=8, description="max tokens per example (SQuAD: per window)")
+    trust_remote_code: bool = Field(False, description="never on by default: it runs code from the model repo")
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class DataConfig(_Strict):
+    data_dir: Path | None = Field(None, description="task data folder; default ../shared/data beside the repo or $LORADRIFT_DATA")
+    source: Literal["auto", "local", "hub"] = Field("auto", description="auto = local folder when present, else the HF Hub")
+    verify_checksums: bool = True
+    split_seed: int = Field(1234, description="fixed seed that carves validation from train and subsets dev: the same for every run")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train held out as the validation split")
+    max_val_examples: int | None = Field(None, gt=0)
+    max_train_examples: int | None = Field(None, gt=0, description="train subset, drawn with the run seed")
+    max_dev_examples: int | None = Field(None, gt=0, description="dev (final test) subset, fixed by split_seed")
+    doc_stride: int = Field(64, gt=0, description="SQuAD: token overlap between windows")
+    max_answer_length: int = Field(30, gt=0, description="SQuAD: longest answer span in tokens")
+    n_best: int = Field(20, gt=0, description="SQuAD: start/end candidates per window")
+
+
+class LoraSettings(_Strict):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(ALL_LORA_TARGETS))
+    use_rslora: bool = False
+
+
+class MethodConfig(_Strict):
+    name: Literal["full", "lora"] = "lora"
+    lora: LoraSettings = LoraSettings()
+
+
+class TrainConfig(_Strict):
+    lr: float | None = Field(None, gt=0, description="peak learning rate; null = the method's default (full 2e-5, lora 2e-4)")
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs when set")
+    max_grad_norm: float = Field(1.0, gt=0)
+    log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="validation every N steps (null: only at the end)")
+    checkpoint_every: int = Field(50, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0, description="stop after N evaluations without improvement")
+    restore_best: bool = Field(False, description="final scores from the best validation checkpoint instead of the last step")
+    eval_batch_size: int = Field(32, gt=0)
+
+    def lr_for(self, method: str) -> float:
+        return self.lr if self.lr is not None else {"full": 2e-5, "lora": 2e-4}[method]
+
+
+class ProbeConfig(_Strict):
+    size: int = Field(512, gt=1, description="probe examples drawn from the official dev set")
+    snapshot_every: int = Field(100, gt=0, description="representation snapshot every N optimizer steps")
+    dtype: Literal["float32", "float16"] = "float32"
+    seed: int = Field(0, description="seed of the probe sample: fixed so every run sees the same probe set")
+
+
+class SanityConfig(_Strict):
+    n_examples: int = Field(100, gt=0)
+    max_steps: int = Field(60, gt=0)
+    lr_full: float = Field(1e-4, gt=0)
+    lr_lora: float = Field(2e-3, gt=0)
+    batch_size: int = Field(10, gt=0)
+    min_accuracy: float = Field(0.95, gt=0, le=1)
+    min_squad_f1: float = Field(90.0, gt=0, le=100)
+
+
+class RunConfig(_Strict):
+    """Everything one command needs. `task` and `seed` are set per run."""
+
+    task: str | None = None
+    seed: int = 42
+    out_dir: Path = Field(Path("runs/default"), description="study output folder (see docs/layout.md)")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    method: MethodConfig = MethodConfig()
+    train: TrainConfig = TrainConfig()
+    probe: ProbeConfig = ProbeConfig()
+    sanity: SanityConfig = SanityConfig()
+    per_task: dict[str, dict[str, Any]] = Field(default_factory=dict, description="overrides applied only for one task")
+    preset: str | None = None
+
+    @field_validator("per_task")
+    @classmethod
+    def _known_tasks(cls, v: dict) -> dict:
+        from loradrift.tasks import TASKS
+
+        for name in v:
+            if name not in TASKS:
+                raise ValueError(f"per_task.{name}: unknown task (known: {', '.join(TASKS)})")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.task is not None:
+            from loradrift.tasks import TASKS
+
+            if self.task not in TASKS:
+                raise ValueError(f"task: unknown task {self.task!r} (known: {', '.join(TASKS)})")
+        return self
+
+    def science_hash(self) -> str:
+        """Hash of what determines a run's numbers (not where it is written)."""
+        d = self.model_dump(mode="json", exclude={"out_dir", "per_task", "preset"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# resolution
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("loradrift.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(path: Path | str, what: str) -> dict:
+    try:
+        text = path.read_text() if isinstance(path, Path) else path
+        data = yaml.safe_load(text) or {}
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: the top level must be a mapping of config keys")
+    return data
+
+
+def load_preset(name: str) -> dict:
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(preset_names())})")
+    raw = _read_yaml(resources.files("loradrift.presets").joinpath(f"{name}.yaml").read_text(), f"preset {name}")
+    raw["preset"] = name
+    return raw
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(item: str) -> dict:
+    """`train.lr=1e-4` → {"train": {"lr": 0.0001}}; the value is parsed as YAML, then typed by the schema."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    # YAML 1.1 reads "1e-4" as a string; the schema would then reject it, so take numbers as numbers.
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed) if any(c in parsed for c in ".eE") else int(parsed)
+        except ValueError:
+            pass
+    node: Any = parsed
+    for part in reversed(key.split(".")):
+        node = {part: node}
+    return node
+
+
+def _validate(raw: dict, origin: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown config key"
+            lines.append(f"  {loc}: {msg}")
+        raise ConfigError(f"invalid config ({origin}):\n" + "\n".join(lines)) from None
+
+
+def resolve_config(
+    preset: str | None = None,
+    files: list[Path] | None = None,
+    overrides: list[str] | None = None,
+    task: str | None = None,
+    **fields: Any,
+) -> RunConfig:
+    """Preset → files → overrides (→ per_task block of `task`) → validated RunConfig.
+
+    Keyword `fields` are top-level values set by a command (task, seed, out_dir), applied like
+    overrides.
+    """
+    raw = load_preset(preset or DEFAULT_PRESET)
+    origin = [f"preset {preset or DEFAULT_PRESET}"]
+    for f in files or []:
+        raw = deep_merge(raw, _read_yaml(Path(f), str(f)))
+        origin.append(str(f))
+    over: dict = {}
+    for item in overrides or []:
+        over = deep_merge(over, parse_override(item))
+    over = deep_merge(over, {k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items() if v is not None})
+    if task is not None:
+        over["task"] = task
+    raw = deep_merge(raw, over)
+    # Validate once without per_task blocks so a bad key there is reported, then apply the task's block.
+    cfg = _validate(raw, " + ".join(origin))
+    if cfg.task is not None and cfg.task in raw.get("per_task", {}):
+        task_raw = deep_merge(raw, raw["per_task"][cfg.task])
+        task_raw = deep_merge(task_raw, over)
+        cfg = _validate(task_raw, " + ".join(origin) + f" + per_task.{cfg.task}")
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    from loradrift.io import atomic_write_text
+
+    atomic_write_text(path, cfg.to_yaml())

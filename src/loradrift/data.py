@@ -1,0 +1,367 @@
+"""Task data: files (or the Hub) → validated examples → train / validation / dev splits → tokens.
+
+Splits: the official dev set is the final test set. Validation (for search, early stopping and the
+SQuAD no-answer threshold) is a fixed slice of train carved with `data.split_seed`, identical for
+every run; for SQuAD the slice is carved by paragraph so no context is shared between splits.
+The train subset (`data.max_train_examples`) is drawn with the run seed, so a seed fixes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loradrift.config import RunConfig
+from loradrift.tasks import TaskSpec
+
+
+class DataError(ValueError):
+    """Bad or missing task data; the message names the file and field."""
+
+
+# ---------------------------------------------------------------------------------------------
+# locating and checking the data folder
+
+
+def default_data_dir() -> Path | None:
+    """$LORADRIFT_DATA, else ../shared/data beside the repo (or the working directory)."""
+    env = os.environ.get("LORADRIFT_DATA")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for base in [Path.cwd(), *here.parents]:
+        cand = base.parent / "shared" / "data"
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def resolve_data_dir(cfg: RunConfig) -> Path | None:
+    """The local folder to read, or None when the Hub is to be used."""
+    if cfg.data.source == "hub":
+        return None
+    d = cfg.data.data_dir or default_data_dir()
+    if d is not None and Path(d).is_dir():
+        return Path(d)
+    if cfg.data.source == "local" or cfg.data.data_dir is not None:
+        where = cfg.data.data_dir or "$LORADRIFT_DATA / ../shared/data"
+        raise DataError(f"data folder not found: {where} (set data.data_dir, --data-dir or LORADRIFT_DATA)")
+    return None
+
+
+_CHECKED: set[tuple[str, str]] = set()
+
+
+def verify_checksum(data_dir: Path, rel: str) -> None:
+    """Check one file against data_dir/SHA256SUMS when that list exists and names the file."""
+    sums = data_dir / "SHA256SUMS"
+    if (str(data_dir), rel) in _CHECKED or not sums.exists():
+        return
+    expected = None
+    for line in sums.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == rel:
+            expected = parts[0].lower()
+    if expected is None:
+        return
+    h = hashlib.sha256()
+    with open(data_dir / rel, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != expected:
+        raise DataError(f"{data_dir / rel}: checksum mismatch (SHA256SUMS expects {expected[:12]}…, file has {h.hexdigest()[:12]}…)")
+    _CHECKED.add((str(data_dir), rel))
+
+
+# ---------------------------------------------------------------------------------------------
+# readers
+
+
+def read_classification_tsv(path: Path, spec: TaskSpec) -> list[dict]:
+    """GLUE TSVs contain bare quote characters, so split on tabs instead of using csv quoting."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found (task {spec.name})")
+    # utf-8-sig drops MRPC's byte-order mark from the header.
+    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise DataError(f"{path}: empty file")
+    header = tuple(lines[0].split("\t"))
+    if header != spec.header:
+        raise DataError(f"{path}: header {list(header)} does not match the expected {list(spec.header)}")
+    col = {name: i for i, name in enumerate(header)}
+    label_id = {s: i for i, s in enumerate(spec.labels)}
+    rows = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            raise DataError(f"{path}:{lineno}: {len(fields)} fields, expected {len(header)}")
+        raw_label = fields[col[spec.label_field]].strip()
+        if raw_label not in label_id:
+            raise DataError(f"{path}:{lineno}: field {spec.label_field!r}: unknown label {raw_label!r} (expected one of {list(spec.labels)})")
+        texts = [fields[col[f]].strip() for f in spec.text_fields]
+        rows.append({"idx": len(rows), "text_a": texts[0], "text_b": texts[1] if len(texts) > 1 else None, "label": label_id[raw_label]})
+    return rows
+
+
+def read_squad_json(path: Path) -> list[dict]:
+    from loradrift.metrics import load_squad_json
+
+    if not path.exists():
+        raise DataError(f"{path}: file not found (task squad_v2)")
+    try:
+        articles = load_squad_json(path)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    rows = []
+    for a_i, article in enumerate(articles):
+        for p_i, para in enumerate(article["paragraphs"]):
+            context = para["context"]
+            for qa in para["qas"]:
+                answers = qa.get("answers", [])
+                for ans in answers:
+                    start = ans.get("answer_start")
+                    if not isinstance(start, int) or context[start : start + len(ans["text"])] != ans["text"]:
+                        raise DataError(f"{path}: question {qa['id']}: answer {ans.get('text')!r} not found at answer_start {start}")
+                rows.append(
+                    {
+                        "id": qa["id"],
+                        "title": article.get("title", ""),
+                        "paragraph": f"{a_i}:{p_i}",
+                        "context": context,
+                        "question": qa["question"],
+                        "answers": {"text": [a["text"] for a in answers], "answer_start": [a["answer_start"] for a in answers]},
+                        "is_impossible": bool(qa.get("is_impossible", not answers)),
+                    }
+                )
+    return rows
+
+
+READERS = {"classification": read_classification_tsv, "extractive_qa": lambda path, spec: read_squad_json(path)}
+
+
+def _read_hub(spec: TaskSpec, split: str) -> list[dict]:
+    try:
+        import datasets  # noqa: F401  (optional: pip install 'loradrift[hub]')
+    except ImportError:
+        raise DataError(f"no local data folder and the Hub fallback needs the 'datasets' package: pip install 'loradrift[hub]' (task {spec.name})") from None
+    from datasets import load_dataset
+
+    hub = spec.hub
+    ds = load_dataset(hub.path, hub.name, split=hub.train_split if split == "train" else hub.dev_split)
+    rows = []
+    for i, ex in enumerate(ds):
+        if spec.kind == "classification":
+            c = hub.columns
+            rows.append({"idx": i, "text_a": ex[c["text_a"]], "text_b": ex[c["text_b"]] if "text_b" in c else None, "label": int(ex[c["label"]])})
+        else:
+            rows.append(
+                {
+                    "id": ex["id"], "title": ex["title"], "paragraph": ex["context"], "context": ex["context"],
+                    "question": ex["question"], "answers": {"text": list(ex["answers"]["text"]), "answer_start": list(ex["answers"]["answer_start"])},
+                    "is_impossible": len(ex["answers"]["text"]) == 0,
+                }
+            )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# splits
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    train: list[dict]
+    val: list[dict]
+    dev: list[dict]
+    source: str
+    full_train_size: int
+    full_dev_size: int
+    full_dev_balance: dict = field(default_factory=dict)
+
+
+def _carve(rows: list[dict], cfg: RunConfig, group_key: str | None) -> tuple[list[dict], list[dict]]:
+    """Split train into (train, val) with the fixed split seed; grouped when group_key is set."""
+    rng = np.random.default_rng(cfg.data.split_seed)
+    if group_key:
+        groups = sorted({r[group_key] for r in rows})
+        order = rng.permutation(len(groups))
+        n_val_groups = max(1, round(cfg.data.val_fraction * len(groups)))
+        val_groups = {groups[i] for i in order[:n_val_groups]}
+        val = [r for r in rows if r[group_key] in val_groups]
+        train = [r for r in rows if r[group_key] not in val_groups]
+    else:
+        order = rng.permutation(len(rows))
+        n_val = max(1, round(cfg.data.val_fraction * len(rows)))
+        val = [rows[i] for i in sorted(order[:n_val])]
+        train = [rows[i] for i in sorted(order[n_val:])]
+    if cfg.data.max_val_examples and len(val) > cfg.data.max_val_examples:
+        keep = np.random.default_rng(cfg.data.split_seed + 1).permutation(len(val))[: cfg.data.max_val_examples]
+        val = [val[i] for i in sorted(keep)]
+    return train, val
+
+
+def _subset(rows: list[dict], n: int | None, seed: int) -> list[dict]:
+    if n is None or len(rows) <= n:
+        return rows
+    keep = np.random.default_rng(seed).permutation(len(rows))[:n]
+    return [rows[i] for i in sorted(keep)]
+
+
+def load_task(cfg: RunConfig, spec: TaskSpec | None = None) -> TaskData:
+    from loradrift.tasks import get_task
+
+    spec = spec or get_task(cfg.task)
+    data_dir = resolve_data_dir(cfg)
+    if data_dir is not None:
+        for rel in (spec.train_file, spec.dev_file):
+            if not (data_dir / rel).exists():
+                raise DataError(f"{data_dir / rel}: file not found (task {spec.name}; data folder {data_dir})")
+            if cfg.data.verify_checksums:
+                verify_checksum(data_dir, rel)
+        read = READERS[spec.kind]
+        train_all = read(data_dir / spec.train_file, spec)
+        dev_all = read(data_dir / spec.dev_file, spec)
+        source = f"local folder {data_dir}"
+    else:
+        train_all, dev_all = _read_hub(spec, "train"), _read_hub(spec, "dev")
+        source = f"Hugging Face Hub {spec.hub.path}" + (f"/{spec.hub.name}" if spec.hub.name else "")
+    train, val = _carve(train_all, cfg, "paragraph" if spec.kind == "extractive_qa" else None)
+    train = _subset(train, cfg.data.max_train_examples, cfg.seed)
+    dev = _subset(dev_all, cfg.data.max_dev_examples, cfg.data.split_seed + 2)
+    return TaskData(spec, train, val, dev, source, len(train_all), len(dev_all), label_balance(spec, dev_all))
+
+
+def probe_examples(cfg: RunConfig, data: TaskData) -> list[dict]:
+    """The probe set: a fixed sample of the official dev set (the same for every run and seed)."""
+    n = min(cfg.probe.size, len(data.dev))
+    keep = np.random.default_rng(cfg.probe.seed).permutation(len(data.dev))[:n]
+    return [data.dev[i] for i in sorted(keep)]
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenisation
+
+
+def prepare_tokenizer(tokenizer, is_decoder: bool):
+    """Decoders often ship without a pad token; pooling reads the attention mask, so any id works.
+    Right padding keeps positions identical with and without padding for a causal model."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def encode_classification(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+    a = [r["text_a"] for r in rows]
+    b = [r["text_b"] for r in rows] if rows and rows[0]["text_b"] is not None else None
+    enc = tokenizer(a, b, truncation=True, max_length=max_length)
+    return [{"input_ids": ids, "label": r["label"]} for ids, r in zip(enc["input_ids"], rows)]
+
+
+def encode_squad(tokenizer, rows: list[dict], max_length: int, stride: int) -> list[dict]:
+    """Question first, then a context window: a causal model's context tokens must see the question.
+
+    Each window ("feature") gets start/end token labels when the answer lies inside it and an
+    answerability label (1 = the answer is in this window); other windows train only the
+    answerability head (span labels -100).
+    """
+    enc = tokenizer(
+        [r["question"].lstrip() for r in rows],
+        [r["context"] for r in rows],
+        truncation="only_second",
+        max_length=max_length,
+        stride=stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+    )
+    feats = []
+    for i, ids in enumerate(enc["input_ids"]):
+        ex_i = enc["overflow_to_sample_mapping"][i]
+        row = rows[ex_i]
+        seq_ids = enc.sequence_ids(i)
+        offsets = [o if s == 1 else None for o, s in zip(enc["offset_mapping"][i], seq_ids)]
+        ctx_tokens = [t for t, s in enumerate(seq_ids) if s == 1]
+        start_pos = end_pos = -100
+        has = 0
+        if row["answers"]["text"] and ctx_tokens:
+            a_start = row["answers"]["answer_start"][0]
+            a_end = a_start + len(row["answers"]["text"][0])
+            first, last = ctx_tokens[0], ctx_tokens[-1]
+            if offsets[first][0] <= a_start and offsets[last][1] >= a_end:
+                s = first
+                while s <= last and offsets[s][1] <= a_start:
+                    s += 1
+                e = last
+                while e >= first and offsets[e][0] >= a_end:
+                    e -= 1
+                if s <= e:
+                    start_pos, end_pos, has = s, e, 1
+        feats.append(
+            {"input_ids": ids, "start": start_pos, "end": end_pos, "label": has, "example": ex_i, "offsets": offsets}
+        )
+    if not feats:
+        raise DataError("SQuAD: no features produced (is max_length too small for the questions?)")
+    return feats
+
+
+def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        mask[i, :n] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([f["label"] for f in features])}
+    if "start" in features[0]:
+        batch["start_positions"] = torch.tensor([f["start"] for f in features])
+        batch["end_positions"] = torch.tensor([f["end"] for f in features])
+    return batch
+
+
+def encode(spec: TaskSpec, tokenizer, rows: list[dict], cfg: RunConfig) -> list[dict]:
+    if spec.kind == "extractive_qa":
+        return encode_squad(tokenizer, rows, cfg.model.max_length, cfg.data.doc_stride)
+    return encode_classification(tokenizer, rows, cfg.model.max_length)
+
+
+def rows_as_squad_json(rows: list[dict]) -> list[dict]:
+    """Rows in the official SQuAD JSON shape, for the official-equivalent scorer."""
+    paragraphs: dict[str, dict] = {}
+    for r in rows:
+        p = paragraphs.setdefault(r["paragraph"], {"context": r["context"], "qas": []})
+        p["qas"].append({"id": r["id"], "question": r["question"],
+                         "answers": [{"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])]})
+    return [{"title": "", "paragraphs": list(paragraphs.values())}]
+
+
+def label_balance(spec: TaskSpec, rows: list[dict]) -> dict[str, int]:
+    if spec.kind == "extractive_qa":
+        n_imp = sum(r["is_impossible"] for r in rows)
+        return {"answerable": len(rows) - n_imp, "unanswerable": n_imp}
+    counts = np.bincount([r["label"] for r in rows], minlength=spec.num_labels)
+    return {name: int(c) for name, c in zip(spec.labels, counts)}
+
+
+def summary(data: TaskData) -> dict:
+    return {
+        "task": data.spec.name,
+        "source": data.source,
+        "train_rows": data.full_train_size,
+        "dev_rows": data.full_dev_size,
+        "dev_labels": data.full_dev_balance,
+        "train_used": len(data.train),
+        "val_used": len(data.val),
+        "dev_used": len(data.dev),
+        "train_used_labels": label_balance(data.spec, data.train),
+    }
+

@@ -1,0 +1,601 @@
+"""Phase 3a: representational drift of fine-tuned models relative to the base model.
+
+Inputs (see docs/layout.md): the base representations ``<out>/base/<model>/<task>.safetensors``
+and, per run, the snapshots ``<out>/runs/<model>/<task>/<method>/seed<S>/snapshots/``. Every
+file holds one ``(n_probe, hidden)`` tensor per layer (``layer.0`` = embeddings), rows in
+probe order, so row i of a snapshot and row i of the base come from the same probe example.
+
+Drift of one layer is measured two ways, because they answer different questions:
+
+* **CKA drift** ``1 - CKA(base, run)``: has the *geometry* of the representation changed?
+  CKA ignores rotations and isotropic scaling, so a model that re-expresses the same
+  information in a rotated basis shows no CKA drift.
+* **Cosine drift** ``1 - mean_i cos(base_i, run_i)``: has each example's vector moved in the
+  fixed coordinate system? It does see rotations (a later layer that reads the old
+  coordinates would be surprised by them). ``cos_std`` is its spread over examples.
+
+Outputs under ``<out>/drift/``:
+
+* ``drift_layers.csv`` -- long table, one row per (task, method, seed, step, layer), at every
+  snapshot step (temporal evolution) with ``is_final`` marking the run's last step. ``cka`` is
+  always linear CKA (cheap enough for every step); at the final step ``drift_primary`` holds
+  the drift under the chosen ``metric`` (linear, debiased or rbf CKA).
+* ``comparison.csv`` / ``comparison.json`` -- per task, LoRA vs full FT at the final step:
+  per-seed drift (mean over layers), means over seeds, the drift reduction
+  ``(FT - LoRA) / FT * 100`` overall and per seed, and two uncertainty statements (below).
+  ``comparison.json`` maps task -> dict; ``loradrift.stats.h2_drift`` takes the
+  ``drift_full_by_seed`` / ``drift_lora_by_seed`` dicts directly.
+* ``figures/heatmap_<task>.png`` (layer x step drift, mean over seeds, per method) and
+  ``figures/final_by_layer_<task>.png`` (final drift per layer, LoRA vs FT, min-max band
+  over seeds).
+
+Uncertainty: two tests, each covering a different source of randomness.
+
+* **Permutation test over seeds** (``perm_p``): is the FT-vs-LoRA difference larger than the
+  run-to-run variation between training seeds? Under H0 (method does not matter) the method
+  labels of the per-seed drifts are exchangeable, so we enumerate *every* relabelling (with
+  3 + 3 seeds there are only C(6, 3) = 20) and report the one-sided p-value of
+  ``mean(FT) - mean(LoRA)`` being at least the observed one. The observed labelling is one
+  of the 20, so **with 3 seeds per method the smallest attainable p is 1/20 = 0.05**: the
+  test can never reach p < 0.05, and p = 0.05 means "every FT seed drifted more than every
+  LoRA seed". Larger designs fall back to 100 000 random relabellings (seeded).
+* **Paired bootstrap over probe examples** (``boot_ci``): how much does the reduction depend
+  on which probe examples we happened to use? Each replicate resamples probe rows with
+  replacement (the same rows for every run of the task, hence "paired"), recomputes linear
+  CKA drift for every seed and layer of both methods, and gives one reduction %; ``boot_ci``
+  is the percentile interval. It holds the trained models fixed, so it says nothing about
+  seed variation (that is the permutation test's job). It always uses *linear* CKA, also
+  when ``metric`` is debiased/rbf, because resampling with replacement duplicates rows and
+  the debiased estimator and RBF bandwidth are not defined for that; ``boot_metric`` records
+  this.
+
+Bootstrap trick: resampling rows with counts ``w`` (a multinomial vector) and centring is the
+same as weighting rows by ``w``. With Gram matrices K (base) and L (run) the weighted HSIC is
+``w'(K*L)w - 2 (Kw)'diag(w)(Lw)/N + (w'Kw)(w'Lw)/N^2`` (``*`` elementwise, N = n), so all
+replicates of a layer come from three matrix products ``W @ M`` with W the (n_boot, n) count
+matrix: cost ~ 3 * n_boot * n^2 per layer and run, in float32 (inputs are centred in float64
+first, so float32 rounding stays ~1e-6 in CKA, far below bootstrap spread).
+
+Speed: each snapshot file is read once (all layers together), the base side of CKA
+(:class:`loradrift.similarity.BaseSide`) and of the bootstrap are built once per task.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _stdio
+import itertools
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from loradrift.io import atomic_path, atomic_write_json, atomic_write_text
+from loradrift.similarity import BaseSide, cka_against_base, cosine_layers, debiased_cka, rbf_cka
+
+__all__ = [
+    "FULL",
+    "LORA",
+    "METRICS",
+    "LAYER_COLUMNS",
+    "COMPARISON_COLUMNS",
+    "analyse_drift",
+    "load_layers",
+    "permutation_test",
+    "ProbeBootstrap",
+]
+
+log = logging.getLogger(__name__)
+
+FULL, LORA = "full", "lora"
+METRICS = ("linear", "debiased", "rbf")
+
+LAYER_COLUMNS = [
+    "task", "method", "seed", "step", "is_final", "layer",
+    "cka", "drift_cka", "cos_mean", "cos_std", "drift_cos", "drift_primary",
+]
+COMPARISON_COLUMNS = [
+    "task", "primary_metric", "n_seeds_full", "n_seeds_lora",
+    "drift_full", "drift_full_sd", "drift_lora", "drift_lora_sd", "reduction_pct",
+    "perm_p", "perm_n_relabellings", "boot_ci_lo", "boot_ci_hi", "n_boot",
+    "cos_drift_full", "cos_drift_lora", "cos_reduction_pct",
+]
+
+# Exact enumeration of relabellings up to this many (C(16, 8) = 12870); beyond, Monte Carlo.
+_MAX_EXACT_RELABELLINGS = 100_000
+_N_RANDOM_RELABELLINGS = 100_000
+_SEED_DIR = re.compile(r"^seed(\d+)$")
+_STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
+_LAYER_KEY = re.compile(r"^layer\.(\d+)$")
+
+
+# --------------------------------------------------------------------------
+# reading the on-disk layout
+# --------------------------------------------------------------------------
+
+
+def load_layers(path: Path) -> list[np.ndarray]:
+    """All layers of a representation file as float32 arrays, in layer order.
+
+    Read through torch so bfloat16/float16 files work too. Raises ValueError (naming the file)
+    when the keys are not exactly ``layer.0 .. layer.L``.
+    """
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        idx = {}
+        for k in keys:
+            m = _LAYER_KEY.match(k)
+            if not m:
+                raise ValueError(f"{path}: unexpected tensor {k!r} (expected only layer.<i> keys)")
+            idx[int(m.group(1))] = k
+        if sorted(idx) != list(range(len(idx))) or not idx:
+            raise ValueError(f"{path}: layer keys are not layer.0..layer.L: {sorted(idx)}")
+        layers = []
+        for i in range(len(idx)):
+            t = f.get_tensor(idx[i])
+            if t.ndim != 2:
+                raise ValueError(f"{path}: layer.{i} must be 2-D (n, hidden), got {tuple(t.shape)}")
+            layers.append(t.to(torch.float32).numpy())
+    return layers
+
+
+def _check_like_base(layers: list[np.ndarray], base: list[np.ndarray], path: Path, base_path: Path) -> None:
+    if len(layers) != len(base):
+        raise ValueError(f"{path}: has {len(layers)} layers but base {base_path} has {len(base)}")
+    for i, (a, b) in enumerate(zip(layers, base)):
+        if a.shape != b.shape:
+            raise ValueError(
+                f"{path}: layer.{i} has shape {a.shape} (n, d) but base {base_path} has {b.shape}; "
+                "was it extracted with a different probe set or model?"
+            )
+
+
+@dataclass(frozen=True)
+class _Run:
+    method: str
+    seed: int
+    path: Path
+    snapshots: tuple[tuple[int, Path], ...]  # (step, file), ascending step
+
+    @property
+    def final_step(self) -> int:
+        return self.snapshots[-1][0]
+
+
+def _list_snapshots(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, file) pairs. index.json is the authority; missing files are warned about."""
+    snap_dir = run_dir / "snapshots"
+    on_disk = {}
+    if snap_dir.is_dir():
+        for p in snap_dir.iterdir():
+            m = _STEP_FILE.match(p.name)
+            if m:
+                on_disk[int(m.group(1))] = p
+    index = snap_dir / "index.json"
+    if not index.exists():
+        if on_disk:
+            log.warning("%s: no index.json; using the %d snapshot files found", snap_dir, len(on_disk))
+        return sorted(on_disk.items())
+    steps = [int(s) for s in json.loads(index.read_text()).get("steps", [])]
+    missing = [s for s in steps if s not in on_disk]
+    if missing:
+        log.warning("%s: snapshot files missing for steps %s; skipping them", snap_dir, missing)
+    return sorted((s, on_disk[s]) for s in set(steps) if s in on_disk)
+
+
+def _find_runs(task_dir: Path, methods: Sequence[str]) -> list[_Run]:
+    runs = []
+    seeds_seen: set[int] = set()
+    per_method: dict[str, set[int]] = {m: set() for m in methods}
+    for method in methods:
+        mdir = task_dir / method
+        if not mdir.is_dir():
+            continue
+        for sdir in sorted(mdir.iterdir()):
+            m = _SEED_DIR.match(sdir.name)
+            if not (m and sdir.is_dir()):
+                continue
+            seed = int(m.group(1))
+            seeds_seen.add(seed)
+            snaps = _list_snapshots(sdir)
+            if not snaps:
+                log.warning("%s: no snapshots; skipping this run", sdir)
+                continue
+            if not (sdir / "result.json").exists():
+                log.warning("%s: no result.json (unfinished run?); its last snapshot, step %d, "
+                            "is treated as final", sdir, snaps[-1][0])
+            per_method[method].add(seed)
+            runs.append(_Run(method, seed, sdir, tuple(snaps)))
+    missing = [f"{m}/seed{s}" for m in methods for s in sorted(seeds_seen) if s not in per_method[m]]
+    if missing:
+        log.warning("%s: missing or empty runs: %s", task_dir, ", ".join(missing))
+    return sorted(runs, key=lambda r: (methods.index(r.method), r.seed))
+
+
+def _discover_tasks(out_dir: Path, model: str) -> list[str]:
+    names = {p.stem for p in (out_dir / "base" / model).glob("*.safetensors")}
+    runs_dir = out_dir / "runs" / model
+    if runs_dir.is_dir():
+        names |= {p.name for p in runs_dir.iterdir() if p.is_dir()}
+    return sorted(names)
+
+
+# --------------------------------------------------------------------------
+# statistics
+# --------------------------------------------------------------------------
+
+
+def permutation_test(a: Sequence[float], b: Sequence[float], *, seed: int = 0) -> tuple[float, int, str]:
+    """One-sided permutation p-value for ``mean(a) - mean(b)`` being this large by chance.
+
+    Labels are exchanged across the pooled values. Returns ``(p, n_relabellings, kind)`` with
+    kind ``"exact"`` (all C(na+nb, na) relabellings enumerated; the observed one included, so
+    p >= 1/C: 1/20 = 0.05 for 3 + 3 seeds) or ``"monte_carlo"`` (random relabellings, p with
+    the usual +1 correction).
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if len(a) == 0 or len(b) == 0:
+        raise ValueError("permutation test needs at least one value per group")
+    pooled = np.concatenate([a, b])
+    na, total = len(a), len(pooled)
+    observed = a.mean() - b.mean()
+    # Ties with the observed statistic count as "at least as extreme"; the tolerance stops
+    # rounding in a different summation order from turning a tie into a miss.
+    tol = 1e-12 * max(1.0, float(np.abs(pooled).max()))
+    n_comb = math.comb(total, na)
+    if n_comb <= _MAX_EXACT_RELABELLINGS:
+        groups = np.array(list(itertools.combinations(range(total), na)))
+        mask = np.zeros((n_comb, total), dtype=bool)
+        mask[np.arange(n_comb)[:, None], groups] = True
+        kind, n = "exact", n_comb
+    else:
+        rng = np.random.default_rng(seed)
+        mask = np.zeros((_N_RANDOM_RELABELLINGS, total), dtype=bool)
+        perm = rng.permuted(np.tile(np.arange(total), (_N_RANDOM_RELABELLINGS, 1)), axis=1)
+        mask[np.arange(_N_RANDOM_RELABELLINGS)[:, None], perm[:, :na]] = True
+        kind, n = "monte_carlo", _N_RANDOM_RELABELLINGS
+    sum_a = mask @ pooled
+    stats = sum_a / na - (pooled.sum() - sum_a) / (total - na)
+    hits = int(np.count_nonzero(stats >= observed - tol))
+    p = hits / n if kind == "exact" else (hits + 1) / (n + 1)
+    return float(p), n, kind
+
+
+class ProbeBootstrap:
+    """Base side of the paired probe bootstrap for one task (see the module docstring).
+
+    ``counts`` is the (n_boot, n) matrix of how often each probe row is drawn in each
+    replicate; it is shared by every run of the task, which is what pairs the comparison.
+    """
+
+    def __init__(self, base_layers: Sequence[np.ndarray], n_boot: int, seed: int = 0):
+        if n_boot < 1:
+            raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+        self.n = base_layers[0].shape[0]
+        rng = np.random.default_rng(seed)
+        draws = rng.integers(0, self.n, size=(n_boot, self.n))
+        offsets = (np.arange(n_boot) * self.n)[:, None]
+        self.counts = np.bincount((draws + offsets).ravel(), minlength=n_boot * self.n)
+        self.counts = self.counts.reshape(n_boot, self.n).astype(np.float32)
+        self._grams = [self._gram(x) for x in base_layers]
+        self._KW = [self.counts @ K for K in self._grams]
+        self._kk = [self._hsic(K * K, KW, KW) for K, KW in zip(self._grams, self._KW)]
+
+    @staticmethod
+    def _gram(x: np.ndarray) -> np.ndarray:
+        # Centring (unweighted) before the Gram product does not change any weighted HSIC but
+        # keeps the terms of the weighted formula small, so they do not cancel in float32.
+        x = np.asarray(x, dtype=np.float64)
+        x = x - x.mean(axis=0)
+        x /= max(np.linalg.norm(x), 1e-300)
+        return (x @ x.T).astype(np.float32)
+
+    def _hsic(self, KL: np.ndarray, KW: np.ndarray, LW: np.ndarray) -> np.ndarray:
+        W = self.counts
+        quad = np.einsum("bi,bi->b", W @ KL, W, dtype=np.float64)
+        cross = np.einsum("bi,bi,bi->b", KW, W, LW, dtype=np.float64) / self.n
+        kw = np.einsum("bi,bi->b", KW, W, dtype=np.float64)
+        lw = np.einsum("bi,bi->b", LW, W, dtype=np.float64)
+        return quad - 2.0 * cross + kw * lw / self.n**2
+
+    def cka(self, layers: Sequence[np.ndarray]) -> np.ndarray:
+        """Linear CKA per replicate and layer, shape (n_boot, n_layers)."""
+        out = np.empty((self.counts.shape[0], len(layers)))
+        for j, y in enumerate(layers):
+            L = self._gram(y)
+            K, KW = self._grams[j], self._KW[j]
+            LW = self.counts @ L
+            kl = self._hsic(K * L, KW, LW)
+            ll = self._hsic(L * L, LW, LW)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[:, j] = kl / np.sqrt(self._kk[j] * ll)
+        return out
+
+
+def _reduction_pct(ft: float, lora: float) -> float:
+    # Undefined (not +-inf) when FT did not drift at all.
+    return float(100.0 * (ft - lora) / ft) if ft > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------
+# per-task analysis
+# --------------------------------------------------------------------------
+
+
+def _primary_drift(metric: str, base: list[np.ndarray], layers: list[np.ndarray], cka: np.ndarray,
+                   sigma_frac: float) -> np.ndarray:
+    if metric == "linear":
+        return 1.0 - cka
+    fn = debiased_cka if metric == "debiased" else (lambda x, y: rbf_cka(x, y, sigma_frac=sigma_frac))
+    return np.array([1.0 - fn(x, y) for x, y in zip(base, layers)])
+
+
+def _analyse_task(out_dir: Path, model: str, task: str, methods: Sequence[str], metric: str,
+                  sigma_frac: float, n_boot: int, boot_seed: int, ci: float
+                  ) -> tuple[list[dict], dict | None]:
+    runs = _find_runs(out_dir / "runs" / model / task, methods)
+    if not runs:
+        log.warning("task %s: no runs with snapshots under %s; skipping", task,
+                    out_dir / "runs" / model / task)
+        return [], None
+    base_path = out_dir / "base" / model / f"{task}.safetensors"
+    if not base_path.exists():
+        raise ValueError(f"task {task}: base representation file {base_path} is missing "
+                         f"but there are {len(runs)} runs to compare against it")
+    base = load_layers(base_path)
+    base_side = BaseSide(base)
+    compare = {r.method for r in runs} >= {FULL, LORA}
+    boot = ProbeBootstrap(base, n_boot, boot_seed) if compare and n_boot > 0 else None
+
+    rows: list[dict] = []
+    final: dict[tuple[str, int], dict[str, Any]] = {}
+    for run in runs:
+        for step, path in run.snapshots:
+            layers = load_layers(path)
+            _check_like_base(layers, base, path, base_path)
+            cka = cka_against_base(base_side, layers)
+            cos = cosine_layers(base, layers)
+            is_final = step == run.final_step
+            primary = _primary_drift(metric, base, layers, cka, sigma_frac) if is_final else None
+            for i in range(len(base)):
+                rows.append({
+                    "task": task, "method": run.method, "seed": run.seed, "step": step,
+                    "is_final": int(is_final), "layer": i, "cka": cka[i], "drift_cka": 1.0 - cka[i],
+                    "cos_mean": cos[i].mean(), "cos_std": cos[i].std(),
+                    "drift_cos": 1.0 - cos[i].mean(),
+                    "drift_primary": primary[i] if is_final else "",
+                })
+            if is_final:
+                final[(run.method, run.seed)] = {
+                    "step": step, "drift": float(primary.mean()),
+                    "drift_cos": float(1.0 - cos.mean(axis=1).mean()),
+                    "boot": None if boot is None else (1.0 - boot.cka(layers)).mean(axis=1),
+                }
+    if not compare:
+        log.warning("task %s: needs both %r and %r runs for the comparison; have %s", task,
+                    FULL, LORA, sorted({r.method for r in runs}))
+        return rows, None
+    return rows, _compare(task, metric, final, n_boot, boot_seed, ci, model)
+
+
+def _compare(task: str, metric: str, final: dict, n_boot: int, boot_seed: int, ci: float,
+             model: str) -> dict:
+    by = {m: {s: v for (mm, s), v in sorted(final.items()) if mm == m} for m in (FULL, LORA)}
+    d_ft = {str(s): v["drift"] for s, v in by[FULL].items()}
+    d_lo = {str(s): v["drift"] for s, v in by[LORA].items()}
+    ft_mean, lo_mean = float(np.mean(list(d_ft.values()))), float(np.mean(list(d_lo.values())))
+    cos_ft = float(np.mean([v["drift_cos"] for v in by[FULL].values()]))
+    cos_lo = float(np.mean([v["drift_cos"] for v in by[LORA].values()]))
+    p, n_rel, kind = permutation_test(list(d_ft.values()), list(d_lo.values()), seed=boot_seed)
+    res: dict[str, Any] = {
+        "model": model,
+        "primary_metric": metric,
+        "final_step_full_by_seed": {str(s): v["step"] for s, v in by[FULL].items()},
+        "final_step_lora_by_seed": {str(s): v["step"] for s, v in by[LORA].items()},
+        "drift_full_by_seed": d_ft,
+        "drift_lora_by_seed": d_lo,
+        "drift_full": ft_mean,
+        "drift_full_sd": float(np.std(list(d_ft.values()), ddof=1)) if len(d_ft) > 1 else float("nan"),
+        "drift_lora": lo_mean,
+        "drift_lora_sd": float(np.std(list(d_lo.values()), ddof=1)) if len(d_lo) > 1 else float("nan"),
+        "reduction_pct": _reduction_pct(ft_mean, lo_mean),
+        # Paired by seed number; seeds present for only one method are left out here.
+        "reduction_pct_by_seed": {s: _reduction_pct(d_ft[s], d_lo[s]) for s in d_ft if s in d_lo},
+        "perm_p": p,
+        "perm_n_relabellings": n_rel,
+        "perm_kind": kind,
+        "perm_min_p": 1.0 / n_rel if kind == "exact" else 1.0 / (n_rel + 1),
+        "boot_ci": [float("nan"), float("nan")],
+        "boot_metric": "linear",
+        "n_boot": n_boot,
+        "boot_seed": boot_seed,
+        "ci_level": ci,
+        "cos_drift_full": cos_ft,
+        "cos_drift_lora": cos_lo,
+        "cos_reduction_pct": _reduction_pct(cos_ft, cos_lo),
+    }
+    if n_boot > 0:
+        ft_b = np.mean([v["boot"] for v in by[FULL].values()], axis=0)
+        lo_b = np.mean([v["boot"] for v in by[LORA].values()], axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            red = np.where(ft_b > 0, 100.0 * (ft_b - lo_b) / ft_b, np.nan)
+        red = red[np.isfinite(red)]
+        if len(red):
+            alpha = (1.0 - ci) / 2.0
+            res["boot_ci"] = [float(np.quantile(red, alpha)), float(np.quantile(red, 1.0 - alpha))]
+    return res
+
+
+# --------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, (float, np.floating)):
+        return "" if not math.isfinite(v) else repr(float(v))
+    return v
+
+
+def _write_csv(path: Path, columns: list[str], rows: Iterable[dict]) -> None:
+    buf = _stdio.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: _fmt(r.get(c, "")) for c in columns})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _json_safe(o: Any) -> Any:
+    # NaN is not valid JSON; null is what a reader in another language expects.
+    if isinstance(o, dict):
+        return {k: _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    if isinstance(o, (float, np.floating)):
+        return float(o) if math.isfinite(o) else None
+    return o
+
+
+def _comparison_row(task: str, c: dict) -> dict:
+    return {
+        "task": task, "primary_metric": c["primary_metric"],
+        "n_seeds_full": len(c["drift_full_by_seed"]), "n_seeds_lora": len(c["drift_lora_by_seed"]),
+        "boot_ci_lo": c["boot_ci"][0], "boot_ci_hi": c["boot_ci"][1],
+        **{k: c[k] for k in COMPARISON_COLUMNS if k in c},
+    }
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def _plot_task(task: str, rows: list[dict], methods: Sequence[str], fig_dir: Path) -> list[Path]:
+    # Figure (not pyplot) keeps matplotlib's global state and backend out of the library.
+    from matplotlib.figure import Figure
+
+    present = [m for m in methods if any(r["method"] == m for r in rows)]
+    layers = sorted({r["layer"] for r in rows})
+    paths = []
+
+    fig = Figure(figsize=(4.5 * len(present), 7), layout="constrained")
+    axes = fig.subplots(2, len(present), squeeze=False)
+    for row, (col, label) in enumerate([("drift_cka", "1 - linear CKA"), ("drift_cos", "1 - mean cosine")]):
+        grids = {}
+        for m in present:
+            steps = sorted({r["step"] for r in rows if r["method"] == m})
+            acc = np.zeros((len(layers), len(steps)))
+            cnt = np.zeros_like(acc)
+            for r in rows:
+                if r["method"] == m:
+                    j = steps.index(r["step"])
+                    acc[r["layer"], j] += r[col]
+                    cnt[r["layer"], j] += 1
+            with np.errstate(invalid="ignore"):
+                grids[m] = (steps, acc / cnt)  # mean over seeds; NaN where no seed has that step
+        vmax = max(float(np.nanmax(g)) for _, g in grids.values()) or 1.0
+        for k, m in enumerate(present):
+            steps, g = grids[m]
+            ax = axes[row][k]
+            im = ax.imshow(g, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=vmax,
+                           interpolation="nearest")
+            ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=90, fontsize=7)
+            ax.set_xlabel("step")
+            ax.set_ylabel("layer")
+            ax.set_title(f"{task} / {m}: {label}", fontsize=9)
+        fig.colorbar(im, ax=list(axes[row]), shrink=0.8, label=label)
+    paths.append(fig_dir / f"heatmap_{task}.png")
+    _save_figure(fig, paths[-1])
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for m in present:
+        per_seed = {}
+        for r in rows:
+            if r["method"] == m and r["is_final"]:
+                per_seed.setdefault(r["seed"], np.full(len(layers), np.nan))[r["layer"]] = r["drift_primary"]
+        arr = np.array(list(per_seed.values()))
+        line, = ax.plot(layers, arr.mean(axis=0), marker="o", ms=3, label=f"{m} (n={len(arr)} seeds)")
+        ax.fill_between(layers, arr.min(axis=0), arr.max(axis=0), color=line.get_color(), alpha=0.25,
+                        linewidth=0)
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel("final drift (primary metric)")
+    ax.set_title(f"{task}: final drift by layer (band = min-max over seeds)", fontsize=9)
+    ax.legend()
+    paths.append(fig_dir / f"final_by_layer_{task}.png")
+    _save_figure(fig, paths[-1])
+    return paths
+
+
+# --------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------
+
+
+def analyse_drift(
+    out_dir: str | Path,
+    model: str,
+    tasks: Sequence[str] | str | None = None,
+    methods: Sequence[str] = (FULL, LORA),
+    *,
+    metric: str = "linear",
+    rbf_sigma_frac: float = 1.0,
+    n_boot: int = 1000,
+    boot_seed: int = 0,
+    ci: float = 0.95,
+    figures: bool = True,
+) -> dict[str, Any]:
+    """Compute drift tables, the LoRA-vs-FT comparison and figures; write them under ``<out>/drift``.
+
+    ``tasks``: names, or None / ``"all"`` for every task with a base file or runs.
+    ``metric``: CKA variant for the final-step (primary) drift: ``"linear"``, ``"debiased"``
+    or ``"rbf"`` (bandwidth ``rbf_sigma_frac`` x median distance). ``n_boot=0`` skips the
+    bootstrap (``boot_ci`` is then null). Returns ``{"comparison": {task: {...}}, "files": [...]}``.
+
+    Raises ValueError when a task has runs but no base file, or a snapshot's layers do not
+    match the base's shapes; missing runs/snapshots are skipped with a warning.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    out_dir = Path(out_dir)
+    methods = list(methods)
+    if tasks is None or tasks == "all":
+        tasks = _discover_tasks(out_dir, model)
+    elif isinstance(tasks, str):
+        tasks = [tasks]
+    drift_dir = out_dir / "drift"
+
+    all_rows: list[dict] = []
+    comparison: dict[str, dict] = {}
+    files: list[Path] = []
+    for task in tasks:
+        rows, comp = _analyse_task(out_dir, model, task, methods, metric, rbf_sigma_frac,
+                                   n_boot, boot_seed, ci)
+        all_rows.extend(rows)
+        if comp is not None:
+            comparison[task] = comp
+        if rows and figures:
+            files.extend(_plot_task(task, rows, methods, drift_dir / "figures"))
+    if not all_rows:
+        log.warning("no drift rows for model %s, tasks %s; nothing written", model, list(tasks))
+        return {"comparison": comparison, "files": files}
+
+    _write_csv(drift_dir / "drift_layers.csv", LAYER_COLUMNS, all_rows)
+    _write_csv(drift_dir / "comparison.csv", COMPARISON_COLUMNS,
+               [_comparison_row(t, c) for t, c in comparison.items()])
+    atomic_write_json(drift_dir / "comparison.json", _json_safe(comparison))
+    files = [drift_dir / "drift_layers.csv", drift_dir / "comparison.csv",
+             drift_dir / "comparison.json", *files]
+    return {"comparison": comparison, "files": files}

@@ -1,0 +1,180 @@
+"""Phase 0: sanity checks (can each task and method overfit a small sample?), majority and random
+baselines, base representations, and a memory profile.
+
+    loradrift sanity --task all
+    loradrift baselines --task all
+    loradrift extract-base --task all
+    loradrift memory --task all
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loradrift.config import RunConfig
+from loradrift.data import load_task, probe_examples, rows_as_squad_json
+from loradrift.io import ResultsStore
+from loradrift.metrics import compute_metrics, squad_v2_evaluate
+from loradrift.models import build_task_model, is_decoder, load_tokenizer, model_key, resolve_model_dir
+from loradrift.representations import base_path, encode_probe, extract, save_snapshot
+from loradrift.tasks import get_task
+
+
+def _store(cfg: RunConfig) -> ResultsStore:
+    return ResultsStore(Path(cfg.out_dir) / "results.sqlite")
+
+
+# ---------------------------------------------------------------------------------------------
+# sanity: overfit a small sample
+
+
+def sanity_check(cfg: RunConfig) -> dict:
+    """Train on `sanity.n_examples` training examples and score on those same examples: a model
+    and loss that are wired correctly drive training accuracy to ≥ 95% (SQuAD v2: F1 ≥ 90)."""
+    from loradrift.train import BatchOrder, evaluate, make_optimizer, setup, train_step
+
+    s = cfg.sanity
+    lr = s.lr_full if cfg.method.name == "full" else s.lr_lora
+    run_cfg = cfg.model_copy(deep=True)
+    run_cfg.method.lora.dropout = 0.0
+    run_cfg.train.grad_accum = 1
+    run_cfg.train.batch_size = s.batch_size
+    run_cfg.train.warmup_ratio = 0.0
+    run_cfg.train.weight_decay = 0.0
+    data = load_task(run_cfg)
+    rng = np.random.default_rng(cfg.seed)
+    sample = [data.train[i] for i in sorted(rng.permutation(len(data.train))[: s.n_examples])]
+    # The overfit set doubles as the evaluation set: val (for the SQuAD threshold) and dev.
+    data.train, data.val, data.dev = sample, sample, sample
+    ctx = setup(run_cfg, data)
+    opt, sched = make_optimizer(ctx, lr, s.max_steps)
+    order = BatchOrder(len(ctx.feats["train"]), s.batch_size, cfg.seed)
+    t0 = time.time()
+    ctx.model.train()
+    threshold = s.min_squad_f1 if ctx.spec.kind == "extractive_qa" else s.min_accuracy
+    metric = "f1" if ctx.spec.kind == "extractive_qa" else "accuracy"
+    score, steps, loss = float("nan"), 0, float("nan")
+    for step in range(s.max_steps):
+        loss, _, _ = train_step(ctx, order, step, opt, sched)
+        steps = step + 1
+        if steps % 10 == 0 or steps == s.max_steps:
+            score = float(evaluate(ctx, "val")[metric])
+            if score >= threshold:
+                break
+    return {"task": cfg.task, "method": cfg.method.name, "examples": len(sample), "steps": steps, "lr": lr,
+            "metric": metric, "score": score, "threshold": threshold, "final_loss": loss,
+            "passed": bool(score >= threshold), "seconds": time.time() - t0}
+
+
+def run_sanity(cfg_for, tasks: list[str], methods=("full", "lora")) -> list[dict]:
+    rows = []
+    for task in tasks:
+        for method in methods:
+            cfg = cfg_for(task, method)
+            r = sanity_check(cfg)
+            _store(cfg).put("sanity", model_key(cfg.model), task, method, cfg.seed, cfg.science_hash(), r)
+            rows.append(r)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# baselines
+
+
+def baselines(cfg: RunConfig) -> list[dict]:
+    """Majority class and a seeded uniform-random guess (classification); always-no-answer and a
+    seeded random-span guess (SQuAD v2), scored on the dev set the runs report on."""
+    data = load_task(cfg)
+    spec = data.spec
+    rng = random.Random(cfg.seed)
+    rows = []
+    if spec.kind == "extractive_qa":
+        dataset = rows_as_squad_json(data.dev)
+        empty = {r["id"]: "" for r in data.dev}
+        rows.append({"baseline": "no_answer", **squad_v2_evaluate(dataset, empty)})
+        spans = {}
+        for r in data.dev:
+            words = r["context"].split()
+            i = rng.randrange(len(words))
+            spans[r["id"]] = " ".join(words[i : i + rng.randint(1, 5)])
+        rows.append({"baseline": "random_span", **squad_v2_evaluate(dataset, spans)})
+    else:
+        labels = [r["label"] for r in data.dev]
+        train_labels = [r["label"] for r in data.train]
+        # Majority is taken from train (the dev labels are the test set).
+        majority = int(np.bincount(train_labels, minlength=spec.num_labels).argmax())
+        rows.append({"baseline": "majority", "predicts": spec.labels[majority], **compute_metrics(spec.metric, [majority] * len(labels), labels)})
+        guesses = [rng.randrange(spec.num_labels) for _ in labels]
+        rows.append({"baseline": "random", **compute_metrics(spec.metric, guesses, labels)})
+    store = _store(cfg)
+    for r in rows:
+        r.update(task=spec.name, dev_examples=len(data.dev))
+        store.put("baseline", model_key(cfg.model), spec.name, r["baseline"], cfg.seed, cfg.science_hash(), r)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# base representations
+
+
+@torch.no_grad()
+def extract_base(cfg: RunConfig, force: bool = False) -> Path:
+    """The base model's probe representations for one task, computed with exactly the code path a
+    run uses for its step-0 snapshot (so the two are equal)."""
+    from loradrift.train import pick_device
+
+    key = model_key(cfg.model)
+    path = base_path(cfg, key, cfg.task)
+    if path.exists() and not force:
+        return path
+    spec = get_task(cfg.task)
+    data = load_task(cfg, spec)
+    model_dir = resolve_model_dir(cfg.model)
+    tok = load_tokenizer(model_dir, is_decoder(model_dir))
+    device = pick_device()
+    model = build_task_model(model_dir, spec, cfg.model, head_seed=0).to(device)
+    feats = encode_probe(spec, tok, probe_examples(cfg, data), cfg.model.max_length)
+    tensors = extract(model, feats, cfg.train.eval_batch_size, tok.pad_token_id, device, getattr(torch, cfg.probe.dtype))
+    save_snapshot(path, tensors, step=0, task=cfg.task, model=key, pooling=model.pooling)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# memory profile
+
+
+def memory_profile(cfg: RunConfig, steps: int = 2) -> dict:
+    """Peak memory of a few training steps at the preset's batch size. On CUDA the allocator's
+    peak for this process; on CPU the growth of the process's peak RSS (a high-water mark, so run
+    one (task, method) per process for clean numbers, as the CLI does)."""
+    import resource
+
+    from loradrift.train import BatchOrder, make_optimizer, setup, train_step
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ctx = setup(cfg)
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    opt, sched = make_optimizer(ctx, cfg.train.lr_for(cfg.method.name), steps)
+    # Longest examples first: the profile should reflect the worst batch, not a lucky one.
+    ctx.feats["train"] = sorted(ctx.feats["train"], key=lambda f: -len(f["input_ids"]))
+    order = BatchOrder(len(ctx.feats["train"]), cfg.train.batch_size, cfg.seed)
+    order._perm = (0, list(range(len(ctx.feats["train"]))))
+    t0 = time.time()
+    for s in range(steps):
+        train_step(ctx, order, s, opt, sched)
+    if ctx.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    r = {"task": cfg.task, "method": cfg.method.name, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
+         "max_length": cfg.model.max_length, "device": str(ctx.device), "peak_memory_mb": peak,
+         "rss_before_mb": before if ctx.device.type == "cpu" else None, "seconds_per_step": (time.time() - t0) / steps}
+    _store(cfg).put("memory", model_key(cfg.model), cfg.task, cfg.method.name, cfg.seed, cfg.science_hash(), r)
+    return r
+

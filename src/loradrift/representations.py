@@ -1,0 +1,81 @@
+"""Probe set → per-layer pooled vectors → safetensors snapshot files.
+
+    loradrift extract-base --task all
+
+A snapshot holds, for every layer (`layer.0` = embedding output, `layer.i` = output of block i, as
+`output_hidden_states` returns them), one vector per probe example, pooled like the classifier
+(last non-padding token for decoders by default; `model.pooling=mean` for mean pooling). Probe
+batches are streamed: only one snapshot's vectors are in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from loradrift.config import RunConfig
+from loradrift.data import collate
+from loradrift.io import atomic_path, atomic_write_json
+from loradrift.models import pool
+
+
+def encode_probe(spec, tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+    """One sequence per probe example (SQuAD: question + the first window of its context)."""
+    if spec.kind == "extractive_qa":
+        enc = tokenizer([r["question"].lstrip() for r in rows], [r["context"] for r in rows],
+                        truncation="only_second", max_length=max_length)
+    else:
+        b = [r["text_b"] for r in rows] if rows[0]["text_b"] is not None else None
+        enc = tokenizer([r["text_a"] for r in rows], b, truncation=True, max_length=max_length)
+    return [{"input_ids": ids, "label": 0} for ids in enc["input_ids"]]
+
+
+@torch.no_grad()
+def extract(task_model, probe_feats: list[dict], batch_size: int, pad_id: int, device, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    was_training = task_model.training
+    task_model.eval()
+    per_layer: list[list[torch.Tensor]] | None = None
+    for i in range(0, len(probe_feats), batch_size):
+        batch = collate(probe_feats[i : i + batch_size], pad_id)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        states = task_model.layer_states(ids, mask)
+        pooled = [pool(h, mask, task_model.pooling).to("cpu", dtype) for h in states]
+        if per_layer is None:
+            per_layer = [[] for _ in pooled]
+        for acc, p in zip(per_layer, pooled):
+            acc.append(p)
+    task_model.train(was_training)
+    return {f"layer.{i}": torch.cat(chunks).contiguous() for i, chunks in enumerate(per_layer)}
+
+
+def save_snapshot(path: Path, tensors: dict[str, torch.Tensor], **meta) -> None:
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+
+
+def load_snapshot(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def snapshot_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "snapshots" / f"step_{step:06d}.safetensors"
+
+
+def write_index(run_dir: Path, pooling: str) -> dict:
+    snap_dir = Path(run_dir) / "snapshots"
+    steps = sorted(int(p.stem.split("_")[1]) for p in snap_dir.glob("step_*.safetensors"))
+    first = load_file(str(snapshot_path(run_dir, steps[0])))
+    index = {"steps": steps, "final_step": steps[-1], "n_layers": len(first), "n_examples": int(first["layer.0"].shape[0]), "pooling": pooling}
+    atomic_write_json(snap_dir / "index.json", index)
+    return index
+
+
+def base_path(cfg: RunConfig, model_key: str, task: str) -> Path:
+    return Path(cfg.out_dir) / "base" / model_key / f"{task}.safetensors"
+
+
+def read_index(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "snapshots" / "index.json").read_text())

@@ -1,0 +1,108 @@
+import shutil
+
+import pytest
+
+from loradrift.config import resolve_config
+from loradrift.data import DataError, encode_squad, load_task, probe_examples, summary
+from loradrift.models import load_tokenizer, resolve_model_dir
+
+EXPECTED = {  # the data README's counts: train rows, dev rows, dev label balance
+    "sst2": (67349, 872, {"0": 428, "1": 444}),
+    "mrpc": (3668, 408, {"0": 129, "1": 279}),
+    "rte": (2490, 277, {"entailment": 146, "not_entailment": 131}),
+    "squad_v2": (4719, 11873, {"answerable": 5928, "unanswerable": 5945}),
+}
+
+
+@pytest.mark.parametrize("task", list(EXPECTED))
+def test_documented_counts(task, data_dir):
+    s = summary(load_task(resolve_config(preset="tiny", task=task, overrides=[f"data.data_dir={data_dir}"])))
+    assert (s["train_rows"], s["dev_rows"], s["dev_labels"]) == EXPECTED[task]
+    assert s["source"].startswith("local folder")
+
+
+def test_splits_fixed_disjoint_and_subset_per_seed(data_dir):
+    cfg = resolve_config(preset="smollm2", task="rte", seed=1)
+    a, b = load_task(cfg), load_task(cfg)
+    assert [r["idx"] for r in a.train] == [r["idx"] for r in b.train]
+    assert not {r["idx"] for r in a.train} & {r["idx"] for r in a.val}
+    other = load_task(resolve_config(preset="smollm2", task="rte", seed=2))
+    # Validation and dev do not depend on the run seed (no tuning on a moving target); train subsets do.
+    assert [r["idx"] for r in other.val] == [r["idx"] for r in a.val]
+    assert [r["idx"] for r in other.dev] == [r["idx"] for r in a.dev]
+    assert [r["idx"] for r in other.train] != [r["idx"] for r in a.train]
+    assert probe_examples(cfg, a) == probe_examples(cfg, other)
+
+
+def test_squad_validation_is_carved_by_paragraph(data_dir):
+    d = load_task(resolve_config(preset="tiny", task="squad_v2", overrides=["data.max_val_examples=null", "data.max_train_examples=null"]))
+    assert not {r["paragraph"] for r in d.train} & {r["paragraph"] for r in d.val}
+    assert len(d.train) + len(d.val) == 4719
+
+
+def test_squad_windows_label_the_answer_span():
+    cfg = resolve_config(preset="tiny")
+    tok = load_tokenizer(resolve_model_dir(cfg.model), True)
+    context = "The quick brown fox jumps over the lazy dog. " * 6 + "Paris is the capital of France."
+    start = context.index("Paris")
+    row = {"question": "What is the capital?", "context": context, "answers": {"text": ["Paris"], "answer_start": [start]}}
+    imp = {"question": "Who?", "context": context, "answers": {"text": [], "answer_start": []}}
+    feats = encode_squad(tok, [row, imp], max_length=40, stride=10)
+    assert len(feats) > 2  # long context → several windows
+    positives = [f for f in feats if f["label"] == 1]
+    assert positives and all(f["example"] == 0 for f in positives)
+    for f in positives:
+        s, e = f["offsets"][f["start"]][0], f["offsets"][f["end"]][1]
+        assert context[s:e] == "Paris"
+    assert all(f["start"] == -100 and f["label"] == 0 for f in feats if f["example"] == 1)
+
+
+# ---- bad input -----------------------------------------------------------------------------
+
+
+def _copy_data(data_dir, tmp_path):
+    dst = tmp_path / "data"
+    shutil.copytree(data_dir, dst)
+    for p in dst.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return dst
+
+
+def _cfg(task, d):
+    return resolve_config(preset="tiny", task=task, overrides=[f"data.data_dir={d}"])
+
+
+def test_missing_data_folder(tmp_path):
+    with pytest.raises(DataError, match="data folder not found"):
+        load_task(_cfg("sst2", tmp_path / "nope"))
+
+
+def test_checksum_mismatch_names_file(data_dir, tmp_path):
+    d = _copy_data(data_dir, tmp_path)
+    with open(d / "glue/RTE/dev.tsv", "a") as f:
+        f.write("999\ta\tb\tentailment\n")
+    with pytest.raises(DataError, match=r"RTE/dev\.tsv: checksum mismatch"):
+        load_task(_cfg("rte", d))
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda t: t.replace("sentence1\tsentence2", "s1\ts2", 1), "header"),
+        (lambda t: t.replace("\tentailment\n", "\tmaybe\n", 1), r"dev\.tsv:\d+: field 'label': unknown label 'maybe'"),
+        (lambda t: t.replace("\tentailment\n", "\textra\tentailment\n", 1), r"dev\.tsv:\d+: 5 fields, expected 4"),
+    ],
+)
+def test_bad_tsv(data_dir, tmp_path, mutate, message):
+    d = _copy_data(data_dir, tmp_path)
+    p = d / "glue/RTE/dev.tsv"
+    p.write_text(mutate(p.read_text()))
+    with pytest.raises(DataError, match=message):
+        load_task(resolve_config(preset="tiny", task="rte", overrides=[f"data.data_dir={d}", "data.verify_checksums=false"]))
+
+
+def test_malformed_squad_json(data_dir, tmp_path):
+    d = _copy_data(data_dir, tmp_path)
+    (d / "squad_v2/train-v2.0.first10articles.json").write_text('{"version": "v2.0", "data": [{"title": "x", "paragraphs": [{"context": "c", "qas": [{"question": "q"}]}]}]}')
+    with pytest.raises(DataError, match=r"train-v2\.0\.first10articles\.json.*missing 'id'"):
+        load_task(resolve_config(preset="tiny", task="squad_v2", overrides=[f"data.data_dir={d}", "data.verify_checksums=false"]))

@@ -1,0 +1,223 @@
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from loradrift import drift as D
+from loradrift.similarity import linear_cka
+
+MODEL, TASK = "tiny", "sst2"
+N, DIM, N_LAYERS = 40, 16, 4
+
+
+def _base(seed=0):
+    rng = np.random.default_rng(seed)
+    # Layers with some shared low-rank structure so CKA is not trivially ~0 for noise.
+    z = rng.normal(size=(N, 6))
+    return [(z @ rng.normal(size=(6, DIM)) + 0.3 * rng.normal(size=(N, DIM))).astype(np.float32)
+            for _ in range(N_LAYERS)]
+
+
+def _save(path: Path, layers, step=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"layer.{i}": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+               for i, x in enumerate(layers)}
+    save_file(tensors, str(path), metadata={"step": str(step), "task": TASK, "model": MODEL,
+                                            "pooling": "last"})
+
+
+def _write_base(out: Path, layers, task=TASK):
+    _save(out / "base" / MODEL / f"{task}.safetensors", layers)
+
+
+def _write_run(out: Path, method, seed, snaps: dict, task=TASK, finished=True):
+    run = out / "runs" / MODEL / task / method / f"seed{seed}"
+    for step, layers in snaps.items():
+        _save(run / "snapshots" / f"step_{step:06d}.safetensors", layers, step)
+    n_layers = len(next(iter(snaps.values())))
+    (run / "snapshots" / "index.json").write_text(json.dumps(
+        {"steps": sorted(snaps), "n_layers": n_layers, "n_examples": N, "pooling": "last"}))
+    if finished:
+        (run / "result.json").write_text("{}")
+    return run
+
+
+def _noisy(base, sd, rng):
+    return [x + sd * rng.normal(size=x.shape).astype(np.float32) for x in base]
+
+
+def _rows(out: Path):
+    with open(out / "drift" / "drift_layers.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _planted(out: Path, ft_sd=1.0, lora_sd=0.2):
+    base = _base()
+    _write_base(out, base)
+    rng = np.random.default_rng(1)
+    for seed in range(3):
+        _write_run(out, "full", seed, {0: base, 100: _noisy(base, ft_sd, rng)})
+        _write_run(out, "lora", seed, {0: base, 100: _noisy(base, lora_sd, rng)})
+    return base
+
+
+def test_identical_representations_have_zero_drift(tmp_path):
+    base = _base()
+    _write_base(tmp_path, base)
+    for m in ("full", "lora"):
+        for s in range(2):
+            _write_run(tmp_path, m, s, {0: base, 50: base})
+    res = D.analyse_drift(tmp_path, MODEL, [TASK], n_boot=50, figures=False)
+    rows = _rows(tmp_path)
+    assert len(rows) == 2 * 2 * 2 * N_LAYERS
+    for r in rows:
+        assert abs(float(r["drift_cka"])) < 1e-9
+        assert abs(float(r["drift_cos"])) < 1e-9
+    c = res["comparison"][TASK]
+    assert abs(c["drift_full"]) < 1e-9 and abs(c["drift_lora"]) < 1e-9
+
+
+def test_rotation_is_invisible_to_cka_but_not_to_cosine(tmp_path):
+    base = _base()
+    _write_base(tmp_path, base)
+    rng = np.random.default_rng(3)
+    rotated = []
+    for x in base:
+        q, _ = np.linalg.qr(rng.normal(size=(DIM, DIM)))
+        rotated.append((x.astype(np.float64) @ q).astype(np.float32))
+    _write_run(tmp_path, "full", 0, {10: rotated})
+    D.analyse_drift(tmp_path, MODEL, [TASK], n_boot=0, figures=False)
+    for r in _rows(tmp_path):
+        assert abs(float(r["drift_cka"])) < 1e-6  # float32 storage of the rotated data
+        assert float(r["drift_cos"]) > 0.5
+
+
+def test_planted_reduction_permutation_and_bootstrap(tmp_path):
+    _planted(tmp_path)
+    res = D.analyse_drift(tmp_path, MODEL, [TASK], n_boot=200, figures=False)
+    c = res["comparison"][TASK]
+    assert c["reduction_pct"] > 0
+    assert all(v > 0 for v in c["reduction_pct_by_seed"].values())
+    assert min(c["drift_full_by_seed"].values()) > max(c["drift_lora_by_seed"].values())
+    assert c["perm_p"] == pytest.approx(1 / 20)
+    assert c["perm_n_relabellings"] == 20 and c["perm_kind"] == "exact"
+    lo, hi = c["boot_ci"]
+    assert 0 < lo <= c["reduction_pct"] <= hi
+
+    on_disk = json.loads((tmp_path / "drift" / "comparison.json").read_text())
+    assert set(on_disk) == {TASK}
+    assert on_disk[TASK]["drift_full_by_seed"].keys() == {"0", "1", "2"}
+    with open(tmp_path / "drift" / "comparison.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["task"] == TASK and float(row["perm_p"]) == pytest.approx(0.05)
+    assert row["n_seeds_full"] == "3" and float(row["boot_ci_lo"]) == pytest.approx(lo)
+
+
+@pytest.mark.parametrize("metric", ["debiased", "rbf"])
+def test_other_primary_metrics(tmp_path, metric):
+    _planted(tmp_path)
+    c = D.analyse_drift(tmp_path, MODEL, [TASK], metric=metric, n_boot=0, figures=False)["comparison"][TASK]
+    assert c["primary_metric"] == metric and c["boot_ci"] == [pytest.approx(np.nan, nan_ok=True)] * 2
+    assert c["reduction_pct"] > 0
+    finals = [r for r in _rows(tmp_path) if r["is_final"] == "1"]
+    assert finals and all(r["drift_primary"] != "" for r in finals)
+    assert all(r["drift_primary"] == "" for r in _rows(tmp_path) if r["is_final"] == "0")
+
+
+def test_permutation_test_by_hand():
+    assert D.permutation_test([3, 4, 5], [0, 1, 2]) == (pytest.approx(0.05), 20, "exact")
+    # Every relabelling gives the same statistic, so all 20 count as "at least as extreme".
+    assert D.permutation_test([1, 1, 1], [1, 1, 1])[0] == pytest.approx(1.0)
+    # LoRA drifts more: the observed labelling is the most extreme in the wrong direction.
+    assert D.permutation_test([0, 1, 2], [3, 4, 5])[0] == pytest.approx(1.0)
+
+
+def test_bootstrap_replicate_equals_cka_on_resampled_rows():
+    base = _base()
+    other = _noisy(base, 0.5, np.random.default_rng(5))
+    boot = D.ProbeBootstrap(base, n_boot=5, seed=2)
+    got = boot.cka(other)
+    for b in range(5):
+        idx = np.repeat(np.arange(N), boot.counts[b].astype(int))
+        want = [linear_cka(x[idx], y[idx]) for x, y in zip(base, other)]
+        np.testing.assert_allclose(got[b], want, atol=1e-5)
+
+
+def test_drift_grows_with_step(tmp_path):
+    base = _base()
+    _write_base(tmp_path, base)
+    rng = np.random.default_rng(7)
+    steps = {0: 0.0, 10: 0.2, 20: 0.5, 30: 1.0, 40: 2.0}
+    for seed in range(2):
+        _write_run(tmp_path, "full", seed, {s: _noisy(base, sd, rng) for s, sd in steps.items()})
+    D.analyse_drift(tmp_path, MODEL, [TASK], n_boot=0, figures=False)
+    rows = _rows(tmp_path)
+    for seed in ("0", "1"):
+        for layer in range(N_LAYERS):
+            sel = sorted((int(r["step"]), float(r["drift_cka"]), float(r["drift_cos"]), r["is_final"])
+                         for r in rows if r["seed"] == seed and r["layer"] == str(layer))
+            assert [s for s, *_ in sel] == sorted(steps)
+            assert sel[0][1] == pytest.approx(0, abs=1e-9)
+            assert all(a[1] < b[1] for a, b in zip(sel, sel[1:]))
+            assert all(a[2] < b[2] for a, b in zip(sel, sel[1:]))
+            assert [f for *_, f in sel] == ["0"] * 4 + ["1"]
+
+
+def test_missing_base_is_an_error(tmp_path):
+    _write_run(tmp_path, "full", 0, {0: _base()})
+    with pytest.raises(ValueError, match=f"{TASK}.safetensors"):
+        D.analyse_drift(tmp_path, MODEL, [TASK], figures=False)
+
+
+@pytest.mark.parametrize("bad", ["n", "d", "layers"])
+def test_shape_mismatch_names_the_file(tmp_path, bad):
+    base = _base()
+    _write_base(tmp_path, base)
+    wrong = {"n": [x[:-1] for x in base], "d": [x[:, :-1] for x in base], "layers": base[:-1]}[bad]
+    run = _write_run(tmp_path, "full", 0, {0: base, 5: wrong})
+    with pytest.raises(ValueError, match="step_000005.safetensors"):
+        D.analyse_drift(tmp_path, MODEL, [TASK], figures=False)
+    assert run.exists()
+
+
+def test_missing_runs_and_snapshots_are_skipped_with_a_warning(tmp_path, caplog):
+    base = _planted(tmp_path)
+    run = tmp_path / "runs" / MODEL / TASK / "lora" / "seed2"
+    (run / "snapshots" / "step_000100.safetensors").unlink()  # listed in index.json, gone
+    # a seed that only FT has
+    _write_run(tmp_path, "full", 3, {0: base, 100: _noisy(base, 1.0, np.random.default_rng(9))},
+               finished=False)
+    with caplog.at_level(logging.WARNING, logger="loradrift.drift"):
+        res = D.analyse_drift(tmp_path, MODEL, "all", n_boot=20, figures=False)
+    text = caplog.text
+    assert "[100]" in text and "lora/seed3" in text and "no result.json" in text
+    c = res["comparison"][TASK]
+    assert c["drift_full_by_seed"].keys() == {"0", "1", "2", "3"}
+    # lora seed 2 only has step 0 left, which becomes its "final" step
+    assert c["final_step_lora_by_seed"]["2"] == 0
+    assert c["perm_n_relabellings"] == 35  # C(7, 4)
+    assert "3" not in c["reduction_pct_by_seed"]
+
+
+def test_unknown_task_without_runs_is_skipped(tmp_path, caplog):
+    _planted(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="loradrift.drift"):
+        res = D.analyse_drift(tmp_path, MODEL, [TASK, "nope"], n_boot=0, figures=False)
+    assert set(res["comparison"]) == {TASK} and "nope" in caplog.text
+
+
+def test_figures_are_written(tmp_path):
+    _planted(tmp_path)
+    res = D.analyse_drift(tmp_path, MODEL, [TASK], n_boot=20)
+    figs = sorted((tmp_path / "drift" / "figures").iterdir())
+    assert [p.name for p in figs] == [f"final_by_layer_{TASK}.png", f"heatmap_{TASK}.png"]
+    for p in figs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
+        assert p in res["files"]
+    # atomic writes leave no temporary files behind
+    assert not [p for p in (tmp_path / "drift").rglob("*") if p.name.startswith(".")]

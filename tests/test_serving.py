@@ -1,0 +1,333 @@
+"""Serving benchmark: statistics on synthetic latencies, input checks, and the hf backend end to
+end on a tiny random Llama (CPU, fp32)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loradrift import serving
+from loradrift.serving import ServeError
+
+TASKS = ("sst2", "squad_v2", "mrpc", "rte")
+SENTENCES = [
+    "the movie was great and fun to watch",
+    "a terrible boring film with bad actors",
+    "what is the capital of france ? paris is the capital",
+    "the cat sat on the mat and the dog ran in the park",
+    "question : who wrote the book ? answer : nobody knows",
+    "sentence one is equal to sentence two . yes no maybe",
+]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------------------
+# Tiny model helpers (also imported by test_serving_vllm.py)
+# ---------------------------------------------------------------------------
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<s>", "</s>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+def make_base(path: Path, hidden: int = 128, heads: int = 2, kv_heads: int = 1, layers: int = 2, seed: int = 0) -> Path:
+    """A random LlamaForCausalLM. head_dim 64 (hidden 128 / 2 heads) because vLLM's CPU attention
+    accepts only a few head sizes (64 is one); the HF tests are indifferent."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=len(tok),
+                      max_position_embeddings=512, bos_token_id=2, eos_token_id=3, pad_token_id=1,
+                      tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_adapter(base_dir: Path, path: Path, seed: int, r: int = 4, std: float = 0.2) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # PEFT initialises B to zero, which would make the adapter a no-op
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    model.save_pretrained(path)
+    return path
+
+
+def make_merged(base_dir: Path, adapter_dir: Path, path: Path) -> Path:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def make_prompts(n: int = 6) -> dict[str, list[str]]:
+    out = {}
+    for i, t in enumerate(TASKS):
+        texts = [SENTENCES[(i + j) % len(SENTENCES)] for j in range(n)]
+        out[t] = serving.build_prompts(texts, template="{text} answer :")
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny matmuls on a shared 2-core CI box are several times slower with OpenMP threads fighting
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    base = make_base(root / "base")
+    adapters = {t: make_adapter(base, root / "runs" / t / "adapter", seed=i + 1) for i, t in enumerate(TASKS)}
+    # one task ships its merged/ folder, the others are merged by the benchmark
+    merged = {"sst2": make_merged(base, adapters["sst2"], root / "runs" / "sst2" / "merged")}
+    return {"root": root, "base": base, "adapters": adapters, "merged": merged, "prompts": make_prompts()}
+
+
+# ---------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100])
+def test_percentile_matches_numpy(n):
+    x = np.random.default_rng(n).lognormal(size=n)
+    for q in (0, 5, 50, 95, 99, 100):
+        assert serving.percentile(x, q) == pytest.approx(np.percentile(x, q), rel=1e-12)
+    st = serving.latency_stats(x)
+    assert st["mean"] == pytest.approx(x.mean())
+    assert st["p50"] == pytest.approx(np.median(x))
+    assert st["p95"] == pytest.approx(np.percentile(x, 95))
+    with pytest.raises(ValueError):
+        serving.percentile([], 50)
+
+
+def test_overhead_per_round_exact():
+    # merged mean per round = (1 + 3) / 2 = 2; adapters 2.5 -> 25 %
+    got = serving.overhead_per_round([2.5, 3.0], {"a": [1.0, 1.0], "b": [3.0, 3.0]})
+    assert got == pytest.approx([25.0, 50.0])
+    with pytest.raises(ValueError):
+        serving.overhead_per_round([1.0, 2.0], {"a": [1.0]})
+
+
+@pytest.mark.parametrize("method", ["t", "bootstrap"])
+def test_overhead_ci_contains_planted_overhead(method):
+    rng = np.random.default_rng(0)
+    planted, n = 20.0, 30
+    merged = {t: list(rng.normal(1.0 + 0.3 * i, 0.01, n)) for i, t in enumerate(["sst2", "squad_v2"])}
+    m = np.mean([merged["sst2"], merged["squad_v2"]], axis=0)
+    adapters = m * (1 + planted / 100) * rng.normal(1.0, 0.02, n)
+    per_round = serving.overhead_per_round(list(adapters), merged)
+    mean, lo, hi = serving.mean_ci(per_round, method=method)
+    assert lo < planted < hi
+    assert hi - lo < 3.0  # 2 % noise over 30 rounds gives a tight interval
+    assert mean == pytest.approx(planted, abs=1.5)
+
+
+def test_mean_ci_t_matches_scipy_and_single_value():
+    from scipy import stats
+
+    x = [1.0, 2.0, 4.0, 3.0]
+    mean, lo, hi = serving.mean_ci(x)
+    ref = stats.t.interval(0.95, len(x) - 1, loc=np.mean(x), scale=stats.sem(x))
+    assert (lo, hi) == pytest.approx(ref)
+    m1, lo1, hi1 = serving.mean_ci([5.0])
+    assert m1 == 5.0 and np.isnan(lo1) and np.isnan(hi1)
+    with pytest.raises(ValueError):
+        serving.mean_ci(x, method="nope")
+
+
+def test_match_rate_counts_common_prefix_only():
+    assert serving.match_rate([[1, 2, 3, 4]], [[1, 2, 3, 4]]) == 1.0
+    # diverges at position 1: later agreement (3, 4) does not count
+    assert serving.match_rate([[1, 2, 3, 4]], [[1, 9, 3, 4]]) == 0.25
+    assert serving.match_rate([[1, 2], [5, 6]], [[1, 2], [7, 6]]) == 0.5
+
+
+def test_build_prompts_and_pool():
+    p = serving.build_prompts(["a  b\n c", "d"], template="Review: {text}\nSentiment:")
+    assert p == ["Review: a b c\nSentiment:", "Review: d\nSentiment:"]
+    with pytest.raises(ValueError):
+        serving.build_prompts(["x"], template="no field")
+    assert serving.prompt_pool({"a": ["a0", "a1"], "b": ["b0"]}, ["a", "b"]) == ["a0", "b0", "a1"]
+
+
+@pytest.mark.parametrize("tasks,expected", [
+    (["rte"], ["base", "merged-rte", "adapters-1"]),
+    (["mrpc", "rte"], ["base", "merged-mrpc", "merged-rte", "adapters-2"]),
+    (["mrpc", "sst2", "squad_v2"], ["base", "merged-mrpc", "merged-sst2", "merged-squad_v2", "adapters-2", "adapters-3"]),
+    (list(TASKS), ["base"] + [f"merged-{t}" for t in TASKS] + ["adapters-2", "adapters-4"]),
+])
+def test_plan_configs(tasks, expected):
+    cfgs = serving.plan_configs(Path("b"), {t: Path(t) for t in tasks}, {t: Path("m" + t) for t in tasks})
+    assert [c.name for c in cfgs] == expected
+    if "sst2" in tasks and "squad_v2" in tasks:
+        assert next(c for c in cfgs if c.name == "adapters-2").tasks == ("sst2", "squad_v2")
+
+
+# ---------------------------------------------------------------------------
+# hf backend end to end
+# ---------------------------------------------------------------------------
+
+
+def test_hf_end_to_end(tiny, tmp_path):
+    out = tmp_path / "serve"
+    res = serving.run_serve_bench(
+        tiny["base"], tiny["adapters"], tiny["merged"], tiny["prompts"], backend="hf",
+        batch_sizes=[1, 2], max_tokens=6, rounds=3, warmup=1, out_dir=out, max_lora_rank=8,
+        device="cpu", check_prompts=3, log=lambda *_: None,
+    )
+    names = ["base"] + [f"merged-{t}" for t in TASKS] + ["adapters-2", "adapters-4"]
+    for f in ["results.csv", "results.json", "overhead.csv", "overhead.json", "correctness.json",
+              "meta.json", "figures/latency.png"]:
+        assert (out / f).is_file(), f
+    assert not list(out.rglob("*.tmp")), "temporary files left behind"
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == serving.RESULT_COLUMNS
+    assert len(rows) == len(names) * 2 * 3
+    assert {r["config"] for r in rows} == set(names)
+    for r in rows:
+        assert float(r["latency_mean_s"]) > 0 and float(r["throughput_tok_s"]) > 0
+        assert float(r["ttft_mean_s"]) <= float(r["latency_mean_s"])
+        assert float(r["peak_rss_mb"]) > 0
+        assert float(r["throughput_tok_s"]) == pytest.approx(float(r["throughput_rps"]) * 6)
+    assert json.loads((out / "results.json").read_text())[0].keys() == set(serving.RESULT_COLUMNS)
+
+    with open(out / "overhead.csv") as f:
+        ov = list(csv.DictReader(f))
+    assert list(ov[0]) == serving.OVERHEAD_COLUMNS
+    assert {(r["config"], int(r["batch_size"])) for r in ov} == {
+        (c, b) for c in ("base", "adapters-2", "adapters-4") for b in (1, 2)}
+    for r in ov:
+        assert int(r["n_rounds"]) == 3
+        assert float(r["ci_low"]) <= float(r["overhead_pct"]) <= float(r["ci_high"])
+    ovj = json.loads((out / "overhead.json").read_text())
+    a2 = next(r for r in ovj if r["config"] == "adapters-2")
+    assert a2["reference"] == "mean(merged-sst2,merged-squad_v2)" and len(a2["per_round"]) == 3
+
+    # unmerged adapters in a mixed batch reproduce each merged model exactly in fp32
+    corr = res["correctness"]
+    assert {(c["config"], c["task"]) for c in corr} == {("adapters-2", "sst2"), ("adapters-2", "squad_v2")} | {
+        ("adapters-4", t) for t in TASKS}
+    assert all(c["match_rate"] == 1.0 and c["n_tokens"] == 3 * 6 for c in corr)
+    # the missing merged folders were made in the cache; the given one was used as is
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["merged"]["sst2"] == str(tiny["merged"]["sst2"])
+    assert (out / "merged_cache" / "rte" / "config.json").is_file()
+
+
+def test_adapters_change_outputs_and_routing(tiny):
+    """Guards the test itself: adapters must differ from the base and from each other, or a
+    correct-looking match rate would prove nothing."""
+    be = serving.HFBackend(tiny["base"], "cpu", "float32", 64, 8)
+    ids = serving.encode_prompts(be.tokenizer, tiny["prompts"]["sst2"][:3], 32)
+    merged = {t: tiny["merged"]["sst2"] for t in TASKS}  # merged folders are not used here
+    cfgs = {c.name: c for c in serving.plan_configs(tiny["base"], tiny["adapters"], merged)}
+    be.load(cfgs["base"])
+    base = be.generate(ids, None, 6).tokens
+    be.load(cfgs["adapters-2"])
+    a = be.generate(ids, ["sst2"] * 3, 6).tokens
+    b = be.generate(ids, ["squad_v2"] * 3, 6).tokens
+    mixed = be.generate(ids, ["sst2", "squad_v2", "sst2"], 6).tokens
+    assert a != base and a != b
+    assert mixed == [a[0], b[1], a[2]]
+
+
+def test_wrong_merged_model_fails_correctness(tiny, tmp_path):
+    merged = {"sst2": tiny["merged"]["sst2"], "squad_v2": tiny["merged"]["sst2"]}  # squad_v2 gets sst2's
+    with pytest.raises(ServeError, match="correctness check failed.*squad_v2"):
+        serving.run_serve_bench(
+            tiny["base"], {t: tiny["adapters"][t] for t in ("sst2", "squad_v2")}, merged, tiny["prompts"],
+            backend="hf", batch_sizes=[1], max_tokens=4, rounds=1, warmup=0, out_dir=tmp_path / "s",
+            max_lora_rank=8, device="cpu", log=lambda *_: None,
+        )
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+
+
+def _bench(tiny, tmp_path, adapters, **kw):
+    args = dict(backend="hf", batch_sizes=[1], max_tokens=2, rounds=1, warmup=0,
+                out_dir=tmp_path / "s", max_lora_rank=8, device="cpu", log=lambda *_: None)
+    args.update(kw)
+    return serving.run_serve_bench(tiny["base"], adapters, {}, tiny["prompts"], **args)
+
+
+def test_rank_above_max_lora_rank(tiny, tmp_path):
+    big = make_adapter(tiny["base"], tmp_path / "big", seed=9, r=16)
+    with pytest.raises(ServeError, match=r"adapter 'rte' has rank 16 > max_lora_rank 8"):
+        _bench(tiny, tmp_path, {"sst2": tiny["adapters"]["sst2"], "rte": big})
+
+
+def test_missing_adapter_folder(tiny, tmp_path):
+    with pytest.raises(ServeError, match=r"adapter 'mrpc': folder .* does not exist"):
+        _bench(tiny, tmp_path, {"mrpc": tmp_path / "nope"})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ServeError, match=r"adapter 'mrpc': .*adapter_config.json is missing"):
+        _bench(tiny, tmp_path, {"mrpc": tmp_path / "empty"})
+
+
+def test_adapter_for_other_base_name(tiny, tmp_path):
+    import shutil
+
+    other = shutil.copytree(tiny["adapters"]["rte"], tmp_path / "other")
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "meta-llama/Llama-2-7b-hf"
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ServeError, match=r"adapter 'rte' was trained on base 'meta-llama/Llama-2-7b-hf'"):
+        _bench(tiny, tmp_path, {"rte": other})
+    # the name check can be waived; the shapes still fit, so validation passes
+    assert serving.validate_adapters(tiny["base"], {"rte": other}, 8, check_base_name=False) == {"rte": 4}
+
+
+def test_adapter_with_wrong_shapes(tiny, tmp_path):
+    small = make_base(tmp_path / "small", hidden=64, heads=4, kv_heads=2)
+    wrong = make_adapter(small, tmp_path / "wrong", seed=3)
+    with pytest.raises(ServeError, match=r"adapter 'sst2': '.*\.lora_[AB]\.weight' has shape .* does not fit base weight"):
+        serving.validate_adapters(tiny["base"], {"sst2": wrong}, 8, check_base_name=False)
+    # with the name check on, the recorded base (another local folder of a different architecture) is caught first
+    with pytest.raises(ServeError, match="was trained on base"):
+        _bench(tiny, tmp_path, {"sst2": wrong})
+
+
+def test_vllm_not_installed(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(serving, "vllm_available", lambda: False)
+    with pytest.raises(ServeError, match=r"pip install 'loradrift\[serve\]'"):
+        _bench(tiny, tmp_path, {"sst2": tiny["adapters"]["sst2"]}, backend="vllm")
+    with pytest.raises(ServeError, match="unknown backend"):
+        _bench(tiny, tmp_path, {"sst2": tiny["adapters"]["sst2"]}, backend="tgi")

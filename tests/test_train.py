@@ -1,0 +1,128 @@
+"""End-to-end training on the tiny model: real runs, stored values checked."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loradrift.io import ResultsStore
+from loradrift.phase0 import extract_base
+from loradrift.train import RunConflict, export_merged, run_dir_for, train_run
+
+
+@pytest.mark.parametrize("task", ["sst2", "squad_v2"])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_run_writes_a_complete_run_folder(tiny_cfg, task, method):
+    cfg = tiny_cfg(task, method)
+    r = train_run(cfg)
+    rd = Path(r["run_dir"])
+    assert rd == run_dir_for(cfg)
+    for f in ("config.yaml", "log.jsonl", "result.json", "head.safetensors", "snapshots/index.json"):
+        assert (rd / f).exists(), f
+    assert (rd / ("adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors")).exists()
+    assert not (rd / "checkpoints").exists()
+    assert r["steps"] == cfg.train.max_steps
+    assert r["snapshot_steps"] == [0, 3, 6]
+    log = [json.loads(line) for line in (rd / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [2, 4, 6] and all(e["loss"] > 0 and e["grad_norm"] >= 0 for e in log)
+    primary = r["primary_metric"]
+    assert 0 <= r["dev"][primary] <= (100 if task == "squad_v2" else 1)
+    if task == "squad_v2":
+        assert {"HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh", "na_prob_thresh"} <= set(r["dev"])
+        preds = json.loads((rd / "dev_predictions.json").read_text())
+        assert len(preds) == r["dev_examples"]
+    if method == "lora":
+        assert r["trainable_params"] < r["total_params"] / 5
+    rows = ResultsStore(cfg.out_dir / "results.sqlite").rows("run", task=task, method=method)
+    assert len(rows) == 1 and rows[0]["metrics"]["dev"][primary] == r["dev"][primary]
+
+
+def test_step0_snapshot_equals_base_and_training_moves_it(tiny_cfg):
+    for method in ("lora", "full"):
+        cfg = tiny_cfg("rte", method)
+        base = load_file(str(extract_base(cfg)))
+        r = train_run(cfg)
+        snaps = Path(r["run_dir"]) / "snapshots"
+        step0 = load_file(str(snaps / "step_000000.safetensors"))
+        final = load_file(str(snaps / "step_000006.safetensors"))
+        assert set(step0) == set(base) == {f"layer.{i}" for i in range(3)}
+        for k in base:
+            assert torch.equal(step0[k], base[k]), k
+        assert not torch.equal(final["layer.2"], base["layer.2"])
+
+
+def test_finished_run_is_skipped_and_conflicts_refused(tiny_cfg):
+    cfg = tiny_cfg("sst2", "lora")
+    r1 = train_run(cfg)
+    mtime = (Path(r1["run_dir"]) / "result.json").stat().st_mtime
+    assert train_run(cfg) == r1
+    assert (Path(r1["run_dir"]) / "result.json").stat().st_mtime == mtime
+    with pytest.raises(RunConflict, match="another config"):
+        train_run(tiny_cfg("sst2", "lora", overrides=["train.lr=0.5"]))
+
+
+def test_same_seed_same_numbers_and_same_head_init(tiny_cfg, tmp_path):
+    a = train_run(tiny_cfg("sst2", "lora"))
+    b_cfg = tiny_cfg("sst2", "lora")
+    b_cfg.out_dir = tmp_path / "other"
+    b = train_run(b_cfg)
+    assert a["dev"] == b["dev"] and a["val_curve"] == b["val_curve"]
+
+
+def test_merged_export_matches_unmerged_adapter(tiny_cfg):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loradrift.models import resolve_model_dir
+
+    cfg = tiny_cfg("sst2", "lora", overrides=["train.lr=0.01"])
+    r = train_run(cfg)
+    merged_dir = export_merged(r["run_dir"])
+    ids = torch.tensor([[5, 17, 300, 42, 9]])
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_dir(cfg.model))
+    unmerged = PeftModel.from_pretrained(base, Path(r["run_dir"]) / "adapter").eval()
+    with torch.no_grad():
+        lm, lu = merged(ids).logits, unmerged(ids).logits
+        lb = AutoModelForCausalLM.from_pretrained(resolve_model_dir(cfg.model))(ids).logits
+    assert torch.allclose(lm, lu, atol=1e-5)
+    assert not torch.allclose(lm, lb, atol=1e-4)  # the adapter really changed the model
+
+
+def _train_cmd(out: Path, extra=()):
+    return [sys.executable, "-m", "loradrift", "train", "--preset", "tiny", "--task", "sst2", "--method", "lora",
+            "--out", str(out), "train.max_steps=40", "train.checkpoint_every=5", "train.eval_every=10", *extra]
+
+
+def test_killed_run_resumes_to_identical_result(tmp_path):
+    env = dict(os.environ)
+    ref = subprocess.run(_train_cmd(tmp_path / "ref"), capture_output=True, text=True, env=env)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    run_dir = out / "runs"
+    while time.time() < deadline:
+        found = list(run_dir.glob("*/sst2/lora/seed42/checkpoints/last.pt")) if run_dir.exists() else []
+        if found and torch.load(found[0], weights_only=True)["step"] >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rd = next(out.glob("runs/*/sst2/lora/seed42"))
+    assert not (rd / "result.json").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(_train_cmd(out), capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads(next((tmp_path / "ref").glob("runs/*/sst2/lora/seed42/result.json")).read_text())
+    b = json.loads((rd / "result.json").read_text())
+    assert a["dev"] == b["dev"] and a["val"] == b["val"] and a["val_curve"] == b["val_curve"]
+    wa = load_file(str(Path(a["run_dir"]) / "adapter/adapter_model.safetensors"))
+    wb = load_file(str(rd / "adapter/adapter_model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu_threads=torch.get_num_threads(), cpu_count=os.cpu_count(), machine=platform.machine(),
         cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         repeats=a.repeats, seed=a.seed,
+        # timings on a shared box are only comparable at similar load
+        loadavg_at_end=os.getloadavg() if hasattr(os, "getloadavg") else None,
         note="seconds_total = best of repeats for one cka_against_base call over all layers; "
              "base side precomputed beforehand (base_precompute_s).",
     )

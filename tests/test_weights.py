@@ -210,6 +210,8 @@ def test_analyse_weights_writes_tables_and_figure(base_dir, tmp_path):
         assert len(list(csv.DictReader(f))) == 4
     js = json.loads((out / "weights" / "summary.json").read_text())
     assert js["settings"]["intruder_eps"] == 0.6 and len(js["summary"]) == 4
+    assert js["by_task"][TASK]["lora"]["n_seeds"] == 2
+    assert js["by_task"][TASK]["lora"]["mean_effective_rank"] <= 4
 
     fig = out / "weights" / "figures" / f"weights_by_layer_{TASK}.png"
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -480,7 +480,8 @@ def _save_figure(fig: Any, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def _plot_task(task: str, rows: list[dict], methods: Sequence[str], fig_dir: Path) -> list[Path]:
+def _plot_task(task: str, rows: list[dict], methods: Sequence[str], metric: str, fig_dir: Path
+               ) -> list[Path]:
     # Figure (not pyplot) keeps matplotlib's global state and backend out of the library.
     from matplotlib.figure import Figure
 
@@ -529,7 +530,7 @@ def _plot_task(task: str, rows: list[dict], methods: Sequence[str], fig_dir: Pat
         ax.fill_between(layers, arr.min(axis=0), arr.max(axis=0), color=line.get_color(), alpha=0.25,
                         linewidth=0)
     ax.set_xlabel("layer (0 = embeddings)")
-    ax.set_ylabel("final drift (primary metric)")
+    ax.set_ylabel(f"final drift (1 - {metric} CKA)")
     ax.set_title(f"{task}: final drift by layer (band = min-max over seeds)", fontsize=9)
     ax.legend()
     paths.append(fig_dir / f"final_by_layer_{task}.png")
@@ -587,7 +588,7 @@ def analyse_drift(
         if comp is not None:
             comparison[task] = comp
         if rows and figures:
-            files.extend(_plot_task(task, rows, methods, drift_dir / "figures"))
+            files.extend(_plot_task(task, rows, methods, metric, drift_dir / "figures"))
     if not all_rows:
         log.warning("no drift rows for model %s, tasks %s; nothing written", model, list(tasks))
         return {"comparison": comparison, "files": files}

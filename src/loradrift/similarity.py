@@ -28,7 +28,7 @@ NaN, so a broken layer cannot silently poison an average.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -498,8 +498,10 @@ class BaseSide:
 
     ``dtype``: float64 (default) is exact to ~1e-12. float32 runs the large
     matmuls in float32, with centring done in float64 beforehand and the
-    norms accumulated in float64 afterwards; on random n=4096, d=2048 data the
-    measured absolute error vs float64 was ~1e-7 (see bench/bench_cka.py).
+    norms accumulated in float64 afterwards; measured max absolute error vs
+    float64 over 23 layers at n=4096, d=2048 (bench/bench_cka.py data, CKA
+    values 0.5-0.99): 8e-9 feature form, 6e-10 Gram form. Good enough for
+    drift curves; use float64 for anything compared at 1e-6 or finer.
     ``device``: any torch device, e.g. ``"cuda"``.
     """
 

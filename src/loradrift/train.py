@@ -304,9 +304,14 @@ def load_checkpoint(path: Path, ctx: Context, opt=None, sched=None) -> dict:
 # a whole run
 
 
-def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int], None] | None = None) -> dict:
+def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int], None] | None = None,
+              on_eval: Callable[[int, float], None] | None = None) -> dict:
     """Train one (task, method, seed) run; returns its result dict. A finished run is returned
-    as it is unless `force`; a killed run resumes from `checkpoints/last.pt`."""
+    as it is unless `force`; a killed run resumes from `checkpoints/last.pt`.
+
+    `on_eval(step, score)` gets each intermediate validation score (primary metric) at the end
+    of that step, after any checkpoint the step writes, so an exception it raises (a search
+    pruning the trial) leaves the run folder as consistent as a kill would."""
     rd = run_dir_for(cfg)
     result_file = rd / "result.json"
     chash = cfg.science_hash()
@@ -361,6 +366,7 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
     ctx.model.train()
     stopped_early = False
     while step < total and not stopped_early:
+        evaluated = None
         ts = time.time()
         loss, gnorm, ntok = train_step(ctx, order, step, opt, sched)
         train_time += time.time() - ts
@@ -374,7 +380,7 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
         if step % cfg.probe.snapshot_every == 0:
             snapshot(step)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
-            score = primary(ctx, evaluate(ctx, "val"))
+            score = evaluated = primary(ctx, evaluate(ctx, "val"))
             curve.append({"step": step, ctx.spec.primary: score})
             if score > best_score:
                 best_score, bad_evals = score, 0
@@ -392,6 +398,8 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
                              "tokens": tokens, "train_time": train_time})
         if on_step:
             on_step(step, total)
+        if on_eval and evaluated is not None:
+            on_eval(step, evaluated)
 
     snapshot(step)
     final_step = step

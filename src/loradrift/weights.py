@@ -399,6 +399,7 @@ def _summarise(rows: list[dict]) -> list[dict]:
 def _plot(task: str, rows: list[dict], fig_path: Path) -> None:
     # Figure (not pyplot) keeps matplotlib's global state and backend out of the library.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_norm, ax_intr = fig.subplots(1, 2)
@@ -424,7 +425,8 @@ def _plot(task: str, rows: list[dict], fig_path: Path) -> None:
     ax_intr.set(xlabel="layer", ylabel="intruder dimensions (sum over modules)",
                 title=f"{task}: intruder dimensions")
     for ax in (ax_norm, ax_intr):
-        ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8, title="band: min-max over seeds", title_fontsize=7)
     with atomic_path(fig_path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
 
@@ -505,7 +507,14 @@ def analyse_weights(
     _write_csv(weights_dir / "summary.csv", summary_cols, summary)
     settings = {"model": model, "top_k": top_k, "rank_threshold": rank_threshold,
                 "intruder_k": intruder_k, "intruder_eps": intruder_eps, "modules": sorted(wanted)}
-    atomic_write_json(weights_dir / "summary.json", {"settings": settings, "summary": summary})
+    by_task: dict[str, dict[str, dict]] = {}
+    for r in summary:  # means over seeds, for the report
+        by_task.setdefault(r["task"], {}).setdefault(r["method"], []).append(r)
+    by_task = {t: {m: {"n_seeds": len(g), **{k: float(np.mean([r[k] for r in g])) for k in
+                                             ("mean_rel_norm", "mean_effective_rank", "total_intruders")}}
+                   for m, g in ms.items()} for t, ms in by_task.items()}
+    atomic_write_json(weights_dir / "summary.json",
+                      {"settings": settings, "summary": summary, "by_task": by_task})
     files = [weights_dir / n for n in ("weights_layers.csv", "summary.csv", "summary.json")]
     if figures:
         for task in sorted({r["task"] for r in rows}):

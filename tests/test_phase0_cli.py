@@ -1,0 +1,85 @@
+"""Phase 0 commands and the CLI's handling of bad input, through the real `loradrift` entry point."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from loradrift.cli import main
+from loradrift.io import ResultsStore
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "loradrift", *args], capture_output=True, text=True)
+
+
+def test_help_lists_commands():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for cmd in ("train", "sanity", "baselines", "extract-base", "memory", "score", "data", "model"):
+        assert cmd in r.stdout
+
+
+def test_baselines_rows_are_correct(tmp_path, capsys):
+    assert main(["baselines", "--preset", "tiny", "--out", str(tmp_path)]) == 0
+    rows = ResultsStore(tmp_path / "results.sqlite").rows("baseline")
+    by = {(r["task"], r["method"]): r["metrics"] for r in rows}
+    assert len(by) == 8
+    # Always-no-answer on SQuAD v2 scores exactly the unanswerable share, by definition.
+    no_ans = by[("squad_v2", "no_answer")]
+    assert no_ans["f1"] == pytest.approx(100 * no_ans["NoAns_total"] / no_ans["total"])
+    assert no_ans["HasAns_f1"] == 0
+    for task in ("mrpc", "sst2", "rte"):
+        assert 0 <= by[(task, "majority")]["accuracy"] <= 1
+    assert "Baselines on dev" in capsys.readouterr().out
+
+
+def test_sanity_classification_passes_on_tiny(tmp_path, capsys):
+    assert main(["sanity", "--preset", "tiny", "--task", "sst2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "sst2" in out and "True" in out
+
+
+def test_sanity_fails_loudly_when_it_cannot_overfit(tmp_path, capsys):
+    # A learning rate this small cannot overfit in 10 steps: the command must say so and exit 1.
+    code = main(["sanity", "--preset", "tiny", "--task", "rte", "--method", "lora", "--out", str(tmp_path),
+                 "sanity.lr_lora=1e-9", "sanity.max_steps=10"])
+    assert code == 1
+    assert "sanity check failed for: rte/lora" in capsys.readouterr().err
+
+
+def test_memory_profile(tmp_path):
+    assert main(["memory", "--preset", "tiny", "--task", "sst2", "--method", "lora", "--out", str(tmp_path)]) == 0
+    (row,) = ResultsStore(tmp_path / "results.sqlite").rows("memory")
+    assert row["metrics"]["peak_memory_mb"] > 10
+
+
+def test_score_squad_matches_hand_values(tmp_path, capsys):
+    data = {"version": "v2.0", "data": [{"title": "t", "paragraphs": [{"context": "Paris is big.", "qas": [
+        {"id": "a", "question": "q", "answers": [{"text": "Paris", "answer_start": 0}], "is_impossible": False},
+        {"id": "b", "question": "q", "answers": [], "is_impossible": True}]}]}]}
+    (tmp_path / "d.json").write_text(json.dumps(data))
+    (tmp_path / "p.json").write_text(json.dumps({"a": "the Paris", "b": "x"}))
+    assert main(["score", "squad_v2", str(tmp_path / "d.json"), str(tmp_path / "p.json")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["exact"] == 50.0 and out["HasAns_exact"] == 100.0 and out["NoAns_exact"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--preset", "tiny", "--task", "cola"], "unknown task 'cola'"),
+        (["train", "--preset", "nope", "--task", "sst2"], "unknown preset 'nope'"),
+        (["train", "--preset", "tiny", "--task", "sst2", "train.lrr=1"], "train.lrr: unknown config key"),
+        (["train", "--preset", "tiny", "--task", "sst2", "model.name=/no/such/model"], "/no/such/model"),
+        (["data", "check", "--preset", "tiny", "--data-dir", "/no/such/dir"], "data folder not found: /no/such/dir"),
+        (["baselines", "--preset", "tiny", "--task", "sst2,foo"], "unknown task 'foo'"),
+        (["score", "squad_v2", "/no/data.json", "/no/preds.json"], "/no/data.json"),
+    ],
+)
+def test_bad_input_gives_one_clear_message_and_exit_2(args, message, tmp_path):
+    r = run_cli(*args, *(["--out", str(tmp_path)] if args[0] not in ("score", "data") else []))
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr

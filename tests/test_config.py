@@ -78,3 +78,9 @@ def test_science_hash_ignores_output_folder():
     b = resolve_config(preset="tiny", out_dir="y")
     c = resolve_config(preset="tiny", overrides=["train.lr=1e-3"])
     assert a.science_hash() == b.science_hash() != c.science_hash()
+
+
+def test_science_hash_ignores_later_phase_settings():
+    a = resolve_config(preset="tiny")
+    b = resolve_config(preset="tiny", overrides=["serve.rounds=9", "drift.n_boot=5", "stats.seed=3", "study.seeds=[1]"])
+    assert a.science_hash() == b.science_hash()

@@ -38,7 +38,10 @@ class Configs:
     def __init__(self, args: argparse.Namespace):
         self.args = args
 
-    def __call__(self, task: str | None = None, method: str | None = None, seed: int | None = None, extra: list[str] | None = None):
+    def __call__(self, task: str | None = None, method: str | None = None, seed: int | None = None,
+                 files: list[Path] | None = None, extra: list[str] | None = None):
+        """`files` (e.g. a best-config YAML from the search) sit between the preset and the
+        user's own --config files and overrides, which still win."""
         from loradrift.config import resolve_config
 
         a = self.args
@@ -49,7 +52,7 @@ class Configs:
             overrides.append(f"method.name={method}")
         overrides += extra or []
         seed = seed if seed is not None else a.seed
-        return resolve_config(preset=a.preset, files=a.config, overrides=overrides, task=task,
+        return resolve_config(preset=a.preset, files=[*(files or []), *a.config], overrides=overrides, task=task,
                               out_dir=a.out, seed=seed)
 
 
@@ -83,6 +86,8 @@ def _table(title: str, rows: list[dict], columns: list[str]) -> None:
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
     if isinstance(v, dict):
         return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items())
     return "" if v is None else str(v)
@@ -200,6 +205,77 @@ def cmd_memory(args, configs: Configs) -> int:
     return 0
 
 
+def cmd_drift(args, configs: Configs) -> int:
+    from loradrift.drift import analyse_drift
+    from loradrift.models import model_key, resolve_model_dir
+
+    cfg = configs()
+    tasks = _tasks(args.task)
+    d = cfg.drift
+    res = analyse_drift(cfg.out_dir, model_key(cfg.model), tasks, metric=d.metric, n_boot=d.n_boot, boot_seed=d.boot_seed)
+    rows = [{"task": t, **{k: c.get(k) for k in ("drift_full", "drift_lora", "reduction_pct", "perm_p", "boot_ci")}}
+            for t, c in res["comparison"].items()]
+    _table(f"Drift (1 - {d.metric} CKA, mean over layers, final step)", rows, ["task", "drift_full", "drift_lora", "reduction_pct", "perm_p", "boot_ci"])
+    if d.weights:
+        from loradrift.weights import analyse_weights
+
+        w = analyse_weights(cfg.out_dir, model_key(cfg.model), resolve_model_dir(cfg.model), tasks, rank_threshold=d.rank_threshold,
+                            intruder_k=d.intruder_k, intruder_eps=d.intruder_eps)
+        _table("Weight updates", w["summary"], ["task", "method", "seed", "n_modules", "mean_rel_norm", "mean_effective_rank", "total_intruders"])
+    print(f"written under {cfg.out_dir}/drift" + (f" and {cfg.out_dir}/weights" if d.weights else ""))
+    return 0
+
+
+def cmd_serve_bench(args, configs: Configs) -> int:
+    from loradrift.study import serve_bench
+
+    extra = [f"serve.batch_sizes=[{args.batch_sizes}]"] if args.batch_sizes else []
+    cfg = configs(extra=extra)
+    res = serve_bench(cfg, _tasks(args.adapters), backend=args.backend)
+    _table("Serving overhead vs merged (%)", res["overhead"], ["backend", "config", "batch_size", "overhead_pct", "ci_low", "ci_high", "n_rounds"])
+    print(f"written under {cfg.out_dir}/serve")
+    return 0
+
+
+def cmd_stats(args, configs: Configs) -> int:
+    from loradrift.hypotheses import run_stats
+
+    res = run_stats(configs())
+    rows = [r for h in ("H1", "H2", "H3") for r in res[h]]
+    _table("Pre-registered hypotheses", rows, ["name", "scope", "estimate", "ci_low", "ci_high", "threshold", "p_value", "p_holm", "p_bonferroni", "supported"])
+    v = res["verdict"]
+    print(f"verdict: H1 {v['H1']}, H2 {v['H2']}, H3 {v['H3']} → {v['rule']}: {v['overall']}")
+    for n in res["notes"]:
+        print(f"note: {n}")
+    return 0
+
+
+def cmd_report(args, configs: Configs) -> int:
+    from loradrift.report import build_report
+
+    rep = build_report(Path(configs().out_dir), pdf=not args.no_pdf)
+    print(f"report: {rep['html']}" + (f"\npdf:    {rep['pdf']}" if rep.get("pdf") else ""))
+    return 0
+
+
+def cmd_study(args, configs: Configs) -> int:
+    from loradrift.study import StudyStop, run_study
+
+    phases = sorted({int(p) for p in args.phases.split(",")})
+    if not set(phases) <= {0, 1, 2, 3}:
+        raise ValueError(f"--phases: phases are 0, 1, 2, 3 (got {args.phases})")
+    tasks = _tasks(args.tasks) if args.tasks else None
+    try:
+        res = run_study(configs, phases, tasks, command="loradrift " + " ".join(sys.argv[1:]))
+    except StudyStop as e:
+        print(f"loradrift study: stopped: {e}", file=sys.stderr)
+        return 1
+    for p in res["phases"]:
+        print(f"{p['phase']}: {p['seconds']:.0f} s")
+    print(f"total: {res['total_seconds']:.0f} s")
+    return 0
+
+
 COMMANDS = {
     "train": (cmd_train, "train one run (full fine-tuning or LoRA)"),
     "extract-base": (cmd_extract_base, "Phase 0: base-model probe representations"),
@@ -207,6 +283,11 @@ COMMANDS = {
     "baselines": (cmd_baselines, "Phase 0: majority / random baselines on dev"),
     "memory": (cmd_memory, "Phase 0: peak training memory per task and method"),
     "score": (cmd_score, "score SQuAD v2 predictions like the official evaluate-v2.0.py"),
+    "drift": (cmd_drift, "Phase 3: CKA/cosine drift vs the base model, and weight-space analysis"),
+    "serve-bench": (cmd_serve_bench, "Phase 3: serving cost of LoRA adapters side by side vs merged weights"),
+    "stats": (cmd_stats, "Phase 3: the pre-registered hypothesis tests"),
+    "report": (cmd_report, "Phase 3: the HTML and PDF report (reads artefacts only)"),
+    "study": (cmd_study, "the whole study, Phase 0 to the report, resumable"),
 }
 
 
@@ -245,6 +326,28 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "extract-base":
             c.add_argument("--force", action="store_true")
         c.set_defaults(func=COMMANDS[name][0])
+
+    c = sub.add_parser("study", parents=[parent], help=COMMANDS["study"][1])
+    c.add_argument("--tasks", default=None, help="comma list of tasks for this machine (default: study.tasks)")
+    c.add_argument("--phases", default="0,1,2,3", help="which phases to run, e.g. 0,1,2 on each machine, then 3 once")
+    c.set_defaults(func=cmd_study)
+
+    c = sub.add_parser("drift", parents=[parent], help=COMMANDS["drift"][1])
+    c.add_argument("--task", default="all")
+    c.set_defaults(func=cmd_drift)
+
+    c = sub.add_parser("serve-bench", parents=[parent], help=COMMANDS["serve-bench"][1])
+    c.add_argument("--backend", default=None, help="hf | vllm | hf,vllm (default: serve.backend)")
+    c.add_argument("--adapters", default="all", help="tasks whose Phase 2 LoRA adapters to serve, e.g. sst2,squad_v2")
+    c.add_argument("--batch-sizes", default=None, help="comma list, e.g. 1,2,4,8,16 (default: serve.batch_sizes)")
+    c.set_defaults(func=cmd_serve_bench)
+
+    c = sub.add_parser("stats", parents=[parent], help=COMMANDS["stats"][1])
+    c.set_defaults(func=cmd_stats)
+
+    c = sub.add_parser("report", parents=[parent], help=COMMANDS["report"][1])
+    c.add_argument("--no-pdf", action="store_true", help="HTML only")
+    c.set_defaults(func=cmd_report)
 
     c = sub.add_parser("score", help=COMMANDS["score"][1])
     c.add_argument("task", help="squad_v2")

@@ -125,6 +125,47 @@ class SanityConfig(_Strict):
     min_squad_f1: float = Field(90.0, gt=0, le=100)
 
 
+class DriftConfig(_Strict):
+    metric: Literal["linear", "debiased", "rbf"] = Field("linear", description="CKA variant of the final-step drift")
+    n_boot: int = Field(1000, ge=0, description="paired bootstrap replicates over probe examples (0 = off)")
+    boot_seed: int = 0
+    weights: bool = Field(True, description="also run the weight-space analysis (ΔW norms, spectra, intruder dimensions)")
+    intruder_k: int = Field(10, gt=0, description="top singular vectors of W_ft checked for intruders")
+    intruder_eps: float = Field(0.6, gt=0, lt=1, description="max |cos| to every base singular vector below which a vector is an intruder")
+    rank_threshold: float = Field(0.9, gt=0, le=1, description="share of ΔW's squared spectrum the effective rank must explain")
+
+
+class ServeBenchConfig(_Strict):
+    backend: str = Field("hf", description="hf, vllm, or hf,vllm")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
+    max_tokens: int = Field(128, gt=0, description="greedy tokens generated per request (EOS ignored)")
+    rounds: int = Field(5, gt=0, description="timed rounds per configuration and batch size")
+    warmup: int = Field(1, ge=0)
+    max_lora_rank: int = Field(16, gt=0)
+    prompts_per_task: int = Field(32, gt=0)
+    max_prompt_tokens: int = Field(256, gt=0)
+    seed: int = Field(42, description="which Phase 2 seed's adapters are served")
+
+
+class StatsConfig(_Strict):
+    confidence: float = Field(0.95, gt=0, lt=1)
+    n_resamples: int = Field(10_000, gt=0, description="bootstrap resamples for every CI")
+    seed: int = 0
+    h1_threshold: float = Field(3.0, description="H1: LoRA within this % of full FT")
+    h2_threshold: float = Field(20.0, description="H2: at least this % less drift")
+    h3_threshold: float = Field(30.0, description="H3: at most this % multi-adapter overhead")
+    h3_batch: int = Field(8, gt=0, description="H3's primary batch size")
+    h3_config: str = Field("adapters-4", description="H3's primary serving configuration (falls back to the largest adapters-k run)")
+
+
+class StudyConfig(_Strict):
+    seeds: list[int] = Field(default_factory=lambda: [42, 1337, 2024], description="Phase 2 seeds")
+    tasks: list[str] = Field(default_factory=lambda: ["mrpc", "sst2", "rte", "squad_v2"])
+    methods: list[Literal["full", "lora"]] = Field(default_factory=lambda: ["full", "lora"])
+    search: bool = Field(True, description="run Phase 1; off = Phase 2 uses the config as it is")
+    serve: bool = Field(True, description="run the serving benchmark in Phase 3")
+
+
 class RunConfig(_Strict):
     """Everything one command needs. `task` and `seed` are set per run."""
 
@@ -137,6 +178,10 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     probe: ProbeConfig = ProbeConfig()
     sanity: SanityConfig = SanityConfig()
+    drift: DriftConfig = DriftConfig()
+    serve: ServeBenchConfig = ServeBenchConfig()
+    stats: StatsConfig = StatsConfig()
+    study: StudyConfig = StudyConfig()
     per_task: dict[str, dict[str, Any]] = Field(default_factory=dict, description="overrides applied only for one task")
     preset: str | None = None
 
@@ -160,8 +205,9 @@ class RunConfig(_Strict):
         return self
 
     def science_hash(self) -> str:
-        """Hash of what determines a run's numbers (not where it is written)."""
-        d = self.model_dump(mode="json", exclude={"out_dir", "per_task", "preset"})
+        """Hash of what determines a training run's numbers: not where it is written, nor the
+        settings of later phases (changing a serving batch size must not invalidate runs)."""
+        d = self.model_dump(mode="json", include={"task", "seed", "model", "data", "method", "train", "probe", "sanity"})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:

@@ -713,6 +713,7 @@ def run_serve_bench(
     ci_method: str = "t",
     check_base_name: bool = True,
     include_base: bool = True,
+    cpu_threads: int | None = None,
     cache_dir: Path | None = None,
     write: bool = True,
     log: Any = print,
@@ -724,7 +725,8 @@ def run_serve_bench(
     task -> merged CausalLM folder; a task without one is merged here into
     ``cache_dir/<task>`` (default ``out_dir/merged_cache``). ``prompts`` maps task -> prompt
     strings (see :func:`build_prompts`). ``include_base=False`` skips the ``base`` control
-    (one engine start less on vLLM). Per round and batch size, ``batches_per_round`` batches
+    (one engine start less on vLLM). ``cpu_threads`` sets torch's intra-op threads for the hf
+    backend on CPU (vLLM picks its own; on a small shared CPU, 1 thread is often fastest). Per round and batch size, ``batches_per_round`` batches
     are timed; latency stats are over their requests.
 
     Returns ``{"results": rows, "overhead": rows, "correctness": rows, "meta": {...}}``.
@@ -767,6 +769,10 @@ def run_serve_bench(
                              f"{base_cfg['max_position_embeddings']} positions; lower max_prompt_tokens")
     resolved_device = _resolve_device(device)
     resolved_dtype = _resolve_dtype(dtype, resolved_device)
+    if cpu_threads is not None and resolved_device == "cpu":
+        import torch
+
+        torch.set_num_threads(int(cpu_threads))
 
     rows: list[dict] = []
     # check_tokens[backend][config] = {task: token id lists}
@@ -820,7 +826,7 @@ def run_serve_bench(
         "warmup": warmup, "batches_per_round": batches_per_round, "max_prompt_tokens": max_prompt_tokens,
         "max_lora_rank": max_lora_rank, "device": resolved_device, "dtype": resolved_dtype,
         "check_prompts": check_prompts, "check_tokens": check_tokens, "min_match_rate": min_match_rate,
-        "ci_method": ci_method, "configs": [{"name": c.name, "tasks": list(c.tasks)} for c in configs],
+        "ci_method": ci_method, "cpu_threads": cpu_threads, "configs": [{"name": c.name, "tasks": list(c.tasks)} for c in configs],
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(0) if resolved_device.startswith("cuda") else None},

@@ -1,0 +1,1167 @@
+"""The study report: one self-contained HTML file and a PDF with the same content.
+
+    loradrift report [--out DIR]          # build_report(out_dir)
+
+Reads artefacts only, never the training code paths, so a report can be rebuilt on any machine
+from a copied `<out>` folder:
+
+    study/manifest.json, study/timings.json          setup, presets, reproducibility
+    results.sqlite  kind=data|sanity|baseline|memory|run
+    search/report/summary.json, search/report/figures/*.png, configs/best/<model>/*.yaml
+    drift/comparison.json, drift/figures/*.png
+    weights/summary.json, weights/figures/*.png
+    serve/overhead.json, serve/results.json, serve/correctness.json, serve/meta.json, serve/figures/*.png
+    stats/hypotheses.json
+
+Writes `<out>/report/report.html` (figures as base64 PNG data URIs, inline CSS, a
+Content-Security-Policy that forbids any external resource) and `<out>/report/report.pdf`,
+printed by headless Chromium when one is installed, else drawn with matplotlib (text pages and
+one figure per page) so that a PDF always exists. A section whose artefacts are missing says
+"not run" and names the missing file; it is never dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import textwrap
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from loradrift.io import ResultsStore, atomic_path, atomic_write_text
+from loradrift.tasks import TASKS
+
+log = logging.getLogger(__name__)
+
+TITLE = "loradrift study report"
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+SERVE_NOTE = ("The adapters were trained with a task head (a classifier or span head on top of the "
+              "transformer), but only the transformer-block LoRA weights are served: the serving "
+              "benchmark measures generation with the language-model head, so it times the adapter "
+              "mechanics, not the task predictions.")
+
+__all__ = ["build_report", "find_browser", "run_chromium", "fmt", "TITLE"]
+
+
+# ---------------------------------------------------------------------------------------------
+# formatting
+
+
+def fmt(v: Any, digits: int = 4) -> str:
+    """A cell: floats to `digits` significant digits, big numbers with thousands separators,
+    missing and non-finite values as a dash."""
+    if hasattr(v, "item") and not isinstance(v, (list, dict, str)):
+        v = v.item()  # numpy scalars
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}" if abs(v) >= 10_000 else str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "—"
+        if math.isinf(v):
+            return "∞" if v > 0 else "−∞"
+        if v == 0:
+            return "0"
+        if 1e4 <= abs(v) < 1e15:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {fmt(x, digits)}" for k, x in v.items()) or "—"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(fmt(x, digits) for x in v) + "]"
+    return str(v)
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def _verdict_word(v: Any) -> str:
+    return {True: "supported", False: "not supported"}.get(v, "undecided")
+
+
+# ---------------------------------------------------------------------------------------------
+# the document model: sections of blocks, rendered to HTML and (as a fallback) to matplotlib pages
+
+
+@dataclass
+class Block:
+    kind: str  # p | note | missing | h3 | table | pre | figure | verdict | bullets
+    text: str = ""
+    columns: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    png: bytes = b""
+    items: list[tuple[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    blocks: list[Block] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def h3(self, text: str) -> None:
+        self.blocks.append(Block("h3", text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(Block("p", text))
+
+    def note(self, text: str) -> None:
+        self.blocks.append(Block("note", text))
+
+    def bullets(self, items: Iterable[str]) -> None:
+        items = [str(i) for i in items]
+        if items:
+            self.blocks.append(Block("bullets", items=[(i, None) for i in items]))
+
+    def not_run(self, what: str, rel: str, why: str = "is missing") -> None:
+        self.missing.append(rel)
+        self.blocks.append(Block("missing", f"{what}: not run — {rel} {why}."))
+
+    def pre(self, text: str, caption: str = "") -> None:
+        self.blocks.append(Block("pre", caption, rows=[[text]]))
+
+    def figure(self, png: bytes, caption: str) -> None:
+        self.blocks.append(Block("figure", caption, png=png))
+
+    def table(self, rows: list[dict], columns: list[str] | None = None, labels: dict[str, str] | None = None,
+              caption: str = "") -> None:
+        if not rows:
+            return
+        columns = columns or pick_columns(rows)
+        labels = labels or {}
+        cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+        self.blocks.append(Block("table", caption, columns=[labels.get(c, c) for c in columns], rows=cells))
+
+    def kv(self, mapping: dict, caption: str = "") -> None:
+        """A two-column key/value table (nested dicts flattened with dots)."""
+        rows = [{"key": k, "value": v} for k, v in _flatten(mapping).items()]
+        self.table(rows, ["key", "value"], caption=caption)
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return "error"
+        if not self.missing:
+            return "ok"
+        return "not run" if all(b.kind in ("missing", "p", "note", "h3") for b in self.blocks) else "partial"
+
+
+def pick_columns(rows: list[dict], preferred: Iterable[str] = ()) -> list[str]:
+    """The preferred columns that some row has; if none, every column holding scalars (in
+    first-seen order), so an artefact with an unexpected shape still shows its numbers."""
+    preferred = list(preferred)
+    have = {k for r in rows for k in r}
+    cols = [c for c in preferred if c in have]
+    if cols:
+        return cols
+    out: list[str] = []
+    for r in rows:
+        for k, v in r.items():
+            if k not in out and (_scalar(v) or (isinstance(v, dict) and all(_scalar(x) for x in v.values()))):
+                out.append(k)
+    return out
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict) and d:
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix or "value"] = d
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# reading artefacts
+
+
+class Artefacts:
+    """Read-only access to one `<out>` folder. Missing files are None, never created."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self._rows: dict[str, list[dict]] | None = None
+
+    def rel(self, path: Path | str) -> str:
+        return str(Path(path).relative_to(self.out)) if Path(path).is_absolute() else str(path)
+
+    def json(self, rel: str) -> Any:
+        """Parsed JSON, or None when the file is missing; an unreadable file raises (the section
+        then reports the error instead of pretending the step did not run)."""
+        p = self.out / rel
+        if not p.is_file():
+            return None
+        return json.loads(p.read_text())
+
+    def pngs(self, rel_dir: str) -> list[Path]:
+        d = self.out / rel_dir
+        return sorted(d.glob("*.png")) if d.is_dir() else []
+
+    @property
+    def store_path(self) -> Path:
+        return self.out / "results.sqlite"
+
+    def rows(self, kind: str) -> list[dict] | None:
+        """Result rows of one kind, or None when there is no results store at all."""
+        if not self.store_path.is_file():
+            return None
+        if self._rows is None:
+            self._rows = {}
+            for r in ResultsStore(self.store_path).rows():
+                self._rows.setdefault(r["kind"], []).append(r)
+        return self._rows.get(kind, [])
+
+
+def _latest(rows: list[dict], key: Callable[[dict], tuple]) -> tuple[list[dict], int]:
+    """The newest row per key, and how many older rows were left out (reruns with another
+    config hash leave their old rows in the store)."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        k = key(r)
+        if k not in best or r.get("created", 0) >= best[k].get("created", 0):
+            best[k] = r
+    return list(best.values()), len(rows) - len(best)
+
+
+def _task_order(task: str) -> tuple[int, str]:
+    names = list(TASKS)
+    return (names.index(task) if task in names else len(names), task)
+
+
+def _method_order(m: str) -> tuple[int, str]:
+    return ({"full": 0, "lora": 1}.get(m, 2), m)
+
+
+def _figures(sec: Section, art: Artefacts, rel_dir: str, what: str) -> None:
+    pngs = art.pngs(rel_dir)
+    if not pngs:
+        sec.note(f"No figures: {rel_dir}/ holds no PNG files.")
+        return
+    sec.h3(f"{what} ({rel_dir}/)")
+    for p in pngs:
+        sec.figure(p.read_bytes(), p.stem.replace("_", " "))
+
+
+def _primary(task: str) -> str | None:
+    spec = TASKS.get(task)
+    return spec.primary if spec else None
+
+
+def _rows_of(obj: Any, *keys: str) -> list[dict] | None:
+    """A list of row dicts from a list, or from a dict holding one under one of `keys`."""
+    if isinstance(obj, list):
+        return [r for r in obj if isinstance(r, dict)]
+    if isinstance(obj, dict):
+        for k in keys:
+            if isinstance(obj.get(k), list):
+                return [r for r in obj[k] if isinstance(r, dict)]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+
+
+def sec_setup(art: Artefacts) -> Section:
+    sec = Section("setup", "Setup and presets")
+    man = art.json("study/manifest.json")
+    if man is None:
+        sec.not_run("Study manifest", "study/manifest.json")
+    else:
+        cfg = man.get("config") or {}
+        model = cfg.get("model") or {}
+        study = cfg.get("study") or {}
+        sec.table([{
+            "preset": man.get("preset"), "model": model.get("name"), "max_length": model.get("max_length"),
+            "tasks": ", ".join(study.get("tasks", [])) or None, "methods": ", ".join(study.get("methods", [])) or None,
+            "seeds": ", ".join(str(s) for s in study.get("seeds", [])) or None, "started": man.get("started"),
+        }], caption="Study")
+        keys = {"data": ["max_train_examples", "max_val_examples", "max_dev_examples"],
+                "train": ["max_steps", "batch_size", "grad_accum", "lr", "lr_full", "lr_lora", "warmup_ratio", "weight_decay"],
+                "method": ["name", "lora"], "probe": ["size", "snapshot_every"]}
+        shown = {f"{grp}.{k}": (cfg.get(grp) or {}).get(k) for grp, ks in keys.items() for k in ks
+                 if k in (cfg.get(grp) or {})}
+        if shown:
+            sec.kv(shown, caption="Key settings of the resolved config (the full config is in the reproducibility manifest)")
+        by_task = man.get("configs_by_task") or {}
+        diffs = []
+        base_flat = _flatten({k: cfg.get(k) for k in ("model", "data", "train", "probe", "method")})
+        for task, tcfg in sorted(by_task.items(), key=lambda kv: _task_order(kv[0])):
+            for k, v in _flatten(tcfg).items():
+                if base_flat.get(k, object()) != v:
+                    diffs.append({"task": task, "setting": k, "value": v, "default": base_flat.get(k)})
+        if diffs:
+            sec.table(diffs, caption="Per-task settings that differ from the study config (preset per_task blocks)")
+        elif by_task:
+            sec.p("Every task uses the study config unchanged.")
+    tim = art.json("study/timings.json")
+    if tim is None:
+        sec.not_run("Phase timings", "study/timings.json")
+    else:
+        rows = [{"phase": p.get("phase"), "seconds": p.get("seconds"),
+                 "minutes": (p["seconds"] / 60 if _num(p.get("seconds")) is not None else None)}
+                for p in tim.get("phases", [])]
+        if _num(tim.get("total_seconds")) is not None:
+            rows.append({"phase": "total", "seconds": tim["total_seconds"], "minutes": tim["total_seconds"] / 60})
+        sec.table(rows, ["phase", "seconds", "minutes"], caption="Wall-clock time per phase")
+        if tim.get("finished"):
+            sec.p(f"Finished {tim['finished']}" + (f"; tasks: {', '.join(tim['tasks'])}." if tim.get("tasks") else "."))
+    return sec
+
+
+def sec_data(art: Artefacts) -> Section:
+    sec = Section("data", "Data and splits")
+    rows = art.rows("data")
+    if rows is None:
+        sec.not_run("Data summary", "results.sqlite")
+        return sec
+    if not rows:
+        sec.not_run("Data summary", "results.sqlite", 'has no kind="data" rows (Phase 0 data check)')
+        return sec
+    rows, _ = _latest(rows, lambda r: (r["model"], r["task"]))
+    multi = len({r["model"] for r in rows}) > 1
+    out = [{"model": r["model"], **r["metrics"]} for r in sorted(rows, key=lambda r: (r["model"], _task_order(r["task"])))]
+    cols = (["model"] if multi else []) + ["task", "source", "train_rows", "dev_rows", "dev_labels", "train_used",
+                                            "val_used", "dev_used", "train_used_labels"]
+    sec.p("Rows in the task files, and the subsets this study used. Validation is carved from the "
+          "training file (used for early stopping, the search and the SQuAD no-answer threshold); "
+          "dev is the held-out test set every score below is measured on.")
+    sec.table(out, [c for c in cols if any(c in r for r in out)],
+              labels={"dev_labels": "dev labels", "train_used_labels": "train labels (used)"})
+    return sec
+
+
+def sec_sanity(art: Artefacts) -> Section:
+    sec = Section("sanity", "Sanity checks and baselines")
+    if not art.store_path.is_file():
+        sec.not_run("Sanity checks, baselines and memory profile", "results.sqlite")
+        return sec
+    sec.h3("Sanity checks (overfit a small training sample)")
+    rows = art.rows("sanity")
+    if rows:
+        rows, _ = _latest(rows, lambda r: (r["model"], r["task"], r["method"]))
+        out = [r["metrics"] for r in sorted(rows, key=lambda r: (_task_order(r["task"]), _method_order(r["method"])))]
+        sec.table(out, pick_columns(out, ["task", "method", "examples", "steps", "metric", "score", "threshold",
+                                          "passed", "seconds"]))
+        failed = [f"{r.get('task')}/{r.get('method')}" for r in out if r.get("passed") is False]
+        sec.p("All sanity checks passed." if not failed else f"FAILED: {', '.join(failed)}.")
+    else:
+        sec.not_run("Sanity checks", "results.sqlite", 'has no kind="sanity" rows')
+    sec.h3("Baselines on dev")
+    rows = art.rows("baseline")
+    if rows:
+        rows, _ = _latest(rows, lambda r: (r["model"], r["task"], r["method"]))
+        by_kind: dict[str, list[dict]] = {}
+        for r in sorted(rows, key=lambda r: (_task_order(r["task"]), r["method"])):
+            kind = TASKS[r["task"]].kind if r["task"] in TASKS else "other"
+            by_kind.setdefault(kind, []).append({"baseline": r["method"], "task": r["task"], **r["metrics"]})
+        pref = {"classification": ["baseline", "task", "predicts", "dev_examples", "accuracy", "f1", "combined_score"],
+                "extractive_qa": ["baseline", "task", "dev_examples", "exact", "f1", "HasAns_exact", "HasAns_f1",
+                                  "NoAns_exact", "NoAns_f1", "best_f1", "best_f1_thresh"]}
+        for kind, out in by_kind.items():
+            sec.table(out, pick_columns(out, pref.get(kind, [])), caption=kind.replace("_", " "))
+    else:
+        sec.not_run("Baselines", "results.sqlite", 'has no kind="baseline" rows')
+    sec.h3("Peak training memory")
+    rows = art.rows("memory")
+    if rows:
+        rows, _ = _latest(rows, lambda r: (r["model"], r["task"], r["method"]))
+        out = [r["metrics"] for r in sorted(rows, key=lambda r: (_task_order(r["task"]), _method_order(r["method"])))]
+        sec.table(out, pick_columns(out, ["task", "method", "batch_size", "grad_accum", "max_length", "device",
+                                          "peak_memory_mb", "seconds_per_step"]))
+        if any(str(r.get("device", "")).startswith("cpu") for r in out):
+            sec.note("On CPU the peak is the process's peak resident memory (a high-water mark that includes "
+                     "the Python process and the loaded model), not the training step alone.")
+    else:
+        sec.not_run("Memory profile", "results.sqlite", 'has no kind="memory" rows')
+    return sec
+
+
+def sec_search(art: Artefacts) -> Section:
+    sec = Section("search", "Hyperparameter search and best configs")
+    summary = art.json("search/report/summary.json")
+    if summary is None:
+        sec.not_run("Search summary", "search/report/summary.json")
+    else:
+        entries = _rows_of(summary, "studies")
+        if entries is None and isinstance(summary, dict):
+            entries = [{"study": k, **v} for k, v in summary.items() if isinstance(v, dict)]
+        entries = entries or []
+        if not entries:
+            sec.p("The search summary lists no studies.")
+        rows = []
+        for e in entries:
+            states = e.get("states") or e.get("n_trials_by_state")
+            rows.append({**{k: v for k, v in e.items() if _scalar(v)},
+                         "states": states if isinstance(states, dict) else None,
+                         "gap": e.get("best_worst_gap", e.get("gap"))})
+        sec.table(rows, pick_columns(rows, ["study", "task", "method", "metric", "n_trials", "states", "best_value",
+                                            "worst_value", "gap", "best_trial"]),
+                  labels={"gap": "best − worst", "states": "trials by state"},
+                  caption="Studies (value = the task's primary metric on validation)")
+        detail = []
+        for e in entries:
+            name = e.get("study") or f"{e.get('task')}_{e.get('method')}"
+            imp = e.get("importances")
+            detail.append({"study": name, "best params": e.get("best_params"),
+                           "importances": dict(sorted(imp.items(), key=lambda kv: -(_num(kv[1]) or 0))) if isinstance(imp, dict) and imp else e.get("importance_note")})
+        if detail:
+            sec.table(detail, ["study", "best params", "importances"], caption="Best parameters and parameter importances")
+    _figures(sec, art, "search/report/figures", "Search figures")
+    sec.h3("Best configs (configs/best/)")
+    yamls = sorted((art.out / "configs" / "best").glob("*/*.yaml")) if (art.out / "configs" / "best").is_dir() else []
+    if not yamls:
+        sec.not_run("Best configs", "configs/best/<model>/*.yaml", "are missing")
+    for y in yamls:
+        sec.pre(y.read_text(), art.rel(y))
+    return sec
+
+
+def _t_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and its two-sided t-interval; the interval is undefined (nan) for n < 2."""
+    import numpy as np
+    from scipy import stats
+
+    a = np.asarray(values, dtype=float)
+    m = float(a.mean()) if len(a) else float("nan")
+    if len(a) < 2:
+        return m, float("nan"), float("nan")
+    half = float(stats.t.ppf((1 + level) / 2, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
+    return m, m - half, m + half
+
+
+def performance_table(art: Artefacts) -> tuple[list[dict], list[dict], list[str]]:
+    """(rows per task × method with mean, CI and per-seed values; baseline rows; notes)."""
+    runs = art.rows("run") or []
+    notes = []
+    runs, dropped = _latest(runs, lambda r: (r["model"], r["task"], r["method"], r["seed"]))
+    if dropped:
+        notes.append(f"{dropped} older run row(s) of the same model, task, method and seed (another config "
+                     f"hash) were left out; the newest row of each is used.")
+    groups: dict[tuple, dict[int, float]] = {}
+    for r in runs:
+        metric = _primary(r["task"])
+        dev = (r["metrics"] or {}).get("dev") or {}
+        v = _num(dev.get(metric)) if metric else None
+        if v is None:
+            notes.append(f"run {r['task']}/{r['method']}/seed{r['seed']}: no dev {metric!r} value")
+            continue
+        groups.setdefault((r["model"], r["task"], r["method"]), {})[r["seed"]] = v
+    multi = len({k[0] for k in groups}) > 1
+    rows = []
+    for (model, task, method), by_seed in sorted(groups.items(), key=lambda kv: (kv[0][0], _task_order(kv[0][1]), _method_order(kv[0][2]))):
+        vals = [by_seed[s] for s in sorted(by_seed)]
+        m, lo, hi = _t_ci(vals)
+        rows.append({**({"model": model} if multi else {}), "task": task, "metric": _primary(task), "method": method,
+                     "n": len(vals), "mean": m, "ci": [lo, hi] if len(vals) > 1 else None,
+                     "half": (hi - lo) / 2 if len(vals) > 1 else None, "per_seed": {str(s): by_seed[s] for s in sorted(by_seed)}})
+    base = []
+    brows, _ = _latest(art.rows("baseline") or [], lambda r: (r["model"], r["task"], r["method"]))
+    for r in sorted(brows, key=lambda r: (_task_order(r["task"]), r["method"])):
+        metric = _primary(r["task"])
+        v = _num((r["metrics"] or {}).get(metric)) if metric else None
+        if v is not None:
+            base.append({**({"model": r["model"]} if multi else {}), "task": r["task"], "metric": metric,
+                         "method": f"baseline: {r['method']}", "n": None, "mean": v, "ci": None, "half": None, "per_seed": None})
+    return rows, base, notes
+
+
+def _bar_chart(rows: list[dict], base: list[dict]) -> bytes:
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    tasks = sorted({r["task"] for r in rows}, key=_task_order)
+    n = len(tasks)
+    fig = Figure(figsize=(min(3.4 * n, 13), 3.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, n, squeeze=False)[0])
+    colors = {"full": "#4C72B0", "lora": "#DD8452"}
+    for ax, task in zip(axes, tasks):
+        rs = [r for r in rows if r["task"] == task]
+        x = np.arange(len(rs))
+        err = [r["half"] if r["half"] is not None else 0.0 for r in rs]
+        ax.bar(x, [r["mean"] for r in rs], yerr=err, capsize=4, color=[colors.get(r["method"], "#8c8c8c") for r in rs])
+        for i, r in enumerate(rs):
+            seeds = list(r["per_seed"].values())
+            ax.scatter([i] * len(seeds), seeds, s=12, color="black", zorder=3)
+        for j, b in enumerate(r for r in base if r["task"] == task):
+            ax.axhline(b["mean"], ls="--", lw=1, color=f"C{j + 2}", label=b["method"].split(": ", 1)[-1])
+        ax.set_xticks(x, [r["method"] for r in rs])
+        ax.set_title(f"{task} (dev {_primary(task)})", fontsize=9)
+        if any(b["task"] == task for b in base):
+            ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Dev score: mean over seeds, 95% t-interval, seeds as dots, baselines dashed", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def sec_performance(art: Artefacts) -> Section:
+    sec = Section("performance", "Performance")
+    if not art.store_path.is_file():
+        sec.not_run("Final runs", "results.sqlite")
+        return sec
+    rows, base, notes = performance_table(art)
+    if not rows:
+        sec.not_run("Final runs (Phase 2)", "results.sqlite", 'has no kind="run" rows')
+    else:
+        sec.p("Primary dev metric per task (mrpc: mean of accuracy and F1, sst2/rte: accuracy, squad_v2: F1). "
+              "Mean over seeds with a two-sided 95% t-interval (scipy.stats.t, n − 1 degrees of freedom; "
+              "n is the number of seeds); baselines are single dev scores, for reference.")
+        table = []
+        for r in [*rows, *base]:
+            table.append({**r, "_ci": ("—" if r["ci"] is None else f"[{fmt(r['ci'][0])}, {fmt(r['ci'][1])}]"),
+                          "_pm": fmt(r["mean"]) + ("" if r["half"] is None else f" ± {fmt(r['half'])}")})
+        table.sort(key=lambda r: (r.get("model", ""), _task_order(r["task"]), r["method"].startswith("baseline"), _method_order(r["method"])))
+        cols = (["model"] if "model" in rows[0] else []) + ["task", "metric", "method", "n", "_pm", "_ci", "per_seed"]
+        sec.table(table, cols, labels={"_pm": "mean ± 95% CI half-width", "_ci": "95% CI", "per_seed": "per seed"})
+        if any(r["n"] < 2 for r in rows):
+            sec.note("A group with a single seed has no confidence interval.")
+        sec.figure(_bar_chart(rows, base), "Dev score by task and method")
+        eff = []
+        runs, _ = _latest(art.rows("run") or [], lambda r: (r["model"], r["task"], r["method"], r["seed"]))
+        groups: dict[tuple, list[dict]] = {}
+        for r in runs:
+            groups.setdefault((r["task"], r["method"]), []).append(r["metrics"] or {})
+        for (task, method), ms in sorted(groups.items(), key=lambda kv: (_task_order(kv[0][0]), _method_order(kv[0][1]))):
+            row: dict[str, Any] = {"task": task, "method": method, "n": len(ms)}
+            for k in ("steps", "trainable_params", "train_time_s", "wall_time_s", "tokens_per_s", "peak_memory_mb"):
+                vals = [_num(m.get(k)) for m in ms if _num(m.get(k)) is not None]
+                if vals:
+                    mean = sum(vals) / len(vals)
+                    row[k] = int(round(mean)) if k in ("steps", "trainable_params") else mean
+            eff.append(row)
+        sec.table(eff, pick_columns(eff, ["task", "method", "n", "steps", "trainable_params", "train_time_s",
+                                          "wall_time_s", "tokens_per_s", "peak_memory_mb"]),
+                  caption="Training cost (means over seeds)")
+    sec.bullets(notes)
+    return sec
+
+
+def sec_drift(art: Artefacts) -> Section:
+    sec = Section("drift", "Drift")
+    comp = art.json("drift/comparison.json")
+    if comp is None:
+        sec.not_run("Drift comparison", "drift/comparison.json")
+    else:
+        items = ([(r.get("task"), r) for r in comp] if isinstance(comp, list)
+                 else [(t, c) for t, c in comp.items() if isinstance(c, dict)])
+        items.sort(key=lambda kv: _task_order(str(kv[0])))
+        sec.p("Representational drift of the probe set from the base model at the final step, mean over "
+              "layers and seeds (± sd over seeds). Reduction = (drift FT − drift LoRA) / drift FT × 100. "
+              "perm p: exact one-sided permutation test over seeds (with 3 + 3 seeds there are 20 relabellings, "
+              "so the smallest attainable p is 0.05); boot CI: probe-example bootstrap of the reduction.")
+        main, extra = [], []
+        shown = {"task", "primary_metric", "n_seeds_full", "n_seeds_lora", "drift_full", "drift_full_sd", "drift_lora",
+                 "drift_lora_sd", "reduction_pct", "boot_ci", "ci_level", "perm_p", "perm_n_relabellings", "perm_min_p",
+                 "perm_kind", "reduction_pct_by_seed", "cos_drift_full", "cos_drift_lora", "cos_reduction_pct"}
+        skip = {"model", "boot_metric", "n_boot", "boot_seed"}
+        for task, c in items:
+            nf = c.get("n_seeds_full", len(c.get("drift_full_by_seed") or {}) or None)
+            nl = c.get("n_seeds_lora", len(c.get("drift_lora_by_seed") or {}) or None)
+            pm = lambda m, sd: fmt(m) + ("" if _num(sd) is None else f" ± {fmt(sd)}")  # noqa: E731
+            ci = c.get("boot_ci")
+            level = _num(c.get("ci_level"))
+            main.append({"task": task, "primary_metric": c.get("primary_metric"), "_n": f"{fmt(nf)} / {fmt(nl)}",
+                         "_ft": pm(c.get("drift_full"), c.get("drift_full_sd")),
+                         "_lo": pm(c.get("drift_lora"), c.get("drift_lora_sd")),
+                         "reduction_pct": c.get("reduction_pct"),
+                         "_ci": "—" if not ci or all(_num(x) is None for x in ci) else f"[{fmt(ci[0])}, {fmt(ci[1])}]"
+                                + (f" ({fmt(level * 100)}%)" if level else ""),
+                         "perm_p": c.get("perm_p"),
+                         "_perm": f"{fmt(c.get('perm_n_relabellings'))}" + (f" ({c['perm_kind']})" if c.get("perm_kind") else ""),
+                         "perm_min_p": c.get("perm_min_p")})
+            e = {"task": task, "reduction_pct_by_seed": c.get("reduction_pct_by_seed"),
+                 "cos_drift_full": c.get("cos_drift_full"), "cos_drift_lora": c.get("cos_drift_lora"),
+                 "cos_reduction_pct": c.get("cos_reduction_pct")}
+            e.update({k: v for k, v in c.items() if k not in shown and k not in skip and _scalar(v)})
+            extra.append(e)
+        labels = {"primary_metric": "metric", "_n": "seeds FT / LoRA", "_ft": "drift FT", "_lo": "drift LoRA",
+                  "reduction_pct": "reduction %", "_ci": "boot CI of reduction %", "perm_p": "perm p",
+                  "_perm": "relabellings", "perm_min_p": "min attainable p",
+                  "reduction_pct_by_seed": "reduction % by seed", "cos_drift_full": "cos drift FT",
+                  "cos_drift_lora": "cos drift LoRA", "cos_reduction_pct": "cos reduction %"}
+        sec.table(main, list(main[0]) if main else None, labels=labels, caption="LoRA vs full fine-tuning")
+        sec.table(extra, pick_columns(extra, list(dict.fromkeys(k for e in extra for k in e))), labels=labels,
+                  caption="Per-seed reductions and the cosine-distance drift")
+        if not items:
+            sec.p("The comparison lists no tasks (no task had finished runs of both methods).")
+    _figures(sec, art, "drift/figures", "Drift figures")
+    return sec
+
+
+def sec_weights(art: Artefacts) -> Section:
+    sec = Section("weights", "Weight-space analysis")
+    w = art.json("weights/summary.json")
+    if w is None:
+        sec.not_run("Weight analysis", "weights/summary.json")
+    else:
+        sec.p("Per run: the weight update ΔW of every adapted projection relative to the base weight "
+              "(‖ΔW‖/‖W‖), its effective rank, and intruder dimensions (singular vectors of the tuned "
+              "weight that are far from every base singular vector).")
+        if isinstance(w, dict) and w.get("settings"):
+            sec.kv(w["settings"], caption="Settings")
+        summ = _rows_of(w, "summary") or []
+        by_task = w.get("by_task") if isinstance(w, dict) else None
+        if isinstance(by_task, dict) and by_task:
+            rows = [{"task": t, "method": m, **(v if isinstance(v, dict) else {})}
+                    for t, ms in sorted(by_task.items(), key=lambda kv: _task_order(kv[0]))
+                    for m, v in sorted(ms.items(), key=lambda kv: _method_order(kv[0]))]
+            sec.table(rows, pick_columns(rows, ["task", "method", "n_seeds", "mean_rel_norm", "mean_effective_rank",
+                                                "total_intruders"]), caption="Means over seeds")
+        summ.sort(key=lambda r: (_task_order(str(r.get("task"))), _method_order(str(r.get("method"))), r.get("seed", 0)))
+        sec.table(summ, pick_columns(summ, ["task", "method", "seed", "n_modules", "mean_rel_norm",
+                                            "mean_effective_rank", "total_intruders"]), caption="Per run")
+        if not summ:
+            sec.p("The weight summary lists no runs.")
+    _figures(sec, art, "weights/figures", "Weight figures")
+    return sec
+
+
+def _aggregate_rounds(rows: list[dict]) -> list[dict]:
+    """Mean over measurement rounds per (backend, config, batch size); strings kept when equal."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r.get("backend"), r.get("config"), r.get("batch_size")), []).append(r)
+    out = []
+    for (b, c, bs), rs in groups.items():
+        row: dict[str, Any] = {"backend": b, "config": c, "batch_size": bs, "n_rounds": len(rs)}
+        for k in dict.fromkeys(k for r in rs for k in r):
+            if k in row or k == "round":
+                continue
+            vals = [r.get(k) for r in rs]
+            nums = [_num(v) for v in vals if _num(v) is not None]
+            if nums and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals if v is not None):
+                row[k] = sum(nums) / len(nums)
+            elif all(_scalar(v) for v in vals):
+                uniq = list(dict.fromkeys(v for v in vals if v is not None))
+                row[k] = uniq[0] if len(uniq) == 1 else ", ".join(map(str, uniq)) if uniq else None
+        out.append(row)
+    return out
+
+
+def sec_serving(art: Artefacts) -> Section:
+    sec = Section("serving", "Serving benchmark")
+    sec.p(SERVE_NOTE)
+    over = art.json("serve/overhead.json")
+    sec.h3("Multi-adapter overhead")
+    if over is None:
+        sec.not_run("Serving overhead", "serve/overhead.json")
+    else:
+        rows = _rows_of(over, "rows", "overhead") or []
+        sec.p("Latency overhead of serving unmerged adapters (adapters-k: k adapters in one engine) vs the "
+              "merged models of the same tasks, in %, mean over measurement rounds with its CI.")
+        sec.table(rows, pick_columns(rows, ["backend", "config", "reference", "batch_size", "overhead_pct", "ci_low",
+                                            "ci_high", "n_rounds", "ci_method"]),
+                  labels={"overhead_pct": "overhead %", "ci_low": "CI low %", "ci_high": "CI high %"})
+        if not rows:
+            sec.p("serve/overhead.json holds no rows.")
+    sec.h3("Latency, throughput and memory")
+    res = art.json("serve/results.json")
+    if res is None:
+        sec.not_run("Serving measurements", "serve/results.json")
+    else:
+        rows = _rows_of(res, "rows", "results") or []
+        known = ["backend", "config", "adapters", "batch_size", "n_rounds", "latency_mean_s", "latency_p50_s",
+                 "latency_p95_s", "throughput_rps", "throughput_tok_s", "ttft_mean_s", "ttft_method", "peak_rss_mb",
+                 "peak_child_rss_mb", "peak_gpu_mb", "device"]
+        if rows and any("round" in r for r in rows):
+            rows = _aggregate_rounds(rows)
+            sec.p("Means over measurement rounds.")
+        sec.table(rows, pick_columns(rows, known))
+        if not rows:
+            sec.p("serve/results.json holds no rows.")
+    sec.h3("Correctness")
+    corr = art.json("serve/correctness.json")
+    if corr is None:
+        sec.note("serve/correctness.json is not present: no correctness check was recorded.")
+    else:
+        rows = _rows_of(corr, "rows", "correctness") or []
+        sec.p("Greedy tokens of each served adapter vs its merged model (and across backends): the fraction "
+              "of tokens that match.")
+        sec.table(rows, pick_columns(rows, ["backend", "config", "task", "reference", "match_rate", "min_match_rate",
+                                            "n_prompts", "n_tokens"]))
+        if not rows:
+            sec.p("serve/correctness.json holds no rows.")
+    meta = art.json("serve/meta.json")
+    if isinstance(meta, dict) and meta:
+        sec.kv(meta, caption="Benchmark settings (serve/meta.json)")
+    _figures(sec, art, "serve/figures", "Serving figures")
+    return sec
+
+
+HYPOTHESES = {
+    "H1": "Performance: LoRA's relative gap to full fine-tuning, (FT − LoRA) / FT × 100 per seed, is below the threshold.",
+    "H2": "Drift: LoRA reduces representational drift, (drift FT − drift LoRA) / drift FT × 100, by at least the threshold.",
+    "H3": "Serving: the multi-adapter latency overhead vs the merged models is below the threshold.",
+}
+
+
+def sec_hypotheses(art: Artefacts) -> Section:
+    sec = Section("hypotheses", "Hypotheses")
+    h = art.json("stats/hypotheses.json")
+    if h is None:
+        sec.not_run("Hypothesis tests", "stats/hypotheses.json")
+        return sec
+    v = h.get("verdict") or {}
+    sec.blocks.append(Block("verdict", v.get("rule", "H1 AND (H2 OR H3)"),
+                            items=[(k, v.get(k)) for k in ("H1", "H2", "H3", "overall")]))
+    if v.get("primary_scopes"):
+        sec.p("Decisions use the primary scope of each hypothesis: "
+              + ", ".join(f"{k} {s}" for k, s in v["primary_scopes"].items()) + ". Supported when the 95% "
+              "bootstrap CI bound clears the threshold (the pre-registered rule); t-test p-values, their "
+              "Bonferroni and Holm corrections over the whole family, Cohen's d and power are reported alongside.")
+    notes: list[str] = list(h.get("notes") or [])
+    low_power = []
+    for name in ("H1", "H2", "H3"):
+        sec.h3(f"{name}: {HYPOTHESES[name]}")
+        res = [r for r in (h.get(name) or []) if isinstance(r, dict)]
+        if not res:
+            sec.not_run(f"{name} test", "stats/hypotheses.json", f"has no {name} results")
+            continue
+        rows = []
+        for r in res:
+            rows.append({**r, "scope": f"{r.get('scope')}{' (primary)' if r.get('primary') else ''}",
+                         "_ci": f"[{fmt(r.get('ci_low'))}, {fmt(r.get('ci_high'))}]", "_sup": _verdict_word(r.get("supported")),
+                         "_h0": f"{r.get('alternative', '')} {fmt(r.get('threshold'))}".strip()})
+            for n in r.get("notes") or []:
+                notes.append(f"{name} {r.get('scope')}: {n}")
+            pw, n = _num(r.get("power")), r.get("n")
+            if (pw is not None and pw < 0.8) or (isinstance(n, int) and n < 10):
+                low_power.append(f"{name} {r.get('scope')} (n = {n}, power {fmt(pw)})")
+        sec.table(rows, ["scope", "n", "estimate", "_ci", "ci_method", "_h0", "p_value", "p_bonferroni", "p_holm",
+                         "effect_size", "power", "_sup"],
+                  labels={"_ci": "95% CI", "ci_method": "CI method", "_h0": "test vs threshold", "p_value": "p",
+                          "p_bonferroni": "p (Bonferroni)", "p_holm": "p (Holm)", "effect_size": "Cohen's d",
+                          "_sup": "verdict"})
+    if low_power:
+        notes.insert(0, "Low power: with so few seeds the tests can only detect very large effects (at n = 3 "
+                        "the t-test needs d ≈ 2.3 for 80% power) and the bootstrap CI is coarse; read the "
+                        "verdicts as indicative. Affected: " + "; ".join(low_power) + ".")
+    if notes:
+        sec.h3("Notes")
+        sec.bullets(dict.fromkeys(notes))
+    if isinstance(h.get("settings"), dict):
+        sec.kv(h["settings"], caption="Settings")
+    return sec
+
+
+def sec_limitations(art: Artefacts) -> Section:
+    sec = Section("limitations", "Limitations")
+    man = art.json("study/manifest.json") or {}
+    cfg = man.get("config") or {}
+    model = (cfg.get("model") or {}).get("name")
+    facts = []
+    runs = art.rows("run") or []
+    n_params = (man.get("model_info") or {}).get("parameters") if isinstance(man.get("model_info"), dict) else None
+    full_params = [_num((r["metrics"] or {}).get("trainable_params")) for r in runs if r["method"] == "full"]
+    full_params = [p for p in full_params if p is not None]
+    if model:
+        size = f" ({fmt(int(n_params))} parameters)" if n_params else (
+            f" (full fine-tuning trains {fmt(int(max(full_params)))} parameters, backbone and head)" if full_params else "")
+        facts.append(f"One small model: {model}{size}. Results need not transfer to larger models, where LoRA "
+                     f"is usually closer to full fine-tuning.")
+    else:
+        facts.append("Model: unknown (study/manifest.json is missing).")
+    data = art.rows("data") or []
+    if data:
+        data, _ = _latest(data, lambda r: (r["model"], r["task"]))
+        parts = [f"{r['task']} {fmt(r['metrics'].get('train_used'))} train / {fmt(r['metrics'].get('val_used'))} val / "
+                 f"{fmt(r['metrics'].get('dev_used'))} dev" for r in sorted(data, key=lambda r: _task_order(r["task"]))]
+        facts.append("Small task subsets (examples used): " + "; ".join(parts) + ". Scores are noisy and below "
+                     "published full-data numbers.")
+    else:
+        facts.append('Subset sizes: unknown (no kind="data" rows in results.sqlite).')
+    if runs:
+        seeds = sorted({r["seed"] for r in runs})
+        facts.append(f"{len(seeds)} seed(s) per task and method ({', '.join(map(str, seeds))}): confidence intervals "
+                     f"are wide and the hypothesis tests have low power.")
+    else:
+        facts.append('Seeds: unknown (no kind="run" rows in results.sqlite).')
+    squad = TASKS.get("squad_v2")
+    if squad is not None:
+        facts.append(f"SQuAD v2 trains on a subset of only 10 articles ({squad.train_file}), so its scores are far "
+                     f"below full-data SQuAD and dominated by the no-answer decision.")
+    if model is None or "smollm2" in str(model).lower():
+        facts.append("SmolLM2 weights come from a Q4_1-quantised GGUF, dequantised to float: they differ slightly "
+                     "from the original bf16 checkpoint, so absolute scores are not those of the released model.")
+    dev = man.get("device") or {}
+    machine = man.get("machine") or {}
+    if not dev.get("cuda", False):
+        cpus = machine.get("cpus")
+        facts.append("Timings (training speed, memory, serving latency) were measured on CPU"
+                     + (f" ({cpus} logical cores" + (f", {dev['torch_threads']} torch threads" if dev.get("torch_threads") else "") + ")" if cpus else "")
+                     + ", possibly shared with other processes: they are indicative, not benchmarks, and GPU "
+                       "serving overheads can differ in sign and size.")
+    else:
+        facts.append(f"Timings were measured on {dev.get('gpu', 'a GPU')}; other hardware can give other overheads.")
+    facts.append("Drift is measured on a small probe set with CKA-based similarity; other similarity measures "
+                 "or probe sets can rank methods differently.")
+    sec.bullets(facts)
+    return sec
+
+
+def sec_manifest(art: Artefacts) -> Section:
+    sec = Section("manifest", "Reproducibility manifest")
+    man = art.json("study/manifest.json")
+    if man is None:
+        sec.not_run("Manifest", "study/manifest.json")
+        return sec
+    import yaml
+
+    sec.table([{"command": man.get("command"), "git commit": man.get("git_commit"), "preset": man.get("preset"),
+                "started": man.get("started"), "data dir": man.get("data_dir")}],
+              ["command", "git commit", "preset", "started", "data dir"])
+    if man.get("versions"):
+        sec.table([{"package": k, "version": v} for k, v in man["versions"].items()], caption="Package versions")
+    if man.get("device") or man.get("machine"):
+        sec.kv({"device": man.get("device") or {}, "machine": man.get("machine") or {}}, caption="Device and machine")
+    sums = man.get("data_checksums") or {}
+    if sums:
+        sec.table([{"file": k, "sha256": v} for k, v in sorted(sums.items())], caption="Data checksums (SHA-256)")
+    else:
+        sec.note("No data checksums were recorded (the data folder has no SHA256SUMS file).")
+    if man.get("config"):
+        sec.pre(yaml.safe_dump(man["config"], sort_keys=False, allow_unicode=True), "Resolved config (YAML)")
+    for task, c in (man.get("configs_by_task") or {}).items():
+        sec.pre(yaml.safe_dump(c, sort_keys=False, allow_unicode=True), f"Resolved config for {task} (YAML)")
+    return sec
+
+
+SECTIONS: list[tuple[str, str, Callable[[Artefacts], Section]]] = [
+    ("setup", "Setup and presets", sec_setup),
+    ("data", "Data and splits", sec_data),
+    ("sanity", "Sanity checks and baselines", sec_sanity),
+    ("search", "Hyperparameter search and best configs", sec_search),
+    ("performance", "Performance", sec_performance),
+    ("drift", "Drift", sec_drift),
+    ("weights", "Weight-space analysis", sec_weights),
+    ("serving", "Serving benchmark", sec_serving),
+    ("hypotheses", "Hypotheses", sec_hypotheses),
+    ("limitations", "Limitations", sec_limitations),
+    ("manifest", "Reproducibility manifest", sec_manifest),
+]
+
+
+def build_sections(out_dir: Path) -> list[Section]:
+    art = Artefacts(out_dir)
+    out = []
+    for sid, title, make in SECTIONS:
+        try:
+            sec = make(art)
+        except Exception as e:  # a malformed artefact costs its section, not the whole report
+            log.warning("report: section %r failed: %s: %s", title, type(e).__name__, e)
+            sec = Section(sid, title, error=f"{type(e).__name__}: {e}")
+            sec.note(f"This section could not be built from its artefacts: {type(e).__name__}: {e}")
+        out.append(sec)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+CSS = """
+:root { --fg:#1d232b; --muted:#5b6570; --line:#d9dee3; --bg2:#f5f7f9; --ok:#1e7b34; --bad:#b3261e; --und:#6b6f75; }
+* { box-sizing: border-box; }
+body { font: 15px/1.5 -apple-system, "Segoe UI", "DejaVu Sans", Helvetica, Arial, sans-serif; color: var(--fg);
+       margin: 0 auto; max-width: 1180px; padding: 0 24px 48px; }
+header { border-bottom: 3px solid #2b4c7e; padding: 20px 0 8px; margin-bottom: 16px; }
+header h1 { margin: 0 0 4px; font-size: 28px; }
+header p { margin: 0; color: var(--muted); font-size: 13px; }
+nav.toc { background: var(--bg2); border: 1px solid var(--line); border-radius: 6px; padding: 8px 20px; }
+nav.toc h2 { font-size: 16px; margin: 6px 0; border: 0; }
+nav.toc ol { margin: 4px 0 8px; padding-left: 22px; columns: 2; }
+nav.toc a { color: #2b4c7e; text-decoration: none; }
+.status { font-size: 11px; color: var(--muted); }
+section { margin-top: 28px; }
+h2 { font-size: 21px; border-bottom: 1px solid var(--line); padding-bottom: 4px; }
+h3 { font-size: 16px; margin: 18px 0 6px; }
+.tablewrap { overflow-x: auto; margin: 8px 0 14px; }
+table { border-collapse: collapse; font-size: 13px; }
+caption { text-align: left; font-size: 13px; color: var(--muted); padding: 2px 0 4px; caption-side: top; }
+th, td { border: 1px solid var(--line); padding: 3px 8px; vertical-align: top; }
+th { background: var(--bg2); text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tbody tr:nth-child(even) td { background: #fbfcfd; }
+pre { background: var(--bg2); border: 1px solid var(--line); padding: 8px 10px; font-size: 12px; overflow-x: auto; }
+.precap { font-size: 13px; color: var(--muted); margin: 10px 0 -4px; font-family: monospace; }
+figure { margin: 12px 0 18px; }
+img { max-width: 100%; height: auto; display: block; border: 1px solid var(--line); }
+figcaption { font-size: 13px; color: var(--muted); }
+p.missing { background: #fff4e5; border-left: 4px solid #e8a33d; padding: 6px 10px; }
+p.note { color: var(--muted); font-size: 13px; }
+.verdicts { display: flex; flex-wrap: wrap; gap: 10px; margin: 8px 0; }
+.badge { border-radius: 6px; padding: 8px 14px; color: #fff; font-weight: 600; min-width: 150px; }
+.badge small { display: block; font-weight: 400; opacity: .9; }
+.badge.supported { background: var(--ok); } .badge.not-supported { background: var(--bad); }
+.badge.undecided { background: var(--und); } .badge.overall { outline: 3px solid #2b4c7e; outline-offset: 2px; }
+@media print {
+  body { max-width: none; padding: 0; font-size: 11px; }
+  nav.toc ol { columns: 2; }
+  section { break-before: page; }
+  table { font-size: 9px; } th, td { padding: 2px 4px; } td.num { white-space: normal; }
+  pre { white-space: pre-wrap; word-break: break-all; font-size: 9px; }
+  figure, tr, .badge { break-inside: avoid; }
+  .tablewrap { overflow: visible; }
+  .badge { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
+}
+"""
+
+# Forbids every external fetch: the report must render from the file alone.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+_NUMERIC = re.compile(r"^[-+−]?[\d,]*\.?\d+(e[-+]?\d+)?%?( ± [\d.,e+-]+)?$")
+
+
+def _e(s: Any) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def _block_html(b: Block) -> str:
+    if b.kind == "h3":
+        return f"<h3>{_e(b.text)}</h3>"
+    if b.kind in ("p", "note", "missing"):
+        return f'<p class="{b.kind}">{_e(b.text)}</p>'
+    if b.kind == "bullets":
+        return "<ul>" + "".join(f"<li>{_e(t)}</li>" for t, _ in b.items) + "</ul>"
+    if b.kind == "pre":
+        cap = f'<div class="precap">{_e(b.text)}</div>' if b.text else ""
+        return f"{cap}<pre>{_e(b.rows[0][0])}</pre>"
+    if b.kind == "figure":
+        data = base64.b64encode(b.png).decode("ascii")
+        return (f'<figure><img src="data:image/png;base64,{data}" alt="{_e(b.text)}">'
+                f"<figcaption>{_e(b.text)}</figcaption></figure>")
+    if b.kind == "verdict":
+        badges = []
+        for name, v in b.items:
+            word = _verdict_word(v)
+            cls = word.replace(" ", "-") + (" overall" if name == "overall" else "")
+            badges.append(f'<div class="badge {cls}">{_e(name)}<small>{_e(word)}</small></div>')
+        return f'<div class="verdicts">{"".join(badges)}</div><p class="note">Rule: {_e(b.text)}</p>'
+    if b.kind == "table":
+        cap = f"<caption>{_e(b.text)}</caption>" if b.text else ""
+        head = "".join(f"<th>{_e(c)}</th>" for c in b.columns)
+        body = "".join("<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if _NUMERIC.match(c) else f"<td>{_e(c)}</td>"
+                                        for c in row) + "</tr>" for row in b.rows)
+        return f'<div class="tablewrap"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    raise ValueError(f"unknown block kind {b.kind!r}")
+
+
+def render_html(sections: list[Section], out_dir: Path, generated: str) -> str:
+    toc = "".join(f'<li><a href="#{s.id}">{_e(s.title)}</a>'
+                  + (f' <span class="status">({_e(s.status)})</span>' if s.status != "ok" else "") + "</li>"
+                  for s in sections)
+    body = "".join(f'<section id="{s.id}"><h2>{i}. {_e(s.title)}</h2>' + "".join(_block_html(b) for b in s.blocks)
+                   + "</section>" for i, s in enumerate(sections, 1))
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{_e(TITLE)}</title><style>{CSS}</style></head>\n<body>"
+            f"<header><h1>{_e(TITLE)}</h1><p>Study folder {_e(out_dir)} · generated {_e(generated)}</p></header>"
+            f'<nav class="toc"><h2>Contents</h2><ol>{toc}</ol></nav>\n<main>{body}</main>\n</body></html>\n')
+
+
+# ---------------------------------------------------------------------------------------------
+# PDF
+
+
+def find_browser() -> str | None:
+    for name in BROWSERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def run_chromium(browser: str, args: list[str], url: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Headless Chromium with a throwaway profile and no network chatter; the whole process group
+    is killed on timeout (Chromium's helpers would otherwise outlive it)."""
+    with tempfile.TemporaryDirectory(prefix="loradrift-chromium-") as profile:
+        cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-dev-shm-usage", f"--user-data-dir={profile}", *args, url]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _pdf_chromium(browser: str, html_path: Path, pdf_path: Path) -> None:
+    with atomic_path(pdf_path) as tmp:
+        r = run_chromium(browser, [f"--print-to-pdf={tmp}", "--no-pdf-header-footer"], html_path.resolve().as_uri())
+        if not tmp.is_file() or tmp.stat().st_size == 0 or tmp.read_bytes()[:5] != b"%PDF-":
+            tail = (r.stderr or "").strip().splitlines()[-3:]
+            raise RuntimeError(f"{browser} wrote no PDF (exit {r.returncode}): {' | '.join(tail)}")
+
+
+_PAGE_W, _PAGE_H = 8.27, 11.69  # A4, inches
+_FONT = 7.0
+_LINE = 10.0 / 72  # inches per line
+_WIDTH = 112  # monospace characters per line at _FONT on A4 with margins
+
+
+def _text_table(columns: list[str], rows: list[list[str]], width: int = _WIDTH, cell: int = 36) -> list[str]:
+    def cut(s: str) -> str:
+        s = s.replace("\n", " ")
+        return s if len(s) <= cell else s[: cell - 1] + "…"
+
+    cols = [cut(c) for c in columns]
+    body = [[cut(c) for c in r] for r in rows]
+    widths = [max([len(cols[i])] + [len(r[i]) for r in body]) for i in range(len(cols))]
+    chunks, cur, used = [], [0], widths[0]
+    for i in range(1, len(cols)):  # split wide tables into column groups, repeating the first column
+        if used + 2 + widths[i] > width and len(cur) > 1:
+            chunks.append(cur)
+            cur, used = [0], widths[0]
+        cur.append(i)
+        used += 2 + widths[i]
+    chunks.append(cur)
+    lines = []
+    for ch in chunks:
+        fmt_row = lambda r: "  ".join(r[i].ljust(widths[i]) for i in ch).rstrip()  # noqa: E731
+        lines += [fmt_row(cols), "  ".join("-" * widths[i] for i in ch)] + [fmt_row(r) for r in body] + [""]
+    return lines
+
+
+def _section_lines(sec: Section, number: int) -> list[tuple[str, str]]:
+    """(style, text) lines; style is title | h3 | text."""
+    lines: list[tuple[str, str]] = [("title", f"{number}. {sec.title}"), ("text", "")]
+    wrap = lambda s, indent="": [("text", x) for x in textwrap.wrap(s, _WIDTH, subsequent_indent=indent)] or [("text", "")]  # noqa: E731
+    for b in sec.blocks:
+        if b.kind == "h3":
+            lines += [("text", ""), ("h3", b.text)]
+        elif b.kind in ("p", "note"):
+            lines += wrap(b.text) + [("text", "")]
+        elif b.kind == "missing":
+            lines += wrap("!! " + b.text, "   ") + [("text", "")]
+        elif b.kind == "bullets":
+            for t, _ in b.items:
+                lines += [("text", x) for x in textwrap.wrap(t, _WIDTH, initial_indent="- ", subsequent_indent="  ")]
+            lines.append(("text", ""))
+        elif b.kind == "pre":
+            if b.text:
+                lines.append(("h3", b.text))
+            for raw in b.rows[0][0].splitlines():
+                lines += [("text", x) for x in (textwrap.wrap(raw, _WIDTH, drop_whitespace=False) or [""])]
+            lines.append(("text", ""))
+        elif b.kind == "table":
+            if b.text:
+                lines += [("h3", x) for x in textwrap.wrap(b.text, _WIDTH)]
+            lines += [("text", x) for x in _text_table(b.columns, b.rows)]
+        elif b.kind == "verdict":
+            lines += [("h3", "Verdict (" + b.text + ")")] + [("text", f"  {n:8} {_verdict_word(v)}") for n, v in b.items]
+            lines.append(("text", ""))
+        elif b.kind == "figure":
+            lines.append(("text", f"[figure: {b.text} — on a following page]"))
+    return lines
+
+
+def _pdf_matplotlib(sections: list[Section], pdf_path: Path, generated: str) -> None:
+    import matplotlib.image as mpimg
+    from matplotlib.backends.backend_pdf import PdfPages
+    from matplotlib.figure import Figure
+
+    per_page = int((_PAGE_H - 1.2) / _LINE)
+    style = {"title": dict(fontsize=13, fontweight="bold", family="sans-serif"),
+             "h3": dict(fontsize=8.5, fontweight="bold", family="monospace"),
+             "text": dict(fontsize=_FONT, family="monospace")}
+
+    def text_page(pdf, lines):
+        fig = Figure(figsize=(_PAGE_W, _PAGE_H))
+        y = _PAGE_H - 0.6
+        for st, t in lines:
+            fig.text(0.5 / _PAGE_W, y / _PAGE_H, t, va="top", ha="left", **style[st])
+            y -= _LINE * (1.8 if st == "title" else 1.0)
+        pdf.savefig(fig)
+
+    with atomic_path(pdf_path) as tmp, PdfPages(tmp) as pdf:
+        intro = [("title", TITLE), ("text", f"generated {generated}"), ("text", ""), ("h3", "Contents")]
+        intro += [("text", f"{i:2}. {s.title}" + (f"  ({s.status})" if s.status != "ok" else "")) for i, s in enumerate(sections, 1)]
+        intro += [("text", ""), ("text", "(PDF drawn with matplotlib: no browser was available; the HTML report has the same content.)")]
+        text_page(pdf, intro)
+        for i, sec in enumerate(sections, 1):
+            lines = _section_lines(sec, i)
+            for start in range(0, len(lines), per_page):
+                text_page(pdf, lines[start:start + per_page])
+            for b in (b for b in sec.blocks if b.kind == "figure"):
+                fig = Figure(figsize=(_PAGE_W, _PAGE_H))
+                ax = fig.add_axes((0.05, 0.05, 0.9, 0.85))
+                ax.imshow(mpimg.imread(io.BytesIO(b.png), format="png"))
+                ax.set_axis_off()
+                fig.text(0.05, 0.95, f"{i}. {sec.title}: {b.text}", fontsize=10, va="top")
+                pdf.savefig(fig)
+        info = pdf.infodict()
+        info["Title"] = TITLE
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def build_report(out_dir: Path, pdf: bool = True, renderer: str | None = None) -> dict:
+    """Write `<out>/report/report.html` and (if `pdf`) `<out>/report/report.pdf`.
+
+    `renderer` forces the PDF renderer ("chromium" or "matplotlib"); by default Chromium when a
+    browser is installed, else matplotlib, and matplotlib also when Chromium fails.
+    Returns {"html": path, "pdf": path | None, "pdf_renderer": name | None,
+    "sections": [{"id", "title", "status", "missing"}]} (status: ok | partial | not run | error).
+    """
+    out_dir = Path(out_dir)
+    report_dir = out_dir / "report"
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sections = build_sections(out_dir)
+    html_path = report_dir / "report.html"
+    atomic_write_text(html_path, render_html(sections, out_dir.resolve(), generated))
+    log.info("report: HTML written to %s", html_path)
+
+    pdf_path, used = None, None
+    if pdf:
+        pdf_path = report_dir / "report.pdf"
+        browser = find_browser() if renderer in (None, "chromium") else None
+        if renderer == "chromium" and browser is None:
+            raise RuntimeError(f"no Chromium found (looked for {', '.join(BROWSERS)})")
+        if browser:
+            try:
+                _pdf_chromium(browser, html_path, pdf_path)
+                used = "chromium"
+            except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
+                if renderer == "chromium":
+                    raise
+                log.warning("report: Chromium could not print the PDF (%s); falling back to matplotlib", e)
+        if used is None:
+            _pdf_matplotlib(sections, pdf_path, generated)
+            used = "matplotlib"
+        log.info("report: PDF written to %s (renderer: %s%s)", pdf_path, used, f", {browser}" if used == "chromium" else "")
+    return {"html": html_path, "pdf": pdf_path, "pdf_renderer": used,
+            "sections": [{"id": s.id, "title": s.title, "status": s.status, "missing": list(s.missing)} for s in sections]}

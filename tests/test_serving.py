@@ -236,7 +236,7 @@ def test_hf_end_to_end(tiny, tmp_path):
         assert float(r["ci_low"]) <= float(r["overhead_pct"]) <= float(r["ci_high"])
     ovj = json.loads((out / "overhead.json").read_text())
     a2 = next(r for r in ovj if r["config"] == "adapters-2")
-    assert a2["reference"] == "mean(merged-sst2,merged-squad_v2)" and len(a2["per_round"]) == 3
+    assert a2["reference"] == "mean(merged-sst2+merged-squad_v2)" and len(a2["per_round"]) == 3
 
     # unmerged adapters in a mixed batch reproduce each merged model exactly in fp32
     corr = res["correctness"]

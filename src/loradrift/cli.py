@@ -205,6 +205,33 @@ def cmd_memory(args, configs: Configs) -> int:
     return 0
 
 
+def cmd_search(args, configs: Configs) -> int:
+    from loradrift.search import run_search
+
+    methods = _methods(args.method)
+    if args.tune_rank and "full" in methods:
+        raise ValueError("--tune-rank: only LoRA has a rank to search; add --method lora")
+    rows = []
+    for task in _tasks(args.task):
+        for method in methods:
+            r = run_search(configs(task, method), None, trials=args.trials, storage=args.storage, tune_rank=args.tune_rank)
+            rows.append({"task": task, "method": method, **{k: r[k] for k in ("study", "n_finished", "best_trial", "best_value", "best_config")}})
+    _table("Search: best trial per study (score on the validation split)", rows,
+           ["task", "method", "study", "n_finished", "best_trial", "best_value", "best_config"])
+    return 0
+
+
+def cmd_search_report(args, configs: Configs) -> int:
+    from loradrift.search import search_report
+
+    cfg = configs()
+    rep = search_report(cfg.out_dir, storage=args.storage, tasks=_tasks(args.task) if args.task else None,
+                        methods=_methods(args.method) if args.method else None, search_cfg=cfg.search)
+    _table("Search studies", rep["studies"], ["study", "n_trials", "states", "best_value", "worst_value", "best_worst_gap", "importance_note"])
+    print(f"report: {rep['report_dir']}")
+    return 0
+
+
 def cmd_drift(args, configs: Configs) -> int:
     from loradrift.drift import analyse_drift
     from loradrift.models import model_key, resolve_model_dir
@@ -254,7 +281,7 @@ def cmd_report(args, configs: Configs) -> int:
     from loradrift.report import build_report
 
     rep = build_report(Path(configs().out_dir), pdf=not args.no_pdf)
-    print(f"report: {rep['html']}" + (f"\npdf:    {rep['pdf']}" if rep.get("pdf") else ""))
+    print(f"report: {rep['html']}" + (f"\npdf:    {rep['pdf']} ({rep['pdf_renderer']})" if rep.get("pdf") else ""))
     return 0
 
 
@@ -283,6 +310,8 @@ COMMANDS = {
     "baselines": (cmd_baselines, "Phase 0: majority / random baselines on dev"),
     "memory": (cmd_memory, "Phase 0: peak training memory per task and method"),
     "score": (cmd_score, "score SQuAD v2 predictions like the official evaluate-v2.0.py"),
+    "search": (cmd_search, "Phase 1: Optuna TPE search per task and method (resumable, multi-worker)"),
+    "search-report": (cmd_search_report, "Phase 1: trial tables, importances and figures"),
     "drift": (cmd_drift, "Phase 3: CKA/cosine drift vs the base model, and weight-space analysis"),
     "serve-bench": (cmd_serve_bench, "Phase 3: serving cost of LoRA adapters side by side vs merged weights"),
     "stats": (cmd_stats, "Phase 3: the pre-registered hypothesis tests"),
@@ -331,6 +360,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tasks", default=None, help="comma list of tasks for this machine (default: study.tasks)")
     c.add_argument("--phases", default="0,1,2,3", help="which phases to run, e.g. 0,1,2 on each machine, then 3 once")
     c.set_defaults(func=cmd_study)
+
+    c = sub.add_parser("search", parents=[parent], help=COMMANDS["search"][1])
+    c.add_argument("--task", required=True, help="task name, comma list or 'all'")
+    c.add_argument("--method", default="full,lora")
+    c.add_argument("--trials", type=int, default=None, help="finished (complete+pruned) trials per study (default: search.trials)")
+    c.add_argument("--storage", default=None, help="SQLAlchemy URL shared by workers (default sqlite:///<out>/search/optuna.db)")
+    c.add_argument("--tune-rank", action="store_true", help="also search LoRA r (a separate study and best-config file)")
+    c.set_defaults(func=cmd_search)
+
+    c = sub.add_parser("search-report", parents=[parent], help=COMMANDS["search-report"][1])
+    c.add_argument("--task", default=None)
+    c.add_argument("--method", default=None)
+    c.add_argument("--storage", default=None)
+    c.set_defaults(func=cmd_search_report)
 
     c = sub.add_parser("drift", parents=[parent], help=COMMANDS["drift"][1])
     c.add_argument("--task", default="all")

@@ -125,6 +125,128 @@ class SanityConfig(_Strict):
     min_squad_f1: float = Field(90.0, gt=0, le=100)
 
 
+class ParamSpec(_Strict):
+    """One searched hyperparameter: `name` is the dotted config key its value overrides."""
+
+    name: str
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[bool | int | float | str] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ParamSpec:
+        where = f"search parameter {self.name!r}"
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError(f"{where}: categorical needs a non-empty 'choices' list")
+            if self.low is not None or self.high is not None or self.log:
+                raise ValueError(f"{where}: categorical takes 'choices', not low/high/log")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"{where}: {self.type} needs 'low' and 'high'")
+        if self.choices is not None:
+            raise ValueError(f"{where}: {self.type} takes low/high, not 'choices'")
+        if self.low > self.high:
+            raise ValueError(f"{where}: low ({self.low:g}) > high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"{where}: a log scale needs low > 0 (got {self.low:g})")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError(f"{where}: int needs whole-number low and high")
+        return self
+
+    def suggest(self, trial) -> Any:
+        if self.type == "float":
+            return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+        if self.type == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_categorical(self.name, self.choices)
+
+    def extremes(self) -> list[Any]:
+        """Values that must all give a valid config (checked before any trial runs)."""
+        if self.type == "categorical":
+            return list(self.choices)
+        cast = int if self.type == "int" else float
+        return [cast(self.low), cast(self.high)]
+
+
+def _p(name: str, type: str, low=None, high=None, log=False, choices=None) -> ParamSpec:
+    return ParamSpec(name=name, type=type, low=low, high=high, log=log, choices=choices)
+
+
+def _default_spaces() -> dict[str, list[ParamSpec]]:
+    # The seed's spaces (docs/search.md); only method.lora.r is left out, see SearchConfig.rank.
+    return {
+        "full": [
+            _p("train.lr", "float", 1e-6, 1e-4, log=True),
+            _p("train.batch_size", "categorical", choices=[4, 8, 16]),
+            _p("train.warmup_ratio", "float", 0.0, 0.2),
+            _p("train.weight_decay", "float", 1e-5, 1e-1, log=True),
+            _p("train.grad_accum", "categorical", choices=[1, 2, 4]),
+        ],
+        "lora": [
+            _p("train.lr", "float", 5e-5, 5e-3, log=True),
+            _p("method.lora.alpha", "int", 8, 64),
+            _p("method.lora.dropout", "float", 0.0, 0.2),
+            _p("train.batch_size", "categorical", choices=[4, 8]),
+            _p("train.grad_accum", "categorical", choices=[1, 2]),
+        ],
+    }
+
+
+class PrunerConfig(_Strict):
+    """optuna.pruners.MedianPruner settings; steps are optimizer steps."""
+
+    n_startup_trials: int = Field(5, ge=0, description="trials that are never pruned, to build the median")
+    n_warmup_steps: int = Field(0, ge=0, description="no pruning before this optimizer step")
+
+
+class SearchConfig(_Strict):
+    """Phase 1 settings: trial budget, storage, and the search spaces as data."""
+
+    trials: int = Field(10, gt=0, description="finished (complete + pruned) trials per study")
+    seed: int = Field(42, description="TPE sampler seed and the run seed of every trial")
+    storage: str | None = Field(None, description="SQLAlchemy URL; null = sqlite:///<out>/search/optuna.db")
+    heartbeat_interval: int = Field(10, gt=0, description="seconds between a running trial's heartbeats")
+    grace_period: int = Field(60, gt=0, description="seconds without a heartbeat before a trial counts as dead and is retried")
+    max_retry: int = Field(2, ge=0, description="times a dead trial is retried with the same values")
+    max_failures: int = Field(3, gt=0, description="a worker gives up after this many failed trials in a row")
+    keep_trial_weights: bool = Field(False, description="keep adapters/models/snapshots of trials (large)")
+    pruner: PrunerConfig = PrunerConfig()
+    spaces: dict[Literal["full", "lora"], list[ParamSpec]] = Field(default_factory=_default_spaces)
+    fixed: dict[Literal["full", "lora"], dict[str, Any]] = Field(
+        default_factory=lambda: {"lora": {"method.lora.r": 8}},
+        description="dotted overrides every trial of a method gets (the hypotheses are about rank 8)",
+    )
+    rank: ParamSpec = Field(
+        default_factory=lambda: _p("method.lora.r", "categorical", choices=[4, 8, 16, 32]),
+        description="the LoRA rank parameter, searched only with --tune-rank",
+    )
+
+    @model_validator(mode="after")
+    def _unique(self) -> SearchConfig:
+        for method, space in self.spaces.items():
+            names = [p.name for p in space]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"search.spaces.{method}: parameter {dup[0]!r} declared twice")
+        return self
+
+    def space_for(self, method: str, tune_rank: bool = False) -> tuple[list[ParamSpec], dict[str, Any]]:
+        """(searched parameters, fixed overrides) of one study."""
+        space = list(self.spaces.get(method, []))
+        fixed = dict(self.fixed.get(method, {}))
+        if tune_rank:
+            if method != "lora":
+                raise ConfigError("--tune-rank: only LoRA has a rank to search")
+            space = [p for p in space if p.name != self.rank.name] + [self.rank]
+            fixed.pop(self.rank.name, None)
+        if not space:
+            raise ConfigError(f"search.spaces.{method}: empty search space")
+        return space, fixed
+
+
 class DriftConfig(_Strict):
     metric: Literal["linear", "debiased", "rbf"] = Field("linear", description="CKA variant of the final-step drift")
     n_boot: int = Field(1000, ge=0, description="paired bootstrap replicates over probe examples (0 = off)")
@@ -182,6 +304,7 @@ class RunConfig(_Strict):
     serve: ServeBenchConfig = ServeBenchConfig()
     stats: StatsConfig = StatsConfig()
     study: StudyConfig = StudyConfig()
+    search: SearchConfig = SearchConfig()
     per_task: dict[str, dict[str, Any]] = Field(default_factory=dict, description="overrides applied only for one task")
     preset: str | None = None
 

@@ -9,7 +9,6 @@ The train subset (`data.max_train_examples`) is drawn with the run seed, so a se
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -212,7 +212,10 @@ class Artefacts:
         self._rows: dict[str, list[dict]] | None = None
 
     def rel(self, path: Path | str) -> str:
-        return str(Path(path).relative_to(self.out)) if Path(path).is_absolute() else str(path)
+        try:
+            return str(Path(path).relative_to(self.out))
+        except ValueError:
+            return str(path)
 
     def json(self, rel: str) -> Any:
         """Parsed JSON, or None when the file is missing; an unreadable file raises (the section
@@ -753,7 +756,7 @@ def sec_hypotheses(art: Artefacts) -> Section:
                          "_ci": f"[{fmt(r.get('ci_low'))}, {fmt(r.get('ci_high'))}]", "_sup": _verdict_word(r.get("supported")),
                          "_h0": f"{r.get('alternative', '')} {fmt(r.get('threshold'))}".strip()})
             for n in r.get("notes") or []:
-                notes.append(f"{name} {r.get('scope')}: {n}")
+                notes.append(n if str(n).startswith(name) else f"{name} {r.get('scope')}: {n}")
             pw, n = _num(r.get("power")), r.get("n")
             if (pw is not None and pw < 0.8) or (isinstance(n, int) and n < 10):
                 low_power.append(f"{name} {r.get('scope')} (n = {n}, power {fmt(pw)})")
@@ -799,13 +802,13 @@ def sec_limitations(art: Artefacts) -> Section:
         facts.append("Small task subsets (examples used): " + "; ".join(parts) + ". Scores are noisy and below "
                      "published full-data numbers.")
     else:
-        facts.append('Subset sizes: unknown (no kind="data" rows in results.sqlite).')
+        facts.append('Subset sizes: unknown (results.sqlite is missing or has no kind="data" rows).')
     if runs:
         seeds = sorted({r["seed"] for r in runs})
         facts.append(f"{len(seeds)} seed(s) per task and method ({', '.join(map(str, seeds))}): confidence intervals "
                      f"are wide and the hypothesis tests have low power.")
     else:
-        facts.append('Seeds: unknown (no kind="run" rows in results.sqlite).')
+        facts.append('Seeds: unknown (results.sqlite is missing or has no kind="run" rows).')
     squad = TASKS.get("squad_v2")
     if squad is not None:
         facts.append(f"SQuAD v2 trains on a subset of only 10 articles ({squad.train_file}), so its scores are far "
@@ -815,7 +818,10 @@ def sec_limitations(art: Artefacts) -> Section:
                      "from the original bf16 checkpoint, so absolute scores are not those of the released model.")
     dev = man.get("device") or {}
     machine = man.get("machine") or {}
-    if not dev.get("cuda", False):
+    if not dev:
+        facts.append("Device: unknown (study/manifest.json is missing). Timings from a shared CPU machine are "
+                     "indicative, not benchmarks.")
+    elif not dev.get("cuda", False):
         cpus = machine.get("cpus")
         facts.append("Timings (training speed, memory, serving latency) were measured on CPU"
                      + (f" ({cpus} logical cores" + (f", {dev['torch_threads']} torch threads" if dev.get("torch_threads") else "") + ")" if cpus else "")
@@ -906,7 +912,7 @@ h2 { font-size: 21px; border-bottom: 1px solid var(--line); padding-bottom: 4px;
 h3 { font-size: 16px; margin: 18px 0 6px; }
 .tablewrap { overflow-x: auto; margin: 8px 0 14px; }
 table { border-collapse: collapse; font-size: 13px; }
-caption { text-align: left; font-size: 13px; color: var(--muted); padding: 2px 0 4px; caption-side: top; }
+.caption { font-size: 13px; color: var(--muted); margin: 12px 0 -4px; }
 th, td { border: 1px solid var(--line); padding: 3px 8px; vertical-align: top; }
 th { background: var(--bg2); text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
@@ -926,10 +932,11 @@ p.note { color: var(--muted); font-size: 13px; }
 @media print {
   body { max-width: none; padding: 0; font-size: 11px; }
   nav.toc ol { columns: 2; }
-  section { break-before: page; }
+  h2 { break-after: avoid; }
   table { font-size: 9px; } th, td { padding: 2px 4px; } td.num { white-space: normal; }
   pre { white-space: pre-wrap; word-break: break-all; font-size: 9px; }
   figure, tr, .badge { break-inside: avoid; }
+  .caption, h3 { break-after: avoid; }
   .tablewrap { overflow: visible; }
   .badge { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
 }
@@ -966,11 +973,12 @@ def _block_html(b: Block) -> str:
             badges.append(f'<div class="badge {cls}">{_e(name)}<small>{_e(word)}</small></div>')
         return f'<div class="verdicts">{"".join(badges)}</div><p class="note">Rule: {_e(b.text)}</p>'
     if b.kind == "table":
-        cap = f"<caption>{_e(b.text)}</caption>" if b.text else ""
+        # A <caption> is as narrow as its table and wraps long titles into a column; a div is not.
+        cap = f'<div class="caption">{_e(b.text)}</div>' if b.text else ""
         head = "".join(f"<th>{_e(c)}</th>" for c in b.columns)
         body = "".join("<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if _NUMERIC.match(c) else f"<td>{_e(c)}</td>"
                                         for c in row) + "</tr>" for row in b.rows)
-        return f'<div class="tablewrap"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+        return f'{cap}<div class="tablewrap"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
     raise ValueError(f"unknown block kind {b.kind!r}")
 
 
@@ -1029,6 +1037,7 @@ _PAGE_W, _PAGE_H = 8.27, 11.69  # A4, inches
 _FONT = 7.0
 _LINE = 10.0 / 72  # inches per line
 _WIDTH = 112  # monospace characters per line at _FONT on A4 with margins
+_H3_WIDTH = 90  # the same at the bold heading size
 
 
 def _text_table(columns: list[str], rows: list[list[str]], width: int = _WIDTH, cell: int = 36) -> list[str]:
@@ -1048,9 +1057,11 @@ def _text_table(columns: list[str], rows: list[list[str]], width: int = _WIDTH, 
         used += 2 + widths[i]
     chunks.append(cur)
     lines = []
+    def line(r: list[str], ch: list[int]) -> str:
+        return "  ".join(r[i].ljust(widths[i]) for i in ch).rstrip()
+
     for ch in chunks:
-        fmt_row = lambda r: "  ".join(r[i].ljust(widths[i]) for i in ch).rstrip()  # noqa: E731
-        lines += [fmt_row(cols), "  ".join("-" * widths[i] for i in ch)] + [fmt_row(r) for r in body] + [""]
+        lines += [line(cols, ch), "  ".join("-" * widths[i] for i in ch)] + [line(r, ch) for r in body] + [""]
     return lines
 
 
@@ -1060,7 +1071,7 @@ def _section_lines(sec: Section, number: int) -> list[tuple[str, str]]:
     wrap = lambda s, indent="": [("text", x) for x in textwrap.wrap(s, _WIDTH, subsequent_indent=indent)] or [("text", "")]  # noqa: E731
     for b in sec.blocks:
         if b.kind == "h3":
-            lines += [("text", ""), ("h3", b.text)]
+            lines += [("text", "")] + [("h3", x) for x in textwrap.wrap(b.text, _H3_WIDTH)]
         elif b.kind in ("p", "note"):
             lines += wrap(b.text) + [("text", "")]
         elif b.kind == "missing":
@@ -1071,13 +1082,13 @@ def _section_lines(sec: Section, number: int) -> list[tuple[str, str]]:
             lines.append(("text", ""))
         elif b.kind == "pre":
             if b.text:
-                lines.append(("h3", b.text))
+                lines += [("h3", x) for x in textwrap.wrap(b.text, _H3_WIDTH)]
             for raw in b.rows[0][0].splitlines():
                 lines += [("text", x) for x in (textwrap.wrap(raw, _WIDTH, drop_whitespace=False) or [""])]
             lines.append(("text", ""))
         elif b.kind == "table":
             if b.text:
-                lines += [("h3", x) for x in textwrap.wrap(b.text, _WIDTH)]
+                lines += [("h3", x) for x in textwrap.wrap(b.text, _H3_WIDTH)]
             lines += [("text", x) for x in _text_table(b.columns, b.rows)]
         elif b.kind == "verdict":
             lines += [("h3", "Verdict (" + b.text + ")")] + [("text", f"  {n:8} {_verdict_word(v)}") for n, v in b.items]
@@ -1115,9 +1126,14 @@ def _pdf_matplotlib(sections: list[Section], pdf_path: Path, generated: str) -> 
             for start in range(0, len(lines), per_page):
                 text_page(pdf, lines[start:start + per_page])
             for b in (b for b in sec.blocks if b.kind == "figure"):
+                img = mpimg.imread(io.BytesIO(b.png), format="png")
+                # Figures are saved at about 100 dpi: show them at that size, shrunk only to fit the page.
+                h_in, w_in = img.shape[0] / 100, img.shape[1] / 100
+                scale = min(1.0, (_PAGE_W - 1.0) / w_in, (_PAGE_H - 1.6) / h_in)
+                w, h = w_in * scale / _PAGE_W, h_in * scale / _PAGE_H
                 fig = Figure(figsize=(_PAGE_W, _PAGE_H))
-                ax = fig.add_axes((0.05, 0.05, 0.9, 0.85))
-                ax.imshow(mpimg.imread(io.BytesIO(b.png), format="png"))
+                ax = fig.add_axes((0.5 / _PAGE_W, 1 - 1.0 / _PAGE_H - h, w, h))
+                ax.imshow(img)
                 ax.set_axis_off()
                 fig.text(0.05, 0.95, f"{i}. {sec.title}: {b.text}", fontsize=10, va="top")
                 pdf.savefig(fig)

@@ -752,8 +752,8 @@ def run_serve_bench(
     cache_dir = Path(cache_dir) if cache_dir is not None else out_dir / "merged_cache"
     for t in adapters:
         if t not in merged or not (merged[t] / "config.json").is_file():
-            log(f"[serve] merging adapter '{t}' into {cache_dir / t}")
             merged[t] = ensure_merged(base_dir, adapters[t], cache_dir / t)
+            log(f"[serve] merged model for '{t}' (made here or reused): {merged[t]}")
     configs = plan_configs(base_dir, adapters, merged, include_base)
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -920,7 +920,7 @@ def overhead_table(rows: Sequence[Mapping[str, Any]], configs: Sequence[ServeCon
         merged_lat = {t: [lat[(bname, f"merged-{t}", b)][r] for r in rounds_] for t in tasks}
         per_round = overhead_per_round([by_round[r] for r in rounds_], merged_lat)
         mean, lo, hi = mean_ci(per_round, method=ci_method)
-        out.append({"backend": bname, "config": cname, "reference": "mean(" + ",".join(f"merged-{t}" for t in tasks) + ")",
+        out.append({"backend": bname, "config": cname, "reference": "mean(" + "+".join(f"merged-{t}" for t in tasks) + ")",
                     "batch_size": b, "overhead_pct": mean, "ci_low": lo, "ci_high": hi,
                     "n_rounds": len(per_round), "ci_method": ci_method, "per_round": per_round})
     return out
@@ -992,6 +992,9 @@ def plot_latency(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
             ax.plot(bs, mean, style, marker="o", label=cname)
             ax.fill_between(bs, [min(pts[b]) for b in bs], [max(pts[b]) for b in bs], alpha=0.15)
         ax.set_xscale("log", base=2)
+        ticks = sorted({r["batch_size"] for r in sub})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("batch size")
         ax.set_ylabel("request latency (s)")
         ax.set_title(f"{bname}: latency vs batch size")

@@ -42,7 +42,9 @@ class StudyStop(RuntimeError):
 
 
 def best_config_path(cfg: RunConfig, task: str, method: str) -> Path:
-    return Path(cfg.out_dir) / "configs" / "best" / model_key(cfg.model) / f"{task}_{method}.yaml"
+    from loradrift.search import best_config_path as path
+
+    return path(cfg.out_dir, model_key(cfg.model), task, method)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +98,7 @@ def phase1(cfg_for: ConfigFor, tasks: list[str], methods: list[str], say) -> Non
             if best_config_path(cfg, task, method).exists():
                 continue
             r = run_search(cfg)
-            say(f"search {task}/{method}: best {r['best_value']:.4g} → {r['best_yaml']}")
+            say(f"search {task}/{method}: best {r['best_value']:.4g} → {r['best_config']}")
 
 
 def phase2_grid(cfg_for: ConfigFor, tasks: list[str], methods: list[str], seeds: list[int]) -> list[RunConfig]:

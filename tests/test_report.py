@@ -1,0 +1,269 @@
+"""The study report: built from a synthetic `<out>` folder of handwritten artefacts, from an empty
+folder, with the matplotlib PDF fallback, and (when Chromium is installed) checked in a browser."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from loradrift import report
+from loradrift.io import ResultsStore
+
+SECTION_TITLES = [title for _, title, _ in report.SECTIONS]
+MODEL = "smollm2-135m"
+
+
+def _png(path: Path, label: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 1.5))
+    ax = fig.add_subplot()
+    ax.plot([0, 1, 2], [0, 1, 0.5])
+    ax.set_title(label, fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=50)
+
+
+def _json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _hyp(name, scope, estimate, supported, primary=False, n=3, power=0.2):
+    return {"name": name, "scope": scope, "estimate": estimate, "ci_low": estimate - 1, "ci_high": estimate + 1,
+            "ci_method": "BCa", "threshold": 3.0, "alternative": "less", "p_value": 0.0123, "p_bonferroni": 0.0369,
+            "p_holm": 0.02468, "supported": supported, "effect_size": 1.5, "power": power, "n": n,
+            "notes": [f"{name} {scope}: only {n} values, the bootstrap CI is coarse"], "primary": primary}
+
+
+def make_study(out: Path) -> Path:
+    """Every artefact the report reads, small and with planted numbers."""
+    _json(out / "study" / "manifest.json", {
+        "preset": "smollm2", "command": "loradrift study --preset smollm2 --out runs/x", "started": "2025-01-01T00:00:00+00:00",
+        "config": {"model": {"name": MODEL, "max_length": 96}, "data": {"max_train_examples": 256},
+                   "train": {"max_steps": 32, "batch_size": 8}, "method": {"name": "lora"},
+                   "study": {"seeds": [42, 1337, 2024], "tasks": ["sst2", "squad_v2"], "methods": ["full", "lora"]}},
+        "configs_by_task": {"sst2": {"model": {"name": MODEL, "max_length": 96}},
+                            "squad_v2": {"model": {"name": MODEL, "max_length": 192}}},
+        "versions": {"torch": "2.13.0", "loradrift": "0.1.0"}, "git_commit": "6f7843cabcdef",
+        "data_checksums": {"glue/SST-2/dev.tsv": "ab" * 32}, "device": {"cuda": False, "torch_threads": 2},
+        "machine": {"platform": "Linux", "cpus": 2, "python": "3.11"}, "data_dir": "/data"})
+    _json(out / "study" / "timings.json", {"phases": [{"phase": "phase0", "seconds": 61.5}, {"phase": "phase2", "seconds": 1234.5}],
+                                           "total_seconds": 1296.0})
+    store = ResultsStore(out / "results.sqlite")
+    store.put("data", MODEL, "sst2", "-", 42, "h", {"task": "sst2", "source": "local", "train_rows": 67349, "dev_rows": 872,
+                                                    "dev_labels": {"0": 428, "1": 444}, "train_used": 256, "val_used": 64,
+                                                    "dev_used": 128, "train_used_labels": {"0": 120, "1": 136}})
+    store.put("sanity", MODEL, "sst2", "lora", 42, "h", {"task": "sst2", "method": "lora", "examples": 16, "steps": 20,
+                                                         "metric": "accuracy", "score": 1.0, "threshold": 0.95, "passed": True, "seconds": 3.2})
+    store.put("baseline", MODEL, "sst2", "majority", 42, "h", {"baseline": "majority", "task": "sst2", "dev_examples": 128,
+                                                               "accuracy": 0.4921875, "predicts": "1"})
+    store.put("baseline", MODEL, "squad_v2", "no_answer", 42, "h", {"baseline": "no_answer", "task": "squad_v2", "dev_examples": 96,
+                                                                    "exact": 50.0, "f1": 50.0, "HasAns_f1": 0.0, "NoAns_f1": 100.0})
+    store.put("memory", MODEL, "sst2", "full", 42, "h", {"task": "sst2", "method": "full", "batch_size": 8, "max_length": 96,
+                                                         "device": "cpu", "peak_memory_mb": 1843.25, "seconds_per_step": 0.75})
+    scores = {("sst2", "full"): [0.81, 0.83, 0.85], ("sst2", "lora"): [0.8, 0.8125, 0.825],
+              ("squad_v2", "full"): [55.0, 56.0, 57.0], ("squad_v2", "lora"): [52.0, 53.0, 54.0]}
+    for (task, method), vals in scores.items():
+        metric = "accuracy" if task == "sst2" else "f1"
+        for seed, v in zip([42, 1337, 2024], vals):
+            store.put("run", MODEL, task, method, seed, "h", {
+                "val": {metric: v}, "dev": {metric: v}, "steps": 32, "train_time_s": 100.0, "wall_time_s": 120.0,
+                "tokens_per_s": 2500.0, "peak_memory_mb": 1800.0, "trainable_params": 134_515_008 if method == "full" else 921_600},
+                out / "runs" / task / method / f"seed{seed}")
+    _json(out / "search" / "report" / "summary.json", {"storage": "sqlite:///x", "studies": [
+        {"study": f"{MODEL}_sst2_lora", "task": "sst2", "method": "lora", "metric": "accuracy", "n_trials": 6,
+         "states": {"complete": 5, "pruned": 1}, "best_value": 0.8642, "best_trial": 3, "best_params": {"train.lr": 0.0003},
+         "worst_value": 0.7, "best_worst_gap": 0.1642, "importances": {"train.lr": 0.9, "method.lora.r": 0.1}}]})
+    _png(out / "search" / "report" / "figures" / f"{MODEL}_sst2_lora_history.png", "history")
+    best = out / "configs" / "best" / MODEL / "sst2_lora.yaml"
+    best.parent.mkdir(parents=True)
+    best.write_text("train:\n  lr: 0.0003  # planted-best-config\n")
+    _json(out / "drift" / "comparison.json", {"sst2": {
+        "primary_metric": "linear", "n_seeds_full": 3, "n_seeds_lora": 3, "drift_full": 0.2, "drift_full_sd": 0.01,
+        "drift_lora": 0.125, "drift_lora_sd": 0.005, "reduction_pct": 37.5, "reduction_pct_by_seed": {"42": 36.0, "1337": 38.0},
+        "perm_p": 0.05, "perm_n_relabellings": 20, "perm_min_p": 0.05, "boot_ci": [30.25, 44.75], "ci_level": 0.95,
+        "cos_drift_full": 0.1, "cos_drift_lora": 0.05, "cos_reduction_pct": 50.0,
+        "drift_full_by_seed": {"42": 0.2}, "drift_lora_by_seed": {"42": 0.125}}})
+    _png(out / "drift" / "figures" / "heatmap_sst2.png", "heatmap")
+    _json(out / "weights" / "summary.json", {
+        "settings": {"model": MODEL, "top_k": 8},
+        "summary": [{"task": "sst2", "method": "lora", "seed": 42, "n_modules": 210, "mean_rel_norm": 0.01234,
+                     "mean_effective_rank": 7.25, "total_intruders": 13}],
+        "by_task": {"sst2": {"lora": {"n_seeds": 1, "mean_rel_norm": 0.01234, "mean_effective_rank": 7.25, "total_intruders": 13.0}}}})
+    _png(out / "weights" / "figures" / "weights_by_layer_sst2.png", "weights")
+    _json(out / "serve" / "overhead.json", [
+        {"backend": "hf", "config": "adapters-4", "reference": "mean(merged-sst2)", "batch_size": 8, "overhead_pct": 12.75,
+         "ci_low": 10.0, "ci_high": 15.5, "n_rounds": 3, "ci_method": "t", "per_round": [12, 13, 13.25]}])
+    _json(out / "serve" / "results.json", [
+        {"backend": "hf", "config": "adapters-4", "batch_size": 8, "round": r, "latency_mean_s": 0.5 + r / 100,
+         "latency_p50_s": 0.5, "latency_p95_s": 0.6, "throughput_rps": 16.0, "ttft_mean_s": 0.1, "peak_rss_mb": 900.0}
+        for r in range(3)])
+    _json(out / "serve" / "correctness.json", [{"backend": "hf", "config": "adapters-4", "task": "sst2",
+                                                "reference": "hf:merged-sst2", "match_rate": 0.9876, "n_prompts": 4}])
+    _png(out / "serve" / "figures" / "latency.png", "latency")
+    _json(out / "stats" / "hypotheses.json", {
+        "H1": [_hyp("H1", "sst2", 1.2, True), _hyp("H1", "pooled", 2.5, True, primary=True, n=6)],
+        "H2": [_hyp("H2", "pooled", 37.5, False, primary=True)],
+        "H3": [],
+        "verdict": {"rule": "H1 AND (H2 OR H3)", "H1": True, "H2": False, "H3": None, "overall": None,
+                    "primary_scopes": {"H1": "pooled", "H2": "pooled"}, "by_scope": {}},
+        "notes": ["H3: no serving benchmark (planted note)"]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = make_study(tmp_path_factory.mktemp("study") / "out")
+    return out, report.build_report(out)
+
+
+def _text(html: str) -> str:
+    """Visible text without tags (and without the base64 image payloads)."""
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+
+
+def test_full_report_html_and_pdf(study):
+    out, rep = study
+    assert rep["html"] == out / "report" / "report.html"
+    assert rep["pdf"] == out / "report" / "report.pdf"
+    assert rep["pdf_renderer"] == ("chromium" if report.find_browser() else "matplotlib")
+    assert rep["pdf"].read_bytes()[:5] == b"%PDF-"
+    html = rep["html"].read_text()
+    text = _text(html)
+    assert "<title>loradrift study report</title>" in html and "Contents" in text
+    positions = [text.find(f"{i}. {t}") for i, t in enumerate(SECTION_TITLES, 1)]
+    assert all(p >= 0 for p in positions), positions
+    assert positions == sorted(positions)
+    assert [s["title"] for s in rep["sections"]] == SECTION_TITLES
+    statuses = {s["id"]: s["status"] for s in rep["sections"]}
+    assert statuses["drift"] == statuses["performance"] == statuses["setup"] == "ok", statuses
+
+    for planted in [
+        "37.5", "[30.25, 44.75]",                       # drift reduction and its bootstrap CI
+        "0.8642", "train.lr: 0.9", "planted-best-config",  # search summary and verbatim best config YAML
+        "12.75", "0.9876",                              # serving overhead and correctness
+        "0.01234", "7.25",                              # weights
+        "1843", "0.4922",                               # memory and a baseline, 4 significant digits
+        "67,349", "smollm2", "6f7843cabcdef", "ab" * 32,  # data, manifest
+        "planted note", "p (Holm)", "0.02468",          # hypotheses
+        "transformer-block LoRA weights are served",
+    ]:
+        assert planted in text, planted
+    # sst2 full: mean 0.83, t-interval half-width t(0.975, 2) * 0.02 / sqrt(3) = 0.04968
+    assert "0.83 ± 0.04968" in text and "[0.7803, 0.8797]" in text
+    assert "baseline: majority" in text and "42: 0.81, 1337: 0.83, 2024: 0.85" in text
+    # verdict banner: one badge per hypothesis and the overall decision
+    assert re.search(r'badge supported">H1<small>supported', html)
+    assert re.search(r'badge not-supported">H2<small>not supported', html)
+    assert re.search(r'badge undecided">H3<small>undecided', html)
+    assert re.search(r'badge undecided overall">overall<small>undecided', html)
+    assert "Low power" in text
+    # H3 has no results: said plainly
+    assert "H3 test: not run" in text
+
+    # images: embedded, decodable PNGs; no external or relative references anywhere
+    srcs = re.findall(r'<img[^>]*\ssrc="([^"]*)"', html)
+    assert len(srcs) == 5  # search, performance bar chart, drift, weights, serving
+    for s in srcs:
+        assert s.startswith("data:image/png;base64,")
+        assert base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 'src="http' not in html and "href=\"http" not in html and "url(" not in html
+    assert re.findall(r'href="([^"]*)"', html) == [f"#{s['id']}" for s in rep["sections"]]
+    assert "max-width: 100%" in html
+
+
+def test_empty_out_folder_says_not_run(tmp_path):
+    out = tmp_path / "empty"
+    rep = report.build_report(out, pdf=False)
+    assert rep["pdf"] is None and rep["pdf_renderer"] is None
+    text = _text(rep["html"].read_text())
+    for i, t in enumerate(SECTION_TITLES, 1):
+        assert f"{i}. {t}" in text
+    for rel in ["study/manifest.json", "study/timings.json", "results.sqlite", "search/report/summary.json",
+                "drift/comparison.json", "weights/summary.json", "serve/overhead.json", "serve/results.json",
+                "stats/hypotheses.json"]:
+        assert f"not run — {rel}" in text, rel
+    by_id = {s["id"]: s for s in rep["sections"]}
+    for sid in ("setup", "data", "sanity", "search", "performance", "drift", "weights", "serving", "hypotheses", "manifest"):
+        assert by_id[sid]["status"] == "not run", (sid, by_id[sid])
+    assert by_id["limitations"]["status"] == "ok"  # fixed text still has something to say
+    assert "<img" not in rep["html"].read_text()
+    assert not (out / "results.sqlite").exists()  # the report reads; it never creates artefacts
+
+
+def test_pdf_fallback_without_browser(study, tmp_path, monkeypatch):
+    out, _ = study
+    monkeypatch.setattr(report, "find_browser", lambda: None)
+    rep = report.build_report(out)
+    assert rep["pdf_renderer"] == "matplotlib"
+    data = rep["pdf"].read_bytes()
+    assert data[:5] == b"%PDF-"
+    pages = len(re.findall(rb"/Type\s*/Page\b(?!s)", data))
+    # a contents page, at least one text page per section, and one page per figure
+    assert pages >= 1 + len(SECTION_TITLES) + 5, pages
+    assert not list((out / "report").glob(".*tmp"))  # atomic writes leave no temporaries
+
+
+def test_malformed_artefact_costs_only_its_section(tmp_path):
+    out = tmp_path / "out"
+    (out / "drift").mkdir(parents=True)
+    (out / "drift" / "comparison.json").write_text("{not json")
+    rep = report.build_report(out, pdf=False)
+    by_id = {s["id"]: s for s in rep["sections"]}
+    assert by_id["drift"]["status"] == "error"
+    assert "could not be built" in rep["html"].read_text()
+    assert len(rep["sections"]) == len(SECTION_TITLES)
+
+
+def test_fmt():
+    assert report.fmt(37.5) == "37.5"
+    assert report.fmt(0.123456) == "0.1235"
+    assert report.fmt(123456.7) == "123,457"
+    assert report.fmt(float("nan")) == "—" and report.fmt(None) == "—"
+    assert report.fmt(True) == "yes" and report.fmt(42) == "42" and report.fmt(134515008) == "134,515,008"
+    assert report.fmt([1.0, 2.5]) == "[1, 2.5]" and report.fmt({"a": 0.5}) == "a: 0.5"
+
+
+# Injected before the report's CSP meta so that it may run; it records script errors, console
+# errors, failed resource loads and CSP violations, then writes the image checks into the DOM.
+_PROBE = """<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push('error: ' + (e.message || (e.target && (e.target.src || e.target.href)) || e.type)), true);
+document.addEventListener('securitypolicyviolation', e => window.__errors.push('csp: ' + e.blockedURI + ' ' + e.violatedDirective));
+const __ce = console.error; console.error = (...a) => { window.__errors.push('console: ' + a.join(' ')); __ce(...a); };
+window.addEventListener('load', () => setTimeout(() => {
+  const imgs = Array.from(document.images).map(i => ({src: i.src.slice(0, 30), complete: i.complete, w: i.naturalWidth, h: i.naturalHeight}));
+  const pre = document.createElement('pre'); pre.id = '__probe';
+  pre.textContent = JSON.stringify({imgs, errors: window.__errors, sections: document.querySelectorAll('section').length,
+                                    width: document.documentElement.scrollWidth, viewport: window.innerWidth});
+  document.body.appendChild(pre);
+}, 50));
+</script>"""
+
+
+def test_report_renders_in_chromium(study, tmp_path):
+    browser = report.find_browser()
+    if browser is None:
+        pytest.skip("no Chromium binary (looked for chromium, chromium-browser, google-chrome); "
+                    "`apt-get install -y chromium` enables this browser check")
+    _, rep = study
+    html = rep["html"].read_text()
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.replace("<head>", "<head>" + _PROBE, 1))
+    r = report.run_chromium(browser, ["--dump-dom", "--virtual-time-budget=5000", "--window-size=1200,900"], probe.as_uri(), timeout=90)
+    m = re.search(r'<pre id="__probe">(.*?)</pre>', r.stdout, re.S)
+    assert m, f"probe did not run (exit {r.returncode}): {r.stderr[-2000:]}"
+    import html as _html
+
+    res = json.loads(_html.unescape(m.group(1)))
+    assert res["errors"] == []
+    assert res["sections"] == len(SECTION_TITLES)
+    assert len(res["imgs"]) == 5
+    for img in res["imgs"]:
+        assert img["complete"] and img["w"] > 0 and img["h"] > 0, img
+    assert res["width"] <= res["viewport"] + 1, "the page scrolls sideways: an image or table is not contained"

@@ -247,7 +247,7 @@ def cmd_drift(args, configs: Configs) -> int:
         from loradrift.weights import analyse_weights
 
         w = analyse_weights(cfg.out_dir, model_key(cfg.model), resolve_model_dir(cfg.model), tasks, rank_threshold=d.rank_threshold,
-                            intruder_k=d.intruder_k, intruder_eps=d.intruder_eps)
+                            intruder_k=d.intruder_k, intruder_eps=d.intruder_eps, modules=d.weight_modules)
         _table("Weight updates", w["summary"], ["task", "method", "seed", "n_modules", "mean_rel_norm", "mean_effective_rank", "total_intruders"])
     print(f"written under {cfg.out_dir}/drift" + (f" and {cfg.out_dir}/weights" if d.weights else ""))
     return 0

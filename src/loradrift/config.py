@@ -255,6 +255,7 @@ class DriftConfig(_Strict):
     intruder_k: int = Field(10, gt=0, description="top singular vectors of W_ft checked for intruders")
     intruder_eps: float = Field(0.6, gt=0, lt=1, description="max |cos| to every base singular vector below which a vector is an intruder")
     rank_threshold: float = Field(0.9, gt=0, le=1, description="share of ΔW's squared spectrum the effective rank must explain")
+    weight_modules: list[str] | None = Field(None, description="projections analysed in weight space (null = all seven); fewer is faster")
 
 
 class ServeBenchConfig(_Strict):

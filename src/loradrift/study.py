@@ -140,7 +140,7 @@ def phase3(cfg: RunConfig, tasks: list[str], say) -> None:
         from loradrift.weights import analyse_weights
 
         analyse_weights(cfg.out_dir, key, resolve_model_dir(cfg.model), tasks, rank_threshold=d.rank_threshold,
-                        intruder_k=d.intruder_k, intruder_eps=d.intruder_eps)
+                        intruder_k=d.intruder_k, intruder_eps=d.intruder_eps, modules=d.weight_modules)
         say("weights: tables and figures written")
     if cfg.study.serve and not (Path(cfg.out_dir) / "serve" / "overhead.json").exists():
         serve_bench(cfg, tasks)

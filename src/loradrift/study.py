@@ -147,10 +147,6 @@ def phase3(cfg: RunConfig, tasks: list[str], say) -> None:
         say("serving benchmark written")
     v = run_stats(cfg)["verdict"]
     say(f"hypotheses: H1 {v['H1']}, H2 {v['H2']}, H3 {v['H3']} → overall {v['overall']}")
-    from loradrift.report import build_report
-
-    rep = build_report(Path(cfg.out_dir))
-    say(f"report: {rep['html']}" + (f" and {rep['pdf']}" if rep.get("pdf") else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,8 +184,18 @@ def run_study(cfg_for: ConfigFor, phases: list[int], tasks: list[str] | None = N
             elif phase == 3:
                 phase3(base, tasks, say)
             timings.append({"phase": f"phase{phase}", "seconds": time.time() - t0})
-    result = {"phases": timings, "total_seconds": time.time() - t_start, "tasks": tasks, "finished": datetime.now(timezone.utc).isoformat()}
-    atomic_write_json(out / "study" / "timings.json", result)
+            result = {"phases": timings, "total_seconds": time.time() - t_start, "tasks": tasks,
+                      "finished": datetime.now(timezone.utc).isoformat()}
+            atomic_write_json(out / "study" / "timings.json", result)
+    if 3 in phases:
+        # Last, so the report sees every phase's timing (its own seconds are printed, not reported).
+        from loradrift.report import build_report
+
+        t0 = time.time()
+        rep = build_report(out)
+        say(f"report: {rep['html']}" + (f" and {rep['pdf']}" if rep.get("pdf") else ""))
+        timings.append({"phase": "report", "seconds": time.time() - t0})
+        result["total_seconds"] = time.time() - t_start
     return result
 
 

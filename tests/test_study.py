@@ -1,0 +1,62 @@
+"""The whole study on the tiny preset through the real CLI, and its resume after a kill."""
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def study_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "loradrift", "study", "--preset", "tiny", "--out", str(out), *extra]
+
+
+def test_tiny_study_end_to_end(tmp_path):
+    out = tmp_path / "study"
+    r = subprocess.run(study_cmd(out), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # Every phase left its artefacts.
+    for rel in ("study/manifest.json", "study/timings.json", "drift/comparison.json", "drift/drift_layers.csv",
+                "weights/summary.json", "serve/overhead.json", "stats/hypotheses.json", "search/optuna.db",
+                "report/report.html", "report/report.pdf"):
+        assert (out / rel).exists(), rel
+    with sqlite3.connect(out / "results.sqlite") as con:
+        kinds = dict(con.execute("SELECT kind, COUNT(*) FROM results GROUP BY kind").fetchall())
+    assert kinds["run"] == 24 and kinds["sanity"] == 8 and kinds["baseline"] == 8 and kinds["memory"] == 8
+    assert len(list((out / "configs" / "best").glob("*/*.yaml"))) == 8
+    hyp = json.loads((out / "stats" / "hypotheses.json").read_text())
+    assert hyp["H1"] and hyp["H2"] and hyp["H3"]
+    assert {"H1", "H2", "H3", "overall"} <= set(hyp["verdict"])
+    assert all(r["p_holm"] is not None for h in ("H1", "H2", "H3") for r in hyp[h] if r["p_value"] is not None)
+    html = (out / "report" / "report.html").read_text()
+    for title in ("Setup and presets", "Data and splits", "Sanity checks and baselines", "Hyperparameter search",
+                  "Performance", "Drift", "Weight-space analysis", "Serving benchmark", "Hypotheses", "Limitations",
+                  "Reproducibility manifest"):
+        assert title in html, title
+    assert "not run —" not in html  # every section had its artefacts
+    timings = json.loads((out / "study" / "timings.json").read_text())
+    assert [p["phase"] for p in timings["phases"]] == ["phase0", "phase1", "phase2", "phase3"]
+
+
+def test_study_killed_in_phase2_resumes_without_redoing_runs(tmp_path):
+    out = tmp_path / "study"
+    args = ("--phases", "0,2", "study.search=false")
+    proc = subprocess.Popen(study_cmd(out, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    finished: list[Path] = []
+    while time.time() < deadline and proc.poll() is None:
+        finished = list(out.glob("runs/*/*/*/*/result.json"))
+        if len(finished) >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = list(out.glob("runs/*/*/*/*/result.json"))
+    assert 3 <= len(finished) < 24, f"kill did not land mid-Phase-2 ({len(finished)} runs finished)"
+    before = {p: p.stat().st_mtime_ns for p in finished}
+    r = subprocess.run(study_cmd(out, *args), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items()), "a finished run was redone"
+    assert len(list(out.glob("runs/*/*/*/*/result.json"))) == 24

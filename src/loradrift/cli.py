@@ -179,28 +179,10 @@ def cmd_baselines(args, configs: Configs) -> int:
     return 0
 
 
-def _memory_worker(cfg_json: str, queue) -> None:
-    from loradrift.config import RunConfig
-    from loradrift.phase0 import memory_profile
-
-    queue.put(memory_profile(RunConfig.model_validate_json(cfg_json)))
-
-
 def cmd_memory(args, configs: Configs) -> int:
-    import multiprocessing as mp
+    from loradrift.phase0 import memory_profile_isolated
 
-    # One process per (task, method): CPU peak RSS is a process high-water mark.
-    ctx = mp.get_context("spawn")
-    rows = []
-    for task in _tasks(args.task):
-        for method in _methods(args.method):
-            q = ctx.Queue()
-            p = ctx.Process(target=_memory_worker, args=(configs(task, method).model_dump_json(), q))
-            p.start()
-            p.join()
-            if p.exitcode != 0:
-                raise RuntimeError(f"memory profile of {task}/{method} failed (exit {p.exitcode})")
-            rows.append(q.get())
+    rows = [memory_profile_isolated(configs(task, method)) for task in _tasks(args.task) for method in _methods(args.method)]
     _table("Peak training memory", rows, ["task", "method", "batch_size", "max_length", "device", "peak_memory_mb", "seconds_per_step"])
     return 0
 
@@ -293,7 +275,8 @@ def cmd_study(args, configs: Configs) -> int:
         raise ValueError(f"--phases: phases are 0, 1, 2, 3 (got {args.phases})")
     tasks = _tasks(args.tasks) if args.tasks else None
     try:
-        res = run_study(configs, phases, tasks, command="loradrift " + " ".join(sys.argv[1:]))
+        res = run_study(configs, phases, tasks, command="loradrift " + " ".join(sys.argv[1:]),
+                        use_ray=args.ray or args.ray_address is not None, ray_address=args.ray_address)
     except StudyStop as e:
         print(f"loradrift study: stopped: {e}", file=sys.stderr)
         return 1
@@ -359,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("study", parents=[parent], help=COMMANDS["study"][1])
     c.add_argument("--tasks", default=None, help="comma list of tasks for this machine (default: study.tasks)")
     c.add_argument("--phases", default="0,1,2,3", help="which phases to run, e.g. 0,1,2 on each machine, then 3 once")
+    c.add_argument("--ray", action="store_true", help="run Phase 2 as Ray tasks (pip install 'loradrift[ray]'; see docs/study.md)")
+    c.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster to join, e.g. auto (implies --ray; default: start a local one)")
     c.set_defaults(func=cmd_study)
 
     c = sub.add_parser("search", parents=[parent], help=COMMANDS["search"][1])

@@ -213,6 +213,8 @@ class SearchConfig(_Strict):
     max_retry: int = Field(2, ge=0, description="times a dead trial is retried with the same values")
     max_failures: int = Field(3, gt=0, description="a worker gives up after this many failed trials in a row")
     keep_trial_weights: bool = Field(False, description="keep adapters/models/snapshots of trials (large)")
+    trial_max_steps: int | None = Field(None, gt=0, description="optimizer steps of one trial (null = train.max_steps); "
+                                        "shorter trials buy more trials in a fixed budget; not written to the best config")
     pruner: PrunerConfig = PrunerConfig()
     spaces: dict[Literal["full", "lora"], list[ParamSpec]] = Field(default_factory=_default_spaces)
     fixed: dict[Literal["full", "lora"], dict[str, Any]] = Field(

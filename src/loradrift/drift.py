@@ -62,8 +62,6 @@ Speed: each snapshot file is read once (all layers together), the base side of C
 
 from __future__ import annotations
 
-import csv
-import io as _stdio
 import itertools
 import json
 import logging
@@ -71,13 +69,13 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
-from loradrift.io import atomic_path, atomic_write_json, atomic_write_text
+from loradrift.io import atomic_path, atomic_write_json, json_safe, write_csv
 from loradrift.similarity import BaseSide, cka_against_base, cosine_layers, debiased_cka, rbf_cka
 
 __all__ = [
@@ -440,32 +438,6 @@ def _compare(task: str, metric: str, final: dict, n_boot: int, boot_seed: int, c
 # --------------------------------------------------------------------------
 
 
-def _fmt(v: Any) -> Any:
-    if isinstance(v, (float, np.floating)):
-        return "" if not math.isfinite(v) else repr(float(v))
-    return v
-
-
-def _write_csv(path: Path, columns: list[str], rows: Iterable[dict]) -> None:
-    buf = _stdio.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({c: _fmt(r.get(c, "")) for c in columns})
-    atomic_write_text(path, buf.getvalue())
-
-
-def _json_safe(o: Any) -> Any:
-    # NaN is not valid JSON; null is what a reader in another language expects.
-    if isinstance(o, dict):
-        return {k: _json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_json_safe(v) for v in o]
-    if isinstance(o, (float, np.floating)):
-        return float(o) if math.isfinite(o) else None
-    return o
-
-
 def _comparison_row(task: str, c: dict) -> dict:
     return {
         "task": task, "primary_metric": c["primary_metric"],
@@ -593,10 +565,10 @@ def analyse_drift(
         log.warning("no drift rows for model %s, tasks %s; nothing written", model, list(tasks))
         return {"comparison": comparison, "files": files}
 
-    _write_csv(drift_dir / "drift_layers.csv", LAYER_COLUMNS, all_rows)
-    _write_csv(drift_dir / "comparison.csv", COMPARISON_COLUMNS,
+    write_csv(drift_dir / "drift_layers.csv", LAYER_COLUMNS, all_rows)
+    write_csv(drift_dir / "comparison.csv", COMPARISON_COLUMNS,
                [_comparison_row(t, c) for t, c in comparison.items()])
-    atomic_write_json(drift_dir / "comparison.json", _json_safe(comparison))
+    atomic_write_json(drift_dir / "comparison.json", json_safe(comparison))
     files = [drift_dir / "drift_layers.csv", drift_dir / "comparison.csv",
              drift_dir / "comparison.json", *files]
     return {"comparison": comparison, "files": files}

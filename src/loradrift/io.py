@@ -117,3 +117,38 @@ class ResultsStore:
                 out.append(dict(zip(["kind", "model", "task", "method", "seed", "config_hash", "run_dir", "metrics", "created"], r)))
                 out[-1]["metrics"] = json.loads(out[-1]["metrics"])
             return out
+
+
+def json_safe(o: Any) -> Any:
+    """NaN and inf are not valid JSON; null is what a reader in another language expects."""
+    import math
+
+    if isinstance(o, dict):
+        return {k: json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
+    if isinstance(o, float) or type(o).__name__ in ("float32", "float64"):
+        return float(o) if math.isfinite(o) else None
+    return o
+
+
+def write_csv(path: Path, columns: list[str], rows) -> None:
+    """A CSV with these columns (extra keys ignored); missing and non-finite values are empty,
+    floats keep full precision."""
+    import csv
+    import io as _stdio
+    import math
+
+    def fmt(v: Any) -> Any:
+        if v is None:
+            return ""
+        if isinstance(v, float) or type(v).__name__ in ("float32", "float64"):
+            return repr(float(v)) if math.isfinite(v) else ""
+        return v
+
+    buf = _stdio.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: fmt(r.get(c)) for c in columns})
+    atomic_write_text(path, buf.getvalue())

@@ -62,7 +62,7 @@ def sanity_check(cfg: RunConfig) -> dict:
     for step in range(s.max_steps):
         loss, _, _ = train_step(ctx, order, step, opt, sched)
         steps = step + 1
-        if steps % 10 == 0 or steps == s.max_steps:
+        if steps % 5 == 0 or steps == s.max_steps:
             score = float(evaluate(ctx, "val")[metric])
             if score >= threshold:
                 break
@@ -150,8 +150,8 @@ def extract_base(cfg: RunConfig, force: bool = False) -> Path:
 
 def memory_profile(cfg: RunConfig, steps: int = 2) -> dict:
     """Peak memory of a few training steps at the preset's batch size. On CUDA the allocator's
-    peak for this process; on CPU the growth of the process's peak RSS (a high-water mark, so run
-    one (task, method) per process for clean numbers, as the CLI does)."""
+    peak for this process; on CPU the process's peak RSS, a high-water mark: use
+    `memory_profile_isolated` for one clean process per (task, method)."""
     import resource
 
     from loradrift.train import BatchOrder, make_optimizer, setup, train_step
@@ -175,6 +175,27 @@ def memory_profile(cfg: RunConfig, steps: int = 2) -> dict:
     r = {"task": cfg.task, "method": cfg.method.name, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
          "max_length": cfg.model.max_length, "device": str(ctx.device), "peak_memory_mb": peak,
          "rss_before_mb": before if ctx.device.type == "cpu" else None, "seconds_per_step": (time.time() - t0) / steps}
+    return r
+
+
+def _memory_worker(cfg_json: str, queue) -> None:
+    queue.put(memory_profile(RunConfig.model_validate_json(cfg_json)))
+
+
+def memory_profile_isolated(cfg: RunConfig) -> dict:
+    """`memory_profile` in a fresh process, because a CPU's peak RSS is a process high-water
+    mark: profiling several (task, method) pairs in one process would report the largest for
+    all. The row is stored in the results store."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_memory_worker, args=(cfg.model_dump_json(), q))
+    p.start()
+    p.join()
+    if p.exitcode != 0:
+        raise RuntimeError(f"memory profile of {cfg.task}/{cfg.method.name} failed (exit {p.exitcode})")
+    r = q.get()
     _store(cfg).put("memory", model_key(cfg.model), cfg.task, cfg.method.name, cfg.seed, cfg.science_hash(), r)
     return r
 

@@ -65,10 +65,16 @@ def _nested(dotted: dict[str, Any]) -> dict:
     return out
 
 
-def trial_config(cfg: RunConfig, overrides: dict[str, Any], out_dir: Path, seed: int) -> RunConfig:
-    """The config a trial trains with: the study's base config + the trial's dotted overrides."""
+def trial_config(cfg: RunConfig, overrides: dict[str, Any], out_dir: Path, seed: int,
+                 max_steps: int | None = None) -> RunConfig:
+    """The config a trial trains with: the study's base config + the trial's dotted overrides
+    (+ the shorter trial length `search.trial_max_steps`, which is not part of the best config)."""
     raw = deep_merge(cfg.model_dump(mode="json"), _nested(overrides))
     raw = deep_merge(raw, TRIAL_ONLY)
+    if max_steps is not None:
+        raw["train"]["max_steps"] = max_steps
+        if raw["train"].get("eval_every") and raw["train"]["eval_every"] >= max_steps:
+            raw["train"]["eval_every"] = max(1, max_steps // 2)
     raw.update(out_dir=str(out_dir), seed=seed)
     return _validate(raw, "search trial")
 
@@ -273,7 +279,7 @@ def run_search(cfg: RunConfig, search_cfg: SearchConfig | dict | None = None, tr
         overrides = {**fixed, **{p.name: p.suggest(trial) for p in space}}
         # A retried trial (its worker died) continues the dead one's run from its checkpoint.
         origin = frozen.system_attrs.get("failed_trial", trial.number)
-        tcfg = trial_config(cfg, overrides, trial_root / f"trial_{origin}", scfg.seed)
+        tcfg = trial_config(cfg, overrides, trial_root / f"trial_{origin}", scfg.seed, scfg.trial_max_steps)
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("config_hash", tcfg.science_hash())
         trial.set_user_attr("trial_dir", str(tcfg.out_dir))

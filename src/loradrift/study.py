@@ -53,7 +53,7 @@ def best_config_path(cfg: RunConfig, task: str, method: str) -> Path:
 
 def phase0(cfg_for: ConfigFor, tasks: list[str], methods: list[str], store: ResultsStore, say) -> None:
     from loradrift.data import load_task, summary
-    from loradrift.phase0 import baselines, extract_base, memory_profile, sanity_check
+    from loradrift.phase0 import baselines, extract_base, memory_profile_isolated, sanity_check
 
     for task in tasks:
         cfg = cfg_for(task)
@@ -85,7 +85,7 @@ def phase0(cfg_for: ConfigFor, tasks: list[str], methods: list[str], store: Resu
         for method in methods:
             mcfg = cfg_for(task, method)
             if not store.rows("memory", model=model_key(mcfg.model), task=task, method=method, config_hash=mcfg.science_hash()):
-                r = memory_profile(mcfg)
+                r = memory_profile_isolated(mcfg)
                 say(f"memory {task}/{method}: {r['peak_memory_mb']:.0f} MB peak")
 
 
@@ -153,7 +153,13 @@ def phase3(cfg: RunConfig, tasks: list[str], say) -> None:
 # the whole study
 
 
-def run_study(cfg_for: ConfigFor, phases: list[int], tasks: list[str] | None = None, command: str = "") -> dict:
+def run_study(cfg_for: ConfigFor, phases: list[int], tasks: list[str] | None = None, command: str = "",
+              use_ray: bool = False, ray_address: str | None = None) -> dict:
+    """`use_ray`: Phase 2 runs as Ray tasks (loradrift.cluster); `ray_address` None = a local cluster."""
+    if use_ray and 2 in phases:
+        from loradrift.cluster import import_ray
+
+        import_ray()  # now, not after hours of Phase 0 and 1
     base = cfg_for()
     tasks = tasks or list(base.study.tasks)
     methods, seeds = list(base.study.methods), list(base.study.seeds)
@@ -180,7 +186,13 @@ def run_study(cfg_for: ConfigFor, phases: list[int], tasks: list[str] | None = N
                 else:
                     say("search disabled (study.search=false): Phase 2 uses the config as it is")
             elif phase == 2:
-                phase2(phase2_grid(cfg_for, tasks, methods, seeds), progress, say)
+                grid = phase2_grid(cfg_for, tasks, methods, seeds)
+                if use_ray:
+                    from loradrift.cluster import run_grid_on_ray
+
+                    run_grid_on_ray(grid, ray_address, say)
+                else:
+                    phase2(grid, progress, say)
             elif phase == 3:
                 phase3(base, tasks, say)
             timings.append({"phase": f"phase{phase}", "seconds": time.time() - t0})

@@ -360,11 +360,12 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
         st = load_checkpoint(last_ckpt, ctx, opt, sched)
         step, log, curve, pending = st["step"], st["log"], st["curve"], st["pending"]
         best_score, bad_evals, tokens, train_time = st["best_score"], st["bad_evals"], st["tokens"], st["train_time"]
+        stopped_early = st["stopped_early"]
     else:
         snapshot(0)
+        stopped_early = False
 
     ctx.model.train()
-    stopped_early = False
     while step < total and not stopped_early:
         evaluated = None
         ts = time.time()
@@ -384,17 +385,21 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
             curve.append({"step": step, ctx.spec.primary: score})
             if score > best_score:
                 best_score, bad_evals = score, 0
-                ckpt_dir.mkdir(exist_ok=True)
-                with atomic_path(best_ckpt) as tmp:
-                    torch.save({"step": step, "params": _trainable_state(ctx), "score": score}, tmp)
+                if cfg.train.restore_best:  # nothing else reads it, and for full FT it is the whole model
+                    ckpt_dir.mkdir(exist_ok=True)
+                    with atomic_path(best_ckpt) as tmp:
+                        torch.save({"step": step, "params": _trainable_state(ctx), "score": score}, tmp)
             else:
                 bad_evals += 1
                 if cfg.train.early_stopping_patience and bad_evals >= cfg.train.early_stopping_patience:
                     stopped_early = True
-        if step % cfg.train.checkpoint_every == 0 or stopped_early:
+        # No checkpoint at the last step: the final export follows at once (a kill during it
+        # resumes from the previous checkpoint).
+        if (step % cfg.train.checkpoint_every == 0 or stopped_early) and step < total:
             ckpt_dir.mkdir(exist_ok=True)
             save_checkpoint(last_ckpt, ctx, step, opt, sched,
                             {"log": log, "curve": curve, "pending": pending, "best_score": best_score, "bad_evals": bad_evals,
+                             "stopped_early": stopped_early,
                              "tokens": tokens, "train_time": train_time})
         if on_step:
             on_step(step, total)

@@ -38,8 +38,6 @@ values come exactly from two QRs of its factors (an r x r SVD), not from the den
 
 from __future__ import annotations
 
-import csv
-import io as _stdio
 import json
 import logging
 import math
@@ -53,7 +51,7 @@ import scipy.linalg
 import torch
 from safetensors import safe_open
 
-from loradrift.io import atomic_path, atomic_write_json, atomic_write_text
+from loradrift.io import atomic_path, atomic_write_json, write_csv
 
 __all__ = [
     "PROJECTIONS",
@@ -369,21 +367,6 @@ def _discover_runs(out_dir: Path, model: str, tasks: Sequence[str], methods: Seq
     return found
 
 
-def _fmt(v: Any) -> Any:
-    if isinstance(v, (float, np.floating)):
-        return "" if not math.isfinite(v) else repr(float(v))
-    return v
-
-
-def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    buf = _stdio.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({c: _fmt(r.get(c, "")) for c in columns})
-    atomic_write_text(path, buf.getvalue())
-
-
 def _summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple[str, str, int], list[dict]] = {}
     for r in rows:
@@ -503,8 +486,8 @@ def analyse_weights(
     summary = _summarise(rows)
     summary_cols = ["task", "method", "seed", "n_modules", "mean_rel_norm", "mean_effective_rank",
                     "total_intruders"]
-    _write_csv(weights_dir / "weights_layers.csv", layer_cols, rows)
-    _write_csv(weights_dir / "summary.csv", summary_cols, summary)
+    write_csv(weights_dir / "weights_layers.csv", layer_cols, rows)
+    write_csv(weights_dir / "summary.csv", summary_cols, summary)
     settings = {"model": model, "top_k": top_k, "rank_threshold": rank_threshold,
                 "intruder_k": intruder_k, "intruder_eps": intruder_eps, "modules": sorted(wanted)}
     by_task: dict[str, dict[str, dict]] = {}

@@ -1,0 +1,65 @@
+"""Phase 2 on Ray (loradrift.cluster), on a local `ray.init()` only: the same numbers as
+sequential training, failures collected, finished runs skipped, and a clear error without ray."""
+
+import json
+import os
+import sys
+
+import pytest
+
+from loradrift.train import run_dir_for, train_run
+
+
+@pytest.fixture
+def ray_local(data_dir):
+    ray = pytest.importorskip("ray")
+    # Workers are separate processes: they need the test's model cache (the tiny model is
+    # built there) and data folder, which conftest only sets in this process.
+    env = {"LORADRIFT_CACHE": os.environ["LORADRIFT_CACHE"], "LORADRIFT_DATA": str(data_dir), "TOKENIZERS_PARALLELISM": "false"}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_grid_on_ray_matches_sequential_collects_failures_and_skips_finished(tiny_cfg, ray_local, tmp_path):
+    from loradrift.cluster import GridError, run_grid_on_ray
+
+    grid = [tiny_cfg("sst2", m, s) for m in ("full", "lora") for s in (42, 1337)]
+    # The reference runs go first, in this process: they also build the tiny model in the cache,
+    # so the workers do not race to build it.
+    sequential = {(c.task, c.method.name, c.seed): train_run(c.model_copy(update={"out_dir": tmp_path / "seq"})) for c in grid}
+
+    bad = tiny_cfg("sst2", "lora", 7, overrides=[f"data.data_dir={tmp_path / 'no-such-data'}"])
+    said: list[str] = []
+    with pytest.raises(GridError) as exc:
+        run_grid_on_ray([*grid, bad], say=said.append)
+    assert [f[:3] for f in exc.value.failures] == [("sst2", "lora", 7)]
+    assert "DataError" in exc.value.failures[0][3] and "sst2/lora/seed7" in str(exc.value)
+    assert sum("done" in s for s in said) == 4 and any(s.startswith("run 5/5") for s in said)
+
+    # The other runs finished despite the failure, with the numbers of sequential training.
+    for c in grid:
+        r = json.loads((run_dir_for(c) / "result.json").read_text())
+        ref = sequential[(c.task, c.method.name, c.seed)]
+        assert r["config_hash"] == ref["config_hash"]
+        assert r["dev"] == ref["dev"] and r["val"] == ref["val"], (c.method.name, c.seed)
+
+    mtimes = [(run_dir_for(c) / "result.json").stat().st_mtime_ns for c in grid]
+    said.clear()
+    again = run_grid_on_ray(grid, say=said.append)
+    assert [r["seed"] for r in again] == [c.seed for c in grid] and [r["method"] for r in again] == [c.method.name for c in grid]
+    assert mtimes == [(run_dir_for(c) / "result.json").stat().st_mtime_ns for c in grid]
+    assert said == ["ray: 4 of 4 runs already finished"]
+
+
+def test_missing_ray_is_a_clear_error_before_any_work(monkeypatch, tiny_cfg, tmp_path, capsys):
+    from loradrift.cli import main
+    from loradrift.cluster import RayMissing, run_grid_on_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(RayMissing, match=r"pip install 'loradrift\[ray\]'"):
+        run_grid_on_ray([tiny_cfg("sst2", "lora")])
+    out = tmp_path / "study"
+    assert main(["study", "--preset", "tiny", "--out", str(out), "--phases", "0,2", "--ray"]) == 2
+    assert "pip install 'loradrift[ray]'" in capsys.readouterr().err
+    assert not (out / "results.sqlite").exists()  # refused before Phase 0 started

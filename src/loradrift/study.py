@@ -236,6 +236,8 @@ def write_manifest(cfg: RunConfig, cfg_for: ConfigFor, tasks: list[str], command
             parts = line.split()
             if len(parts) == 2:
                 checksums[parts[1]] = parts[0]
+    from loradrift.models import describe, resolve_model_dir
+
     device = {"cuda": torch.cuda.is_available(), "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         device["gpu"] = torch.cuda.get_device_name(0)
@@ -243,6 +245,7 @@ def write_manifest(cfg: RunConfig, cfg_for: ConfigFor, tasks: list[str], command
         "preset": cfg.preset, "command": command or " ".join(sys.argv), "started": datetime.now(timezone.utc).isoformat(),
         "config": cfg.model_dump(mode="json"),
         "configs_by_task": {t: cfg_for(t).model_dump(mode="json", include={"model", "data", "train", "probe", "method"}) for t in tasks},
+        "model_info": describe(resolve_model_dir(cfg.model)),
         "versions": versions, "git_commit": commit, "data_dir": str(data_dir) if data_dir else None, "data_checksums": checksums,
         "device": device, "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
                                       "cpus": __import__("os").cpu_count()},

@@ -10,6 +10,7 @@ baselines, base representations, and a memory profile.
 from __future__ import annotations
 
 import random
+import resource
 import time
 from pathlib import Path
 
@@ -148,34 +149,52 @@ def extract_base(cfg: RunConfig, force: bool = False) -> Path:
 # memory profile
 
 
-def memory_profile(cfg: RunConfig, steps: int = 2) -> dict:
-    """Peak memory of a few training steps at the preset's batch size. On CUDA the allocator's
-    peak for this process; on CPU the process's peak RSS, a high-water mark: use
-    `memory_profile_isolated` for one clean process per (task, method)."""
-    import resource
+def _reset_peak_rss() -> bool:
+    """Linux lets a process reset its peak RSS (VmHWM) by writing 5 to clear_refs, so the peak of
+    the training steps is not hidden under the (larger) peak of loading the weights."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_profile(cfg: RunConfig, steps: int = 2) -> dict:
+    """Peak memory of a few training steps at the preset's batch size, longest examples first.
+    CUDA: the allocator's peak. CPU: the process's peak RSS during the steps (reset before them
+    where Linux allows; otherwise the whole process's high-water mark, flagged in the row).
+    `memory_profile_isolated` runs it in a fresh process."""
     from loradrift.train import BatchOrder, make_optimizer, setup, train_step
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ctx = setup(cfg)
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     opt, sched = make_optimizer(ctx, cfg.train.lr_for(cfg.method.name), steps)
     # Longest examples first: the profile should reflect the worst batch, not a lucky one.
     ctx.feats["train"] = sorted(ctx.feats["train"], key=lambda f: -len(f["input_ids"]))
     order = BatchOrder(len(ctx.feats["train"]), cfg.train.batch_size, cfg.seed)
     order._perm = (0, list(range(len(ctx.feats["train"]))))
+    cuda = ctx.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    reset = _reset_peak_rss() if not cuda else None
+    rss_start = _peak_rss_mb()
     t0 = time.time()
     for s in range(steps):
         train_step(ctx, order, s, opt, sched)
-    if ctx.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    r = {"task": cfg.task, "method": cfg.method.name, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
-         "max_length": cfg.model.max_length, "device": str(ctx.device), "peak_memory_mb": peak,
-         "rss_before_mb": before if ctx.device.type == "cpu" else None, "seconds_per_step": (time.time() - t0) / steps}
-    return r
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
+    return {"task": cfg.task, "method": cfg.method.name, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
+            "max_length": cfg.model.max_length, "device": str(ctx.device), "peak_memory_mb": peak,
+            "rss_before_steps_mb": None if cuda else rss_start, "peak_is_whole_process": (not reset) if not cuda else False,
+            "seconds_per_step": (time.time() - t0) / steps}
 
 
 def _memory_worker(cfg_json: str, queue) -> None:

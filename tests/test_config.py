@@ -84,3 +84,19 @@ def test_science_hash_ignores_later_phase_settings():
     a = resolve_config(preset="tiny")
     b = resolve_config(preset="tiny", overrides=["serve.rounds=9", "drift.n_boot=5", "stats.seed=3", "study.seeds=[1]"])
     assert a.science_hash() == b.science_hash()
+
+
+def test_a_config_file_beats_the_presets_per_task_block(tmp_path):
+    """A best-config YAML must be able to set what a preset sets per task (e.g. batch size)."""
+    f = tmp_path / "best.yaml"
+    f.write_text("train:\n  batch_size: 8\nmodel:\n  max_length: 100\n")
+    cfg = resolve_config(preset="smollm2", task="squad_v2", files=[f])
+    assert cfg.train.batch_size == 8 and cfg.model.max_length == 100
+    assert resolve_config(preset="smollm2", task="squad_v2").train.batch_size == 4
+
+
+def test_bad_key_in_an_unused_per_task_block_is_reported(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("per_task:\n  rte:\n    train:\n      lrr: 1\n")
+    with pytest.raises(ConfigError, match=r"(?s)per_task\.rte.*train\.lrr: unknown config key"):
+        resolve_config(preset="tiny", task="sst2", files=[f])

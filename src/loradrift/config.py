@@ -424,30 +424,37 @@ def resolve_config(
     task: str | None = None,
     **fields: Any,
 ) -> RunConfig:
-    """Preset → files → overrides (→ per_task block of `task`) → validated RunConfig.
+    """Preset → files → overrides → validated RunConfig.
 
+    Each layer's `per_task.<task>` block applies right after that layer, so a preset's per-task
+    setting is a default that a later `--config` file (a best-config YAML, say) can override.
     Keyword `fields` are top-level values set by a command (task, seed, out_dir), applied like
     overrides.
     """
-    raw = load_preset(preset or DEFAULT_PRESET)
-    origin = [f"preset {preset or DEFAULT_PRESET}"]
-    for f in files or []:
-        raw = deep_merge(raw, _read_yaml(Path(f), str(f)))
-        origin.append(str(f))
+    name = preset or DEFAULT_PRESET
+    layers = [(f"preset {name}", load_preset(name))] + [(str(f), _read_yaml(Path(f), str(f))) for f in files or []]
     over: dict = {}
     for item in overrides or []:
         over = deep_merge(over, parse_override(item))
     over = deep_merge(over, {k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items() if v is not None})
     if task is not None:
         over["task"] = task
-    raw = deep_merge(raw, over)
-    # Validate once without per_task blocks so a bad key there is reported, then apply the task's block.
-    cfg = _validate(raw, " + ".join(origin))
-    if cfg.task is not None and cfg.task in raw.get("per_task", {}):
-        task_raw = deep_merge(raw, raw["per_task"][cfg.task])
-        task_raw = deep_merge(task_raw, over)
-        cfg = _validate(task_raw, " + ".join(origin) + f" + per_task.{cfg.task}")
-    return cfg
+    origin = " + ".join(o for o, _ in layers)
+
+    flat: dict = {}
+    for _, layer in layers:
+        flat = deep_merge(flat, layer)
+    cfg = _validate(deep_merge(flat, over), origin)
+    # Every per_task block must be valid, not only the one this command happens to use.
+    for t, block in cfg.per_task.items():
+        _validate(deep_merge(deep_merge(flat, block), over), f"{origin}, per_task.{t}")
+    if cfg.task is None:
+        return cfg
+    raw: dict = {}
+    for _, layer in layers:
+        raw = deep_merge(raw, layer)
+        raw = deep_merge(raw, layer.get("per_task", {}).get(cfg.task, {}))
+    return _validate(deep_merge(raw, over), f"{origin} for task {cfg.task}")
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

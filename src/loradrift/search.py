@@ -97,18 +97,6 @@ def validate_space(cfg: RunConfig, space: list[ParamSpec], fixed: dict[str, Any]
             _validate(deep_merge(base, _nested({name: value})), f"search parameter {name}={value!r}")
         except ConfigError as e:
             raise ConfigError(f"search parameter {name!r}: value {value!r} is invalid: {e}") from None
-        # resolve_config applies per_task blocks after --config files, so a best-config YAML could
-        # not override a key the task's per_task block sets.
-        if cfg.task and name in _flat(cfg.per_task.get(cfg.task, {})):
-            raise ConfigError(f"search parameter {name!r}: also set by per_task.{cfg.task}; "
-                              f"the best-config YAML could not override it")
-
-
-def _flat(d: dict, prefix: str = "") -> set[str]:
-    keys = set()
-    for k, v in d.items():
-        keys |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
-    return keys
 
 
 # ---------------------------------------------------------------------------------------------

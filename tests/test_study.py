@@ -43,7 +43,8 @@ def test_tiny_study_end_to_end(tmp_path):
 def test_study_killed_in_phase2_resumes_without_redoing_runs(tmp_path):
     out = tmp_path / "study"
     args = ("--phases", "0,2", "study.search=false")
-    proc = subprocess.Popen(study_cmd(out, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "first.log"
+    proc = subprocess.Popen(study_cmd(out, *args), stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     deadline = time.time() + 600
     finished: list[Path] = []
     while time.time() < deadline and proc.poll() is None:
@@ -54,7 +55,7 @@ def test_study_killed_in_phase2_resumes_without_redoing_runs(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = list(out.glob("runs/*/*/*/*/result.json"))
-    assert 3 <= len(finished) < 24, f"kill did not land mid-Phase-2 ({len(finished)} runs finished)"
+    assert 3 <= len(finished) < 24, f"kill did not land mid-Phase-2 ({len(finished)} runs finished): {log.read_text()[-3000:]}"
     before = {p: p.stat().st_mtime_ns for p in finished}
     r = subprocess.run(study_cmd(out, *args), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

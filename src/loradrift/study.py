@@ -90,7 +90,7 @@ def phase0(cfg_for: ConfigFor, tasks: list[str], methods: list[str], store: Resu
 
 
 def phase1(cfg_for: ConfigFor, tasks: list[str], methods: list[str], say) -> None:
-    from loradrift.search import run_search
+    from loradrift.search import run_search, search_report
 
     for task in tasks:
         for method in methods:
@@ -99,6 +99,9 @@ def phase1(cfg_for: ConfigFor, tasks: list[str], methods: list[str], say) -> Non
                 continue
             r = run_search(cfg)
             say(f"search {task}/{method}: best {r['best_value']:.4g} → {r['best_config']}")
+    cfg = cfg_for()
+    search_report(cfg.out_dir, storage=cfg.search.storage, tasks=tasks, methods=methods, search_cfg=cfg.search)
+    say(f"search report: {cfg.out_dir}/search/report")
 
 
 def phase2_grid(cfg_for: ConfigFor, tasks: list[str], methods: list[str], seeds: list[int]) -> list[RunConfig]:

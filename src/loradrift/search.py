@@ -20,6 +20,7 @@ import math
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,22 @@ def default_storage(out_dir: Path) -> str:
     return f"sqlite:///{(Path(out_dir) / 'search' / 'optuna.db').resolve()}"
 
 
+@contextmanager
+def _creation_lock(url: str):
+    path = url.split(":///", 1)[-1].split("?", 1)[0] if url.startswith("sqlite:") else ""
+    if not path or path == ":memory:":
+        yield
+        return
+    import fcntl
+
+    with open(path + ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def open_storage(url: str, search_cfg: SearchConfig):
     """RDBStorage with heartbeats, so a trial whose worker died is failed and retried."""
     import optuna
@@ -123,10 +140,11 @@ def open_storage(url: str, search_cfg: SearchConfig):
             except OSError as e:
                 raise SearchError(f"storage {_safe_url(url)}: cannot create its folder ({e.strerror})") from None
     last: Exception | None = None
-    # Workers started together race to create the tables; the loser just tries again.
+    # Workers started together race to create the tables (and Optuna's alembic version row); on
+    # one machine a file lock serialises that, elsewhere the loser just tries again.
     for attempt in range(5):
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _creation_lock(url):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return RDBStorage(
                     url, engine_kwargs=engine_kwargs,
@@ -138,7 +156,7 @@ def open_storage(url: str, search_cfg: SearchConfig):
             raise SearchError(f"storage {_safe_url(url)}: no database driver for it ({e.__cause__ or e})") from None
         except Exception as e:  # sqlalchemy errors: unreachable host, bad credentials, bad URL
             last = e
-            if "already exists" not in str(e) and "locked" not in str(e):
+            if not any(m in str(e) for m in ("already exists", "locked", "UNIQUE constraint failed")):
                 break
             time.sleep(0.5 * (attempt + 1))
     raise SearchError(f"storage {_safe_url(url)}: cannot open it ({type(last).__name__}: {_first_line(last)})")

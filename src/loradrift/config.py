@@ -457,6 +457,11 @@ def resolve_config(
     return _validate(deep_merge(raw, over), f"{origin} for task {cfg.task}")
 
 
+def load_run_config(path: Path) -> RunConfig:
+    """A resolved config saved with a run (`config.yaml`), validated again."""
+    return _validate(_read_yaml(Path(path), str(path)), str(path))
+
+
 def save_config(cfg: RunConfig, path: Path) -> None:
     from loradrift.io import atomic_write_text
 

@@ -24,11 +24,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from loradrift.config import RunConfig, save_config
+from loradrift.config import RunConfig, load_run_config, save_config
 from loradrift.data import TaskData, collate, encode, load_task, probe_examples, rows_as_squad_json
 from loradrift.io import ResultsStore, atomic_path, atomic_write_json
 from loradrift.metrics import compute_metrics, squad_v2_evaluate
-from loradrift.models import build_task_model, compute_dtype, is_decoder, load_tokenizer, model_key, resolve_model_dir
+from loradrift.models import build_task_model, compute_dtype, is_decoder, load_backbone, load_tokenizer, model_key, resolve_model_dir
 from loradrift.representations import encode_probe, extract, save_snapshot, snapshot_path, write_index
 from loradrift.tasks import TaskSpec, get_task
 
@@ -326,9 +326,7 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
     rd.mkdir(parents=True, exist_ok=True)
     prev_cfg = rd / "config.yaml"
     if prev_cfg.exists() and (rd / "checkpoints").exists():
-        from loradrift.config import _read_yaml, _validate
-
-        old = _validate(_read_yaml(prev_cfg, str(prev_cfg)), str(prev_cfg))
+        old = load_run_config(prev_cfg)
         if old.science_hash() != chash:
             raise RunConflict(f"{rd}: an unfinished run with another config is there; use --force to restart it")
     save_config(cfg, prev_cfg)
@@ -467,18 +465,14 @@ def export_merged(run_dir: Path, out: Path | None = None) -> Path:
     """Fold a LoRA run's adapter into the base weights: a plain CausalLM folder for serving."""
     from peft import PeftModel
 
-    from loradrift.config import _read_yaml, _validate
-
     run_dir = Path(run_dir)
     out = Path(out or run_dir / "merged")
     if (out / "config.json").exists():
         return out
-    cfg = _validate(_read_yaml(run_dir / "config.yaml", str(run_dir / "config.yaml")), str(run_dir / "config.yaml"))
+    cfg = load_run_config(run_dir / "config.yaml")
     if not (run_dir / "adapter" / "adapter_config.json").exists():
         raise FileNotFoundError(f"{run_dir}: no adapter/ folder (only LoRA runs can be merged)")
     model_dir = resolve_model_dir(cfg.model)
-    from loradrift.models import load_backbone
-
     base = load_backbone(model_dir, True, torch.float32)
     merged = PeftModel.from_pretrained(base, run_dir / "adapter").merge_and_unload()
     tmp = out.with_name(out.name + ".tmp")

@@ -27,7 +27,7 @@ def test_override_types_and_precedence(tmp_path):
 
 def test_per_task_block_applies_only_to_its_task_and_cli_still_wins():
     assert resolve_config(preset="smollm2", task="squad_v2").model.max_length == 128
-    assert resolve_config(preset="smollm2", task="sst2").model.max_length == 96
+    assert resolve_config(preset="smollm2", task="sst2").model.max_length == 64
     assert resolve_config(preset="smollm2", task="squad_v2", overrides=["model.max_length=100"]).model.max_length == 100
 
 

@@ -259,3 +259,16 @@ def test_tune_rank_searches_r_only_for_lora(tmp_path, data_dir):
     assert fixed == {"method.lora.r": 8} and "method.lora.r" not in [p.name for p in space]
     with pytest.raises(ConfigError, match="only LoRA"):
         SearchConfig().space_for("full", tune_rank=True)
+
+
+def test_a_trial_skips_snapshots_and_dev_and_evaluates_midway(tiny_cfg, tmp_path):
+    from loradrift.train import train_run
+
+    cfg = tiny_cfg("sst2", "lora", overrides=["train.eval_every=null"])
+    t = trial_config(cfg, {}, tmp_path / "trial", 0, 4)
+    assert not t.probe.enabled and not t.train.eval_dev and t.train.eval_every == 2
+    r = train_run(t)
+    assert r["dev"] is None and r["dev_examples"] == 0 and r["snapshot_steps"] == []
+    assert not (Path(r["run_dir"]) / "snapshots").exists()
+    # the pruner needs an intermediate score; the final one closes the curve
+    assert [c["step"] for c in r["val_curve"]] == [2, 4]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from loradrift.io import ResultsStore
 from loradrift.phase0 import extract_base
-from loradrift.train import RunConflict, export_merged, run_dir_for, train_run
+from loradrift.train import RunConflict, export_merged, predict, run_dir_for, setup, train_run
 
 
 @pytest.mark.parametrize("task", ["sst2", "squad_v2"])
@@ -45,17 +45,27 @@ def test_run_writes_a_complete_run_folder(tiny_cfg, task, method):
 
 
 def test_step0_snapshot_equals_base_and_training_moves_it(tiny_cfg):
-    for method in ("lora", "full"):
-        cfg = tiny_cfg("rte", method)
-        base = load_file(str(extract_base(cfg)))
-        r = train_run(cfg)
+    cfgs = {m: tiny_cfg("rte", m) for m in ("lora", "full")}
+    runs = {m: train_run(c) for m, c in cfgs.items()}  # no base file yet: each run computes its step 0
+    base = load_file(str(extract_base(cfgs["lora"])))
+    for method, r in runs.items():
         snaps = Path(r["run_dir"]) / "snapshots"
         step0 = load_file(str(snaps / "step_000000.safetensors"))
         final = load_file(str(snaps / "step_000006.safetensors"))
         assert set(step0) == set(base) == {f"layer.{i}" for i in range(3)}
         for k in base:
-            assert torch.equal(step0[k], base[k]), k
+            assert torch.equal(step0[k], base[k]), (method, k)
         assert not torch.equal(final["layer.2"], base["layer.2"])
+
+
+def test_step0_snapshot_is_copied_from_base_only_for_the_same_probe(tiny_cfg):
+    base_file = extract_base(tiny_cfg("rte", "lora"))
+    same = train_run(tiny_cfg("rte", "lora"))
+    assert (Path(same["run_dir"]) / "snapshots" / "step_000000.safetensors").read_bytes() == base_file.read_bytes()
+    # Another probe size: the base file describes other inputs, so the run computes its own.
+    other = train_run(tiny_cfg("rte", "lora", seed=7, overrides=["probe.size=8"]))
+    step0 = load_file(str(Path(other["run_dir"]) / "snapshots" / "step_000000.safetensors"))
+    assert step0["layer.0"].shape[0] == 8 != load_file(str(base_file))["layer.0"].shape[0]
 
 
 def test_finished_run_is_skipped_and_conflicts_refused(tiny_cfg):
@@ -126,3 +136,25 @@ def test_killed_run_resumes_to_identical_result(tmp_path):
     wa = load_file(str(Path(a["run_dir"]) / "adapter/adapter_model.safetensors"))
     wb = load_file(str(rd / "adapter/adapter_model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_predict_batches_by_length_but_keeps_the_input_order(tiny_cfg):
+    ctx = setup(tiny_cfg("mrpc", "lora"))
+    feats = ctx.feats["dev"][:12]
+    assert len({len(f["input_ids"]) for f in feats}) > 1  # lengths differ, so sorting reorders
+    whole = predict(ctx, feats)["logits"]
+    one_by_one = [predict(ctx, [f])["logits"][0] for f in feats]
+    for a, b in zip(whole, one_by_one):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_snapshot_rows_follow_the_probe_order(tiny_cfg):
+    from loradrift.representations import extract
+
+    ctx = setup(tiny_cfg("mrpc", "lora"))
+    feats = ctx.feats["dev"][:10]
+    whole = extract(ctx.model, feats, 4, ctx.pad_id, ctx.device)
+    for i in (0, 5, 9):
+        one = extract(ctx.model, [feats[i]], 4, ctx.pad_id, ctx.device)
+        for k in whole:
+            assert torch.allclose(whole[k][i], one[k][0], atol=1e-5), (i, k)

@@ -103,12 +103,14 @@ class TrainConfig(_Strict):
     early_stopping_patience: int | None = Field(None, gt=0, description="stop after N evaluations without improvement")
     restore_best: bool = Field(False, description="final scores from the best validation checkpoint instead of the last step")
     eval_batch_size: int = Field(32, gt=0)
+    eval_dev: bool = Field(True, description="score the official dev set at the end (search trials do not: their objective is validation)")
 
     def lr_for(self, method: str) -> float:
         return self.lr if self.lr is not None else {"full": 2e-5, "lora": 2e-4}[method]
 
 
 class ProbeConfig(_Strict):
+    enabled: bool = Field(True, description="write representation snapshots (search trials do not)")
     size: int = Field(512, gt=1, description="probe examples drawn from the official dev set")
     snapshot_every: int = Field(100, gt=0, description="representation snapshot every N optimizer steps")
     dtype: Literal["float32", "float16"] = "float32"

@@ -312,6 +312,13 @@ def encode_squad(tokenizer, rows: list[dict], max_length: int, stride: int) -> l
     return feats
 
 
+def length_sorted_batches(features: list[dict], batch_size: int) -> list[list[int]]:
+    """Inference batches of similar lengths (indices into `features`), so little of each padded
+    batch is padding; callers put outputs back in the original order with the indices."""
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)

@@ -22,7 +22,7 @@ from loradrift.data import load_task, probe_examples, rows_as_squad_json
 from loradrift.io import ResultsStore
 from loradrift.metrics import compute_metrics, squad_v2_evaluate
 from loradrift.models import build_task_model, is_decoder, load_tokenizer, model_key, resolve_model_dir
-from loradrift.representations import base_path, encode_probe, extract, save_snapshot
+from loradrift.representations import base_path, encode_probe, extract, probe_key, save_snapshot
 from loradrift.tasks import get_task
 
 
@@ -141,7 +141,7 @@ def extract_base(cfg: RunConfig, force: bool = False) -> Path:
     model = build_task_model(model_dir, spec, cfg.model, head_seed=0).to(device)
     feats = encode_probe(spec, tok, probe_examples(cfg, data), cfg.model.max_length)
     tensors = extract(model, feats, cfg.train.eval_batch_size, tok.pad_token_id, device, getattr(torch, cfg.probe.dtype))
-    save_snapshot(path, tensors, step=0, task=cfg.task, model=key, pooling=model.pooling)
+    save_snapshot(path, tensors, step=0, task=cfg.task, model=key, pooling=model.pooling, probe_key=probe_key(cfg))
     return path
 
 
@@ -169,8 +169,9 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def memory_profile(cfg: RunConfig, steps: int = 2) -> dict:
-    """Peak memory of a few training steps at the preset's batch size, longest examples first.
+def memory_profile(cfg: RunConfig, steps: int = 1) -> dict:
+    """Peak memory of the first training step(s) at the preset's batch size, longest examples
+    first (one step is enough: it already holds activations, gradients and the optimizer state).
     CUDA: the allocator's peak. CPU: the process's peak RSS during the steps (reset before them
     where Linux allows; otherwise the whole process's high-water mark, flagged in the row).
     `memory_profile_isolated` runs it in a fresh process."""

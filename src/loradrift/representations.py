@@ -10,14 +10,16 @@ batches are streamed: only one snapshot's vectors are in memory at a time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from loradrift.config import RunConfig
-from loradrift.data import collate
+from loradrift.data import collate, length_sorted_batches
 from loradrift.io import atomic_path, atomic_write_json
 from loradrift.models import pool
 
@@ -38,8 +40,9 @@ def extract(task_model, probe_feats: list[dict], batch_size: int, pad_id: int, d
     was_training = task_model.training
     task_model.eval()
     per_layer: list[list[torch.Tensor]] | None = None
-    for i in range(0, len(probe_feats), batch_size):
-        batch = collate(probe_feats[i : i + batch_size], pad_id)
+    order: list[int] = []
+    for idx in length_sorted_batches(probe_feats, batch_size):
+        batch = collate([probe_feats[i] for i in idx], pad_id)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         states = task_model.layer_states(ids, mask)
         pooled = [pool(h, mask, task_model.pooling).to("cpu", dtype) for h in states]
@@ -47,13 +50,27 @@ def extract(task_model, probe_feats: list[dict], batch_size: int, pad_id: int, d
             per_layer = [[] for _ in pooled]
         for acc, p in zip(per_layer, pooled):
             acc.append(p)
+        order += idx
     task_model.train(was_training)
-    return {f"layer.{i}": torch.cat(chunks).contiguous() for i, chunks in enumerate(per_layer)}
+    back = torch.argsort(torch.tensor(order))  # rows in probe order again
+    return {f"layer.{i}": torch.cat(chunks)[back].contiguous() for i, chunks in enumerate(per_layer)}
 
 
 def save_snapshot(path: Path, tensors: dict[str, torch.Tensor], **meta) -> None:
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+
+
+def probe_key(cfg: RunConfig) -> str:
+    """What a snapshot's probe inputs depend on: equal keys mean the same probe sequences."""
+    fields = {"model": cfg.model.model_dump(mode="json"), "task": cfg.task, "probe": cfg.probe.model_dump(mode="json", exclude={"enabled"}),
+              "data": cfg.data.model_dump(mode="json"), "eval_batch_size": cfg.train.eval_batch_size}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_snapshot_meta(path: Path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
 
 
 def load_snapshot(path: Path) -> dict[str, torch.Tensor]:

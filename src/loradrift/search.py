@@ -30,9 +30,9 @@ from pydantic import ValidationError
 from loradrift.config import ConfigError, ParamSpec, PrunerConfig, RunConfig, SearchConfig, _validate, deep_merge
 from loradrift.io import atomic_write_json, atomic_write_text
 
-# A trial needs no representation snapshots beyond step 0 and the end (always written), and
-# snapshots do not change the training numbers, so trials skip the intermediate ones.
-TRIAL_ONLY = {"probe": {"snapshot_every": 10**9}}
+# A trial is scored on validation only: snapshots and the dev set (the final test, which a search
+# must not look at) would cost time and change none of the training numbers.
+TRIAL_ONLY = {"probe": {"enabled": False}, "train": {"eval_dev": False}}
 # Run folders keep these after a trial; weights and snapshots go unless keep_trial_weights.
 _TRIAL_KEEP = {"config.yaml", "result.json", "log.jsonl"}
 
@@ -74,8 +74,11 @@ def trial_config(cfg: RunConfig, overrides: dict[str, Any], out_dir: Path, seed:
     raw = deep_merge(raw, TRIAL_ONLY)
     if max_steps is not None:
         raw["train"]["max_steps"] = max_steps
-        if raw["train"].get("eval_every") and raw["train"]["eval_every"] >= max_steps:
-            raw["train"]["eval_every"] = max(1, max_steps // 2)
+    # The pruner acts on intermediate validation scores, so a trial evaluates at least once
+    # before its end even when final runs (eval_every null or longer than a trial) do not.
+    steps = raw["train"].get("max_steps")
+    if steps and steps > 1 and not (raw["train"].get("eval_every") and raw["train"]["eval_every"] < steps):
+        raw["train"]["eval_every"] = max(1, steps // 2)
     raw.update(out_dir=str(out_dir), seed=seed)
     return _validate(raw, "search trial")
 

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from loradrift.config import RunConfig, load_run_config, save_config
-from loradrift.data import TaskData, collate, encode, load_task, probe_examples, rows_as_squad_json
+from loradrift.data import TaskData, collate, encode, length_sorted_batches, load_task, probe_examples, rows_as_squad_json
 from loradrift.io import ResultsStore, atomic_path, atomic_write_json
 from loradrift.metrics import compute_metrics, squad_v2_evaluate
 from loradrift.models import build_task_model, compute_dtype, is_decoder, load_backbone, load_tokenizer, model_key, resolve_model_dir
-from loradrift.representations import encode_probe, extract, save_snapshot, snapshot_path, write_index
+from loradrift.representations import base_path, encode_probe, extract, probe_key, read_snapshot_meta, save_snapshot, snapshot_path, write_index
 from loradrift.tasks import TaskSpec, get_task
 
 
@@ -129,14 +129,15 @@ def predict(ctx: Context, feats: list[dict]) -> dict[str, np.ndarray | list]:
     was = model.training
     model.eval()
     outs: dict[str, list] = {}
-    bs = ctx.cfg.train.eval_batch_size
-    for i in range(0, len(feats), bs):
-        batch = {k: v.to(ctx.device) for k, v in collate(feats[i : i + bs], ctx.pad_id).items() if k in ("input_ids", "attention_mask")}
+    for idx in length_sorted_batches(feats, ctx.cfg.train.eval_batch_size):
+        batch = {k: v.to(ctx.device) for k, v in collate([feats[i] for i in idx], ctx.pad_id).items() if k in ("input_ids", "attention_mask")}
         with _autocast(ctx):
             out = model(batch)
         for k, v in out.items():
             v = v.float().cpu()
-            outs.setdefault(k, []).extend(list(v) if v.dim() > 1 else v.tolist())
+            slot = outs.setdefault(k, [None] * len(feats))
+            for i, row in zip(idx, list(v) if v.dim() > 1 else v.tolist()):
+                slot[i] = row
     model.train(was)
     return outs
 
@@ -339,15 +340,24 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
     opt, sched = make_optimizer(ctx, lr, total)
     order = BatchOrder(n_train, cfg.train.batch_size, cfg.seed)
 
-    probe_rows = probe_examples(cfg, ctx.data)
-    probe_feats = encode_probe(ctx.spec, ctx.tokenizer, probe_rows, cfg.model.max_length)
+    probe_feats = encode_probe(ctx.spec, ctx.tokenizer, probe_examples(cfg, ctx.data), cfg.model.max_length) if cfg.probe.enabled else []
     snap_dtype = getattr(torch, cfg.probe.dtype)
+    pkey = probe_key(cfg)
+    base_snap = base_path(cfg, model_key(cfg.model), cfg.task)
 
     def snapshot(step: int) -> None:
         path = snapshot_path(rd, step)
-        if not path.exists():
-            tensors = extract(ctx.model, probe_feats, cfg.train.eval_batch_size, ctx.pad_id, ctx.device, snap_dtype)
-            save_snapshot(path, tensors, step=step, task=cfg.task, model=model_key(cfg.model), pooling=ctx.model.pooling)
+        if not cfg.probe.enabled or path.exists():
+            return
+        if step == 0 and base_snap.exists() and read_snapshot_meta(base_snap).get("probe_key") == pkey:
+            # Before the first update the backbone is the base model (LoRA's B starts at zero), so
+            # its snapshot is the base representations of the same probe set: copy, do not recompute.
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                shutil.copyfile(base_snap, tmp)
+            return
+        tensors = extract(ctx.model, probe_feats, cfg.train.eval_batch_size, ctx.pad_id, ctx.device, snap_dtype)
+        save_snapshot(path, tensors, step=step, task=cfg.task, model=model_key(cfg.model), pooling=ctx.model.pooling, probe_key=pkey)
 
     ckpt_dir = rd / "checkpoints"
     last_ckpt, best_ckpt = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
@@ -409,21 +419,22 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
     if cfg.train.restore_best and best_ckpt.exists():
         load_checkpoint(best_ckpt, ctx)
     val = evaluate(ctx, "val")
-    dev = evaluate(ctx, "dev", na_thresh=val.get("na_prob_thresh"))
+    dev = evaluate(ctx, "dev", na_thresh=val.get("na_prob_thresh")) if cfg.train.eval_dev else None
     export(ctx, rd)
     if ctx.spec.kind == "extractive_qa":
-        atomic_write_json(rd / "dev_predictions.json", dev.pop("_predictions"))
-        atomic_write_json(rd / "dev_na_probs.json", dev.pop("_na_probs"))
+        if dev is not None:
+            atomic_write_json(rd / "dev_predictions.json", dev.pop("_predictions"))
+            atomic_write_json(rd / "dev_na_probs.json", dev.pop("_na_probs"))
         val.pop("_predictions"), val.pop("_na_probs")
     curve.append({"step": final_step, ctx.spec.primary: primary(ctx, val)})
-    index = write_index(rd, ctx.model.pooling)
+    index = write_index(rd, ctx.model.pooling) if cfg.probe.enabled else {"n_examples": 0, "steps": []}
     result = {
         "task": cfg.task, "method": cfg.method.name, "seed": cfg.seed, "model": model_key(cfg.model),
         "config_hash": chash, "run_dir": str(rd), "steps": final_step, "stopped_early": stopped_early,
         "lr": lr, "primary_metric": ctx.spec.primary,
         "val": val, "dev": dev, "val_curve": curve,
         "train_examples": len(ctx.data.train), "train_features": n_train, "val_examples": len(ctx.data.val),
-        "dev_examples": len(ctx.data.dev), "probe_examples": index["n_examples"], "snapshot_steps": index["steps"],
+        "dev_examples": len(ctx.data.dev) if dev is not None else 0, "probe_examples": index["n_examples"], "snapshot_steps": index["steps"],
         "trainable_params": sum(p.numel() for _, p in trainable_parameters(ctx.model)),
         "total_params": sum(p.numel() for p in ctx.model.parameters()),
         "train_time_s": train_time, "wall_time_s": time.time() - t0, "tokens": tokens,

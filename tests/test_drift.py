@@ -221,3 +221,29 @@ def test_figures_are_written(tmp_path):
         assert p in res["files"]
     # atomic writes leave no temporary files behind
     assert not [p for p in (tmp_path / "drift").rglob("*") if p.name.startswith(".")]
+
+
+def test_a_constant_base_layer_is_left_out_not_fatal(tmp_path, caplog):
+    """Last-token pooling at the embedding layer is constant when every probe input ends with the
+    same token: CKA is undefined there, so that layer is NaN and left out of the drift means."""
+    base = _base()
+    base[0] = np.tile(base[0][:1], (N, 1))
+    _write_base(tmp_path, base)
+    rng = np.random.default_rng(1)
+    finals = {}
+    for seed in range(2):
+        for m, sd in (("full", 1.0), ("lora", 0.2)):
+            finals[m, seed] = _noisy(base, sd, rng)
+            finals[m, seed][0] = base[0]  # the same token's embedding stays constant
+            _write_run(tmp_path, m, seed, {0: base, 10: finals[m, seed]})
+    with caplog.at_level(logging.WARNING):
+        res = D.analyse_drift(tmp_path, MODEL, [TASK], n_boot=50, figures=False)
+    assert "layer(s) [0]" in caplog.text
+    c = res["comparison"][TASK]
+    assert c["cka_undefined_layers"] == [0]
+    for (m, seed), layers in finals.items():
+        expect = np.mean([1.0 - linear_cka(base[i], layers[i]) for i in range(1, N_LAYERS)])
+        assert c[f"drift_{m}_by_seed"][str(seed)] == pytest.approx(expect, abs=1e-9)
+    assert all(np.isfinite(c["boot_ci"]))
+    layer0 = [r for r in _rows(tmp_path) if r["layer"] == "0"]
+    assert layer0 and all(r["cka"] in ("", "nan") for r in layer0)

@@ -21,7 +21,8 @@ Outputs under ``<out>/drift/``:
   always linear CKA (cheap enough for every step); at the final step ``drift_primary`` holds
   the drift under the chosen ``metric`` (linear, debiased or rbf CKA).
 * ``comparison.csv`` / ``comparison.json`` -- per task, LoRA vs full FT at the final step:
-  per-seed drift (mean over layers), means over seeds, the drift reduction
+  per-seed drift (mean over layers; a layer whose base vectors are constant over the probe set
+  has undefined CKA, is NaN in ``layers.csv`` and listed in ``cka_undefined_layers``), means over seeds, the drift reduction
   ``(FT - LoRA) / FT * 100`` overall and per seed, and two uncertainty statements (below).
   ``comparison.json`` maps task -> dict; ``loradrift.stats.h2_drift`` takes the
   ``drift_full_by_seed`` / ``drift_lora_by_seed`` dicts directly.
@@ -103,7 +104,7 @@ COMPARISON_COLUMNS = [
     "task", "primary_metric", "n_seeds_full", "n_seeds_lora",
     "drift_full", "drift_full_sd", "drift_lora", "drift_lora_sd", "reduction_pct",
     "perm_p", "perm_n_relabellings", "boot_ci_lo", "boot_ci_hi", "n_boot",
-    "cos_drift_full", "cos_drift_lora", "cos_reduction_pct",
+    "cos_drift_full", "cos_drift_lora", "cos_reduction_pct", "cka_undefined_layers",
 ]
 
 # Exact enumeration of relabellings up to this many (C(16, 8) = 12870); beyond, Monte Carlo.
@@ -350,9 +351,22 @@ def _analyse_task(out_dir: Path, model: str, task: str, methods: Sequence[str], 
         raise ValueError(f"task {task}: base representation file {base_path} is missing "
                          f"but there are {len(runs)} runs to compare against it")
     base = load_layers(base_path)
-    base_side = BaseSide(base)
+    # A layer whose base vectors are identical for every probe example has no variance, and CKA
+    # against it is undefined (0/0). It happens at the embedding layer with last-token pooling
+    # when every probe input ends with the same token (RTE's hypotheses all end in "."). Such
+    # layers get NaN CKA and are left out of every drift mean, for all runs alike.
+    defined = [i for i, x in enumerate(base) if not np.all(x == x[:1])]
+    undefined = [i for i in range(len(base)) if i not in defined]
+    if not defined:
+        raise ValueError(f"task {task}: every layer of {base_path} is constant over the probe set; "
+                         f"CKA is undefined (check the probe inputs and model.pooling)")
+    if undefined:
+        log.warning("task %s: layer(s) %s are constant over the probe set in the base model; CKA is "
+                    "undefined there, so they are left out of the drift means", task, undefined)
+    base_d = [base[i] for i in defined]
+    base_side = BaseSide(base_d)
     compare = {r.method for r in runs} >= {FULL, LORA}
-    boot = ProbeBootstrap(base, n_boot, boot_seed) if compare and n_boot > 0 else None
+    boot = ProbeBootstrap(base_d, n_boot, boot_seed) if compare and n_boot > 0 else None
 
     rows: list[dict] = []
     final: dict[tuple[str, int], dict[str, Any]] = {}
@@ -360,10 +374,16 @@ def _analyse_task(out_dir: Path, model: str, task: str, methods: Sequence[str], 
         for step, path in run.snapshots:
             layers = load_layers(path)
             _check_like_base(layers, base, path, base_path)
-            cka = cka_against_base(base_side, layers)
+            layers_d = [layers[i] for i in defined]
+            cka_d = cka_against_base(base_side, layers_d)
+            cka = np.full(len(base), np.nan)
+            cka[defined] = cka_d
             cos = cosine_layers(base, layers)
             is_final = step == run.final_step
-            primary = _primary_drift(metric, base, layers, cka, sigma_frac) if is_final else None
+            if is_final:
+                primary_d = _primary_drift(metric, base_d, layers_d, cka_d, sigma_frac)
+                primary = np.full(len(base), np.nan)
+                primary[defined] = primary_d
             for i in range(len(base)):
                 rows.append({
                     "task": task, "method": run.method, "seed": run.seed, "step": step,
@@ -374,15 +394,15 @@ def _analyse_task(out_dir: Path, model: str, task: str, methods: Sequence[str], 
                 })
             if is_final:
                 final[(run.method, run.seed)] = {
-                    "step": step, "drift": float(primary.mean()),
+                    "step": step, "drift": float(primary_d.mean()),
                     "drift_cos": float(1.0 - cos.mean(axis=1).mean()),
-                    "boot": None if boot is None else (1.0 - boot.cka(layers)).mean(axis=1),
+                    "boot": None if boot is None else (1.0 - boot.cka(layers_d)).mean(axis=1),
                 }
     if not compare:
         log.warning("task %s: needs both %r and %r runs for the comparison; have %s", task,
                     FULL, LORA, sorted({r.method for r in runs}))
         return rows, None
-    return rows, _compare(task, metric, final, n_boot, boot_seed, ci, model)
+    return rows, {**_compare(task, metric, final, n_boot, boot_seed, ci, model), "cka_undefined_layers": undefined}
 
 
 def _compare(task: str, metric: str, final: dict, n_boot: int, boot_seed: int, ci: float,
@@ -444,6 +464,7 @@ def _comparison_row(task: str, c: dict) -> dict:
         "n_seeds_full": len(c["drift_full_by_seed"]), "n_seeds_lora": len(c["drift_lora_by_seed"]),
         "boot_ci_lo": c["boot_ci"][0], "boot_ci_hi": c["boot_ci"][1],
         **{k: c[k] for k in COMPARISON_COLUMNS if k in c},
+        "cka_undefined_layers": " ".join(str(i) for i in c.get("cka_undefined_layers", [])),
     }
 
 

@@ -310,7 +310,7 @@ def sec_setup(art: Artefacts) -> Section:
         }], caption="Study")
         keys = {"data": ["max_train_examples", "max_val_examples", "max_dev_examples"],
                 "train": ["max_steps", "batch_size", "grad_accum", "lr", "lr_full", "lr_lora", "warmup_ratio", "weight_decay"],
-                "method": ["name", "lora"], "probe": ["size", "snapshot_every"]}
+                "method": ["name", "lora"], "probe": ["size", "snapshot_every"], "search": ["trials", "trial_max_steps"]}
         shown = {f"{grp}.{k}": (cfg.get(grp) or {}).get(k) for grp, ks in keys.items() for k in ks
                  if k in (cfg.get(grp) or {})}
         if shown:

@@ -809,6 +809,24 @@ def sec_limitations(art: Artefacts) -> Section:
                      f"are wide and the hypothesis tests have low power.")
     else:
         facts.append('Seeds: unknown (results.sqlite is missing or has no kind="run" rows).')
+    by_task = man.get("configs_by_task") or {}
+    if runs and by_task:
+        steps = {}
+        for r in runs:
+            steps.setdefault(r["task"], set()).add((r["metrics"] or {}).get("steps"))
+        parts = [f"{t} {'/'.join(fmt(v) for v in sorted(x for x in steps.get(t, ()) if x is not None)) or '?'} steps, "
+                 f"{fmt(((by_task[t].get('model') or {}).get('max_length')))} tokens"
+                 for t in sorted(by_task, key=_task_order)]
+        facts.append("Short training on short inputs (optimizer steps per final run; inputs or SQuAD windows cut to "
+                     "this many tokens): " + "; ".join(parts) + ". The runs are far from convergence, so scores "
+                     "near the baselines are expected, and H1's gap compares two undertrained models.")
+    undefined = {t: c.get("cka_undefined_layers") for t, c in (art.json("drift/comparison.json") or {}).items()
+                 if isinstance(c, dict) and c.get("cka_undefined_layers")}
+    if undefined:
+        facts.append("CKA is undefined where the base model's probe vectors are identical for every example (last-"
+                     "token pooling at the embedding layer when every input ends with the same token): "
+                     + "; ".join(f"{t} layer(s) {', '.join(map(str, v))}" for t, v in sorted(undefined.items(), key=lambda kv: _task_order(kv[0])))
+                     + ". Those layers are left out of the drift means.")
     squad = TASKS.get("squad_v2")
     if squad is not None:
         facts.append(f"SQuAD v2 trains on a subset of only 10 articles ({squad.train_file}), so its scores are far "

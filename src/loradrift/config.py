@@ -43,6 +43,9 @@ class TinyModelConfig(_Strict):
     num_attention_heads: int = Field(4, gt=0)
     num_key_value_heads: int = Field(2, gt=0)
     init_seed: int = Field(0, description="seed of the random init, so 'tiny' is one fixed model")
+    vocab_size: int | None = Field(None, gt=0, description="embedding rows (null = the tokenizer's); a real model's vocabulary "
+                                   "gives a random-init model of its shape the same memory footprint")
+    tie_word_embeddings: bool = True
 
 
 class ModelConfig(_Strict):
@@ -88,6 +91,34 @@ class MethodConfig(_Strict):
     lora: LoraSettings = LoraSettings()
 
 
+Switch = Literal["auto", "on", "off"]
+
+
+class EngineConfig(_Strict):
+    """How the training step runs, not what it computes. `auto` turns a switch on where it pays
+    and can work (a CUDA device) and off elsewhere, so CPU runs stay exactly as they were
+    (docs/training.md, "The engine")."""
+
+    compile: Switch = Field("auto", description="torch.compile the training forward/backward; auto = on for CUDA runs of >= compile_min_steps steps")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode; reduce-overhead adds CUDA graphs (needs fixed shapes: see pad_to_multiple_of)")
+    compile_min_steps: int = Field(500, gt=0, description="auto compiles only runs at least this long (compiling costs tens of seconds)")
+    pad_to_multiple_of: int | None = Field(None, gt=0, description="pad each training batch's length up to a multiple of this "
+                                           "(few distinct shapes, so compiled graphs are reused); null = auto (32 when compiling, else none)")
+    group_by_length: Switch = Field("auto", description="training batches of similar lengths (less padding); the order stays a "
+                                    "pure function of (seed, step); auto = on for CUDA")
+    fused_optimizer: Switch = Field("auto", description="fused AdamW kernel; auto = on for CUDA")
+    tf32: Switch = Field("auto", description="TF32 tensor cores for fp32 matmuls; auto = on for CUDA")
+    pin_memory: Switch = Field("auto", description="pinned host batches copied with non_blocking; auto = on for CUDA")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, ~1/3 more compute")
+
+    @field_validator("compile", "group_by_length", "fused_optimizer", "tf32", "pin_memory", mode="before")
+    @classmethod
+    def _yaml_bool(cls, v: Any) -> Any:
+        # YAML 1.1 (and so a bare `compile=on` override) reads on/off as booleans.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
 class TrainConfig(_Strict):
     lr: float | None = Field(None, gt=0, description="peak learning rate; null = the method's default (full 2e-5, lora 2e-4)")
     batch_size: int = Field(8, gt=0)
@@ -104,6 +135,9 @@ class TrainConfig(_Strict):
     restore_best: bool = Field(False, description="final scores from the best validation checkpoint instead of the last step")
     eval_batch_size: int = Field(32, gt=0)
     eval_dev: bool = Field(True, description="score the official dev set at the end (search trials do not: their objective is validation)")
+    eval_max_examples: int | None = Field(None, gt=0, description="mid-run validation (early stopping, pruning) on the first N validation "
+                                          "examples (SQuAD: questions); the final validation always uses the whole split")
+    engine: EngineConfig = EngineConfig()
 
     def lr_for(self, method: str) -> float:
         return self.lr if self.lr is not None else {"full": 2e-5, "lora": 2e-4}[method]

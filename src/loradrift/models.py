@@ -61,7 +61,12 @@ def cache_dir() -> Path:
 def model_key(mcfg: ModelConfig) -> str:
     """The name used in artefact paths: registry name, or a sanitised path / Hub id."""
     if mcfg.name == "tiny":
-        tiny = json.dumps(mcfg.tiny.model_dump(), sort_keys=True)
+        d = mcfg.tiny.model_dump()
+        # Shape options added later enter the key only when set, so existing tiny models keep their key.
+        for k, default in (("vocab_size", None), ("tie_word_embeddings", True)):
+            if d[k] == default:
+                del d[k]
+        tiny = json.dumps(d, sort_keys=True)
         return "tiny-" + hashlib.sha256(tiny.encode()).hexdigest()[:8]
     if mcfg.name in MODELS:
         return mcfg.name
@@ -109,11 +114,11 @@ def _build_tiny(mcfg: ModelConfig, src: ModelSource, out: Path) -> None:
     tok = AutoTokenizer.from_pretrained(Path(__file__).parent / "assets" / "tiny_tokenizer")
     t = mcfg.tiny
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        vocab_size=t.vocab_size or len(tok), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
         num_key_value_heads=t.num_key_value_heads, max_position_embeddings=2048,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=t.tie_word_embeddings,
     )
     torch.manual_seed(t.init_seed)
     model = LlamaForCausalLM(config)
@@ -263,12 +268,22 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"pooling: unknown {how!r} (last, mean, first)")
 
 
+def _fp32(hidden: torch.Tensor):
+    """Heads run in fp32 even under bf16 autocast: bf16 logits carry 8 mantissa bits, so start/end
+    scores of a span head tie and flip (SQuAD F1 75 instead of 100 in the CUDA sanity check)."""
+    return torch.autocast(device_type=hidden.device.type, enabled=False)
+
+
 class ClassificationHead(nn.Module):
     def __init__(self, hidden: int, num_labels: int):
         super().__init__()
         self.proj = nn.Linear(hidden, num_labels)
 
     def forward(self, hidden, mask, pooling, batch):
+        with _fp32(hidden):
+            return self._forward(hidden, mask, pooling, batch)
+
+    def _forward(self, hidden, mask, pooling, batch):
         logits = self.proj(pool(hidden, mask, pooling).float())
         out = {"logits": logits}
         if "labels" in batch:
@@ -286,6 +301,10 @@ class SpanAnswerabilityHead(nn.Module):
         self.answerable = nn.Linear(hidden, 1)
 
     def forward(self, hidden, mask, pooling, batch):
+        with _fp32(hidden):
+            return self._forward(hidden, mask, pooling, batch)
+
+    def _forward(self, hidden, mask, pooling, batch):
         span = self.span(hidden.float())
         start, end = span[..., 0], span[..., 1]
         neg = torch.finfo(start.dtype).min
@@ -295,12 +314,13 @@ class SpanAnswerabilityHead(nn.Module):
         out = {"start_logits": start, "end_logits": end, "has_logit": has}
         if "labels" in batch:
             loss = nn.functional.binary_cross_entropy_with_logits(has, batch["labels"].float())
-            sel = batch["start_positions"] >= 0
-            if sel.any():
-                span_loss = (nn.functional.cross_entropy(start[sel], batch["start_positions"][sel])
-                             + nn.functional.cross_entropy(end[sel], batch["end_positions"][sel])) / 2
-                loss = loss + span_loss
-            out["loss"] = loss
+            # Mean span loss over the windows that hold an answer (label -100 elsewhere, cross_entropy's
+            # ignore_index), 0 when none does: no data-dependent branch, which would sync the host
+            # every step and break a compiled graph.
+            n_ans = (batch["start_positions"] >= 0).sum().clamp_min(1)
+            ce = lambda logits, pos: nn.functional.cross_entropy(logits, pos, reduction="sum")  # noqa: E731
+            span_loss = (ce(start, batch["start_positions"]) + ce(end, batch["end_positions"])) / (2 * n_ans)
+            out["loss"] = loss + span_loss
         return out
 
 

@@ -37,7 +37,7 @@ def _store(cfg: RunConfig) -> ResultsStore:
 def sanity_check(cfg: RunConfig) -> dict:
     """Train on `sanity.n_examples` training examples and score on those same examples: a model
     and loss that are wired correctly drive training accuracy to ≥ 95% (SQuAD v2: F1 ≥ 90)."""
-    from loradrift.train import BatchOrder, evaluate, make_optimizer, setup, train_step
+    from loradrift.train import batch_order, evaluate, make_optimizer, setup, train_step
 
     s = cfg.sanity
     lr = s.lr_full if cfg.method.name == "full" else s.lr_lora
@@ -54,21 +54,21 @@ def sanity_check(cfg: RunConfig) -> dict:
     data.train, data.val, data.dev = sample, sample, sample
     ctx = setup(run_cfg, data)
     opt, sched = make_optimizer(ctx, lr, s.max_steps)
-    order = BatchOrder(len(ctx.feats["train"]), s.batch_size, cfg.seed)
+    order = batch_order(ctx, s.batch_size, cfg.seed)
     t0 = time.time()
     ctx.model.train()
     threshold = s.min_squad_f1 if ctx.spec.kind == "extractive_qa" else s.min_accuracy
     metric = "f1" if ctx.spec.kind == "extractive_qa" else "accuracy"
     score, steps, loss = float("nan"), 0, float("nan")
     for step in range(s.max_steps):
-        loss, _, _ = train_step(ctx, order, step, opt, sched)
+        loss = train_step(ctx, order, step, opt, sched).loss
         steps = step + 1
         if steps % 5 == 0 or steps == s.max_steps:
             score = float(evaluate(ctx, "val")[metric])
             if score >= threshold:
                 break
     return {"task": cfg.task, "method": cfg.method.name, "examples": len(sample), "steps": steps, "lr": lr,
-            "metric": metric, "score": score, "threshold": threshold, "final_loss": loss,
+            "metric": metric, "score": score, "threshold": threshold, "final_loss": float(loss),
             "passed": bool(score >= threshold), "seconds": time.time() - t0}
 
 
@@ -175,14 +175,15 @@ def memory_profile(cfg: RunConfig, steps: int = 1) -> dict:
     CUDA: the allocator's peak. CPU: the process's peak RSS during the steps (reset before them
     where Linux allows; otherwise the whole process's high-water mark, flagged in the row).
     `memory_profile_isolated` runs it in a fresh process."""
-    from loradrift.train import BatchOrder, make_optimizer, setup, train_step
+    from loradrift.train import make_optimizer, setup, train_step
 
     ctx = setup(cfg)
     opt, sched = make_optimizer(ctx, cfg.train.lr_for(cfg.method.name), steps)
     # Longest examples first: the profile should reflect the worst batch, not a lucky one.
     ctx.feats["train"] = sorted(ctx.feats["train"], key=lambda f: -len(f["input_ids"]))
-    order = BatchOrder(len(ctx.feats["train"]), cfg.train.batch_size, cfg.seed)
-    order._perm = (0, list(range(len(ctx.feats["train"]))))
+    bs = cfg.train.batch_size
+    n = len(ctx.feats["train"])
+    order = lambda k: list(range(k * bs, min((k + 1) * bs, n)))  # noqa: E731
     cuda = ctx.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -16,6 +16,7 @@ import json
 import math
 import resource
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from loradrift.config import RunConfig, load_run_config, save_config
+from loradrift.config import EngineConfig, RunConfig, load_run_config, save_config
 from loradrift.data import TaskData, collate, encode, length_sorted_batches, load_task, probe_examples, rows_as_squad_json
 from loradrift.io import ResultsStore, atomic_path, atomic_write_json
 from loradrift.metrics import compute_metrics, squad_v2_evaluate
@@ -49,6 +50,34 @@ def run_dir_for(cfg: RunConfig) -> Path:
 # setup
 
 
+@dataclass(frozen=True)
+class Engine:
+    """The engine switches of one run with `auto` resolved for its device and length."""
+
+    compile: bool = False
+    compile_mode: str = "default"
+    pad_to_multiple_of: int | None = None
+    group_by_length: bool = False
+    fused_optimizer: bool = False
+    tf32: bool = False
+    pin_memory: bool = False
+    gradient_checkpointing: bool = False
+
+
+def resolve_engine(ecfg: EngineConfig, device: torch.device, total_steps: int) -> Engine:
+    cuda = device.type == "cuda"
+
+    def on(switch: str, auto: bool) -> bool:
+        return auto if switch == "auto" else switch == "on"
+
+    compile_ = on(ecfg.compile, cuda and total_steps >= ecfg.compile_min_steps)
+    pad = ecfg.pad_to_multiple_of or (32 if compile_ else None)
+    return Engine(compile=compile_, compile_mode=ecfg.compile_mode, pad_to_multiple_of=pad,
+                  group_by_length=on(ecfg.group_by_length, cuda), fused_optimizer=on(ecfg.fused_optimizer, cuda),
+                  tf32=on(ecfg.tf32, cuda), pin_memory=on(ecfg.pin_memory, cuda) and cuda,
+                  gradient_checkpointing=ecfg.gradient_checkpointing)
+
+
 @dataclass
 class Context:
     cfg: RunConfig
@@ -61,6 +90,8 @@ class Context:
     dtype: torch.dtype
     peft: object | None = None  # the PeftModel wrapper (LoRA only)
     feats: dict[str, list[dict]] = field(default_factory=dict)
+    engine: Engine = Engine()
+    forward: Callable | None = None  # the training forward: the model, or its compiled form
 
     @property
     def pad_id(self) -> int:
@@ -74,15 +105,27 @@ def setup(cfg: RunConfig, data: TaskData | None = None) -> Context:
     device = pick_device()
     dtype = compute_dtype(cfg.model, device)
     tokenizer = load_tokenizer(model_dir, is_decoder(model_dir))
-    # Full FT keeps fp32 master weights (autocast does the bf16 compute); a frozen LoRA base can
-    # live in the compute dtype directly.
-    weight_dtype = dtype if cfg.method.name == "lora" else torch.float32
-    model = build_task_model(model_dir, spec, cfg.model, head_seed=cfg.seed, dtype=weight_dtype)
+    # Both methods keep fp32 weights and compute in `dtype` under autocast: a LoRA backbone stored
+    # in bf16 would be a rounded copy of the base model, and that rounding alone shows up as drift.
+    model = build_task_model(model_dir, spec, cfg.model, head_seed=cfg.seed, dtype=torch.float32)
     ctx = Context(cfg, spec, data, model_dir, tokenizer, model, device, dtype)
-    ctx.peft = apply_method(ctx)
-    model.to(device)
     for split in ("train", "val", "dev"):
         ctx.feats[split] = encode(spec, tokenizer, getattr(data, split), cfg)
+    ctx.engine = eng = resolve_engine(cfg.train.engine, device, total_steps_for(cfg, len(ctx.feats["train"])))
+    if eng.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, so it works under LoRA too.
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ctx.peft = apply_method(ctx)
+    model.to(device)
+    if eng.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx.forward = model
+    if eng.compile:
+        # dynamic=None: the first new shape recompiles once with symbolic sizes, which then serve
+        # every other length bucket and batch size (a static graph per bucket would cost one
+        # compilation, tens of seconds, each). CUDA graphs are still recorded per shape.
+        ctx.forward = torch.compile(model, mode=eng.compile_mode)
     return ctx
 
 
@@ -93,6 +136,12 @@ def apply_method(ctx: Context):
     if cfg.method.name == "full":
         for p in model.parameters():
             p.requires_grad_(True)
+        # An untied LM head (TinyLlama) is not on the classification path: it would get no
+        # gradient, yet sit in every checkpoint. A tied one is the input embedding and trains.
+        backbone = model.backbone
+        out_emb = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
+        if out_emb is not None and out_emb.weight is not backbone.get_input_embeddings().weight:
+            out_emb.weight.requires_grad_(False)
         return None
     from peft import LoraConfig, get_peft_model
 
@@ -119,12 +168,15 @@ def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def _autocast(ctx: Context):
-    enabled = ctx.device.type == "cuda" and ctx.dtype != torch.float32
-    return torch.autocast(device_type=ctx.device.type, dtype=ctx.dtype, enabled=enabled)
+    # Autocast wherever a lower compute dtype is asked for: on CUDA by `auto`, on a CPU only by an
+    # explicit model.dtype (which is how tests reproduce the bf16 path without a GPU).
+    return torch.autocast(device_type=ctx.device.type, dtype=ctx.dtype, enabled=ctx.dtype != torch.float32)
 
 
 @torch.no_grad()
-def predict(ctx: Context, feats: list[dict]) -> dict[str, np.ndarray | list]:
+def predict(ctx: Context, feats: list[dict], reduce: Callable[[dict], dict] | None = None) -> dict[str, np.ndarray | list]:
+    """Model outputs for `feats`, one row per feature in their order. `reduce` maps a batch's
+    outputs to smaller tensors on the device before they are copied to the host."""
     model = ctx.model
     was = model.training
     model.eval()
@@ -133,8 +185,10 @@ def predict(ctx: Context, feats: list[dict]) -> dict[str, np.ndarray | list]:
         batch = {k: v.to(ctx.device) for k, v in collate([feats[i] for i in idx], ctx.pad_id).items() if k in ("input_ids", "attention_mask")}
         with _autocast(ctx):
             out = model(batch)
+        if reduce is not None:
+            out = reduce(out)
         for k, v in out.items():
-            v = v.float().cpu()
+            v = v.float().cpu() if v.is_floating_point() else v.cpu()
             slot = outs.setdefault(k, [None] * len(feats))
             for i, row in zip(idx, list(v) if v.dim() > 1 else v.tolist()):
                 slot[i] = row
@@ -142,39 +196,79 @@ def predict(ctx: Context, feats: list[dict]) -> dict[str, np.ndarray | list]:
     return outs
 
 
+def _span_topk(n_best: int) -> Callable[[dict], dict]:
+    """Top-n_best start and end positions per window, taken on the device (a window's logits
+    never leave it); short batches pad with index -1."""
+
+    def reduce(out: dict) -> dict:
+        red = {"has_logit": out["has_logit"]}
+        for name in ("start", "end"):
+            logits = out[f"{name}_logits"]
+            k = min(n_best, logits.size(1))
+            val, idx = logits.topk(k, dim=-1)
+            if k < n_best:
+                val = torch.nn.functional.pad(val, (0, n_best - k), value=-math.inf)
+                idx = torch.nn.functional.pad(idx, (0, n_best - k), value=-1)
+            red[f"{name}_val"], red[f"{name}_idx"] = val, idx
+        return red
+
+    return reduce
+
+
+def best_spans(start_val, start_idx, end_val, end_idx, in_context, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best valid (start, end) per window from its n-best candidates, all windows at once.
+
+    A pair is valid when both tokens are context tokens (`in_context`, windows × tokens), end ≥
+    start and the span is at most `max_len` tokens. Ties go to the first pair in (start rank, end
+    rank) order. Returns (score, start, end) per window; score −inf where no pair is valid."""
+    s_val, e_val = np.asarray(start_val, np.float32), np.asarray(end_val, np.float32)
+    s_idx, e_idx = np.asarray(start_idx), np.asarray(end_idx)
+    w = np.arange(len(s_idx))[:, None]
+    ok_s = (s_idx >= 0) & in_context[w, np.clip(s_idx, 0, None)]
+    ok_e = (e_idx >= 0) & in_context[w, np.clip(e_idx, 0, None)]
+    span = e_idx[:, None, :] - s_idx[:, :, None]
+    valid = ok_s[:, :, None] & ok_e[:, None, :] & (span >= 0) & (span < max_len)
+    with np.errstate(over="ignore"):  # masked (padding) logits sum to -inf; they are invalid anyway
+        score = np.where(valid, s_val[:, :, None] + e_val[:, None, :], -np.inf).reshape(len(s_idx), -1)
+    flat = score.argmax(axis=1)  # the first maximum, as a loop with a strict ">" keeps it
+    k = s_idx.shape[1]
+    rows = np.arange(len(s_idx))
+    return score[rows, flat], s_idx[rows, flat // k], e_idx[rows, flat % k]
+
+
 def squad_predictions(ctx: Context, rows: list[dict], feats: list[dict]) -> tuple[dict, dict]:
     """Windows → one answer per question: best start/end pair over all windows (n-best per window,
     length ≤ max_answer_length, inside the context), and a no-answer probability
     1 − max_window sigmoid(answerability logit)."""
-    out = predict(ctx, feats)
-    n_best, max_len = ctx.cfg.data.n_best, ctx.cfg.data.max_answer_length
+    out = predict(ctx, feats, reduce=_span_topk(ctx.cfg.data.n_best))
+    width = max(len(f["input_ids"]) for f in feats)
+    in_context = np.zeros((len(feats), width), dtype=bool)
+    for i, f in enumerate(feats):
+        in_context[i, : len(f["offsets"])] = [o is not None for o in f["offsets"]]
+    score, s_best, e_best = best_spans(torch.stack(out["start_val"]), torch.stack(out["start_idx"]), torch.stack(out["end_val"]),
+                                       torch.stack(out["end_idx"]), in_context, ctx.cfg.data.max_answer_length)
     best: dict[int, tuple[float, str]] = {}
     has_prob: dict[int, float] = {}
-    for f, start, end, has in zip(feats, out["start_logits"], out["end_logits"], out["has_logit"]):
+    for i, (f, has) in enumerate(zip(feats, out["has_logit"])):
         ex = f["example"]
         has_prob[ex] = max(has_prob.get(ex, 0.0), float(torch.sigmoid(torch.tensor(has))))
-        offsets = f["offsets"]
-        n = len(f["input_ids"])
-        start, end = start[:n], end[:n]
-        s_idx = torch.topk(start, min(n_best, n)).indices.tolist()
-        e_idx = torch.topk(end, min(n_best, n)).indices.tolist()
-        for s in s_idx:
-            for e in e_idx:
-                if offsets[s] is None or offsets[e] is None or e < s or e - s + 1 > max_len:
-                    continue
-                score = float(start[s] + end[e])
-                if ex not in best or score > best[ex][0]:
-                    ctx_text = rows[ex]["context"]
-                    best[ex] = (score, ctx_text[offsets[s][0] : offsets[e][1]])
+        # Windows in order, strict ">": the first window with the best score wins.
+        if score[i] > -np.inf and (ex not in best or score[i] > best[ex][0]):
+            offsets = f["offsets"]
+            best[ex] = (float(score[i]), rows[ex]["context"][offsets[s_best[i]][0] : offsets[e_best[i]][1]])
     preds = {r["id"]: best.get(i, (0.0, ""))[1] for i, r in enumerate(rows)}
     na_probs = {r["id"]: 1.0 - has_prob.get(i, 0.0) for i, r in enumerate(rows)}
     return preds, na_probs
 
 
-def evaluate(ctx: Context, split: str, na_thresh: float | None = None) -> dict:
+def evaluate(ctx: Context, split: str, na_thresh: float | None = None, limit: int | None = None) -> dict:
     """Scores on 'val' or 'dev'. SQuAD: the no-answer threshold is tuned on val (best F1 there)
-    and then applied unchanged to dev; dev also reports the official best_f1 fields."""
+    and then applied unchanged to dev; dev also reports the official best_f1 fields. `limit`:
+    only the first N examples (SQuAD: questions, with all their windows)."""
     rows, feats = getattr(ctx.data, split), ctx.feats[split]
+    if limit is not None and limit < len(rows):
+        rows = rows[:limit]
+        feats = [f for f in feats if f["example"] < limit] if ctx.spec.kind == "extractive_qa" else feats[:limit]
     if ctx.spec.kind == "extractive_qa":
         preds, na_probs = squad_predictions(ctx, rows, feats)
         dataset = rows_as_squad_json(rows)
@@ -208,26 +302,52 @@ def make_optimizer(ctx: Context, lr: float, total_steps: int):
         # Standard practice: no weight decay on biases and norm gains.
         (no_decay if p.dim() < 2 or "norm" in n.lower() else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": ctx.cfg.train.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+                            **({"fused": True} if ctx.engine.fused_optimizer else {}))
     warmup = int(round(ctx.cfg.train.warmup_ratio * total_steps))
     return opt, get_linear_schedule_with_warmup(opt, warmup, total_steps)
 
 
 class BatchOrder:
     """Micro-batch k of a run is a pure function of (seed, k): an epoch's permutation comes from
-    a generator seeded with (seed, epoch). Resuming needs only the step count."""
+    a generator seeded with (seed, epoch). Resuming needs only the step count.
 
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.bs, self.seed = n, batch_size, seed
+    With `lengths` (length grouping), each run of `group` consecutive batches of that permutation
+    is sorted by length and cut into batches, and the epoch's batches are shuffled by the same
+    generator: batches of similar lengths (little padding) in a random order, still a pure
+    function of (seed, k). Only the last batch of an epoch can be short, as without grouping."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, lengths: list[int] | None = None, group: int = 50):
+        self.n, self.bs, self.seed, self.lengths, self.group = n, batch_size, seed, lengths, group
         self.per_epoch = max(1, math.ceil(n / batch_size))
-        self._perm: tuple[int, list[int]] | None = None
+        self._batches: tuple[int, list[list[int]]] | None = None
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        if self.lengths is None:
+            return [perm[i : i + self.bs] for i in range(0, self.n, self.bs)]
+        span = self.bs * self.group
+        batches = []
+        for i in range(0, self.n, span):
+            chunk = sorted(perm[i : i + span], key=lambda j: -self.lengths[j])
+            batches += [chunk[j : j + self.bs] for j in range(0, len(chunk), self.bs)]
+        # The short batch (if any) stays last so that every other batch is full.
+        full = [b for b in batches if len(b) == self.bs]
+        short = [b for b in batches if len(b) < self.bs]
+        return [full[i] for i in torch.randperm(len(full), generator=g).tolist()] + short
 
     def __call__(self, k: int) -> list[int]:
         epoch, pos = divmod(k, self.per_epoch)
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.n, generator=g).tolist())
-        return self._perm[1][pos * self.bs : (pos + 1) * self.bs]
+        if self._batches is None or self._batches[0] != epoch:
+            self._batches = (epoch, self._epoch(epoch))
+        return self._batches[1][pos]
+
+
+def batch_order(ctx: Context, batch_size: int, seed: int) -> BatchOrder:
+    feats = ctx.feats["train"]
+    lengths = [len(f["input_ids"]) for f in feats] if ctx.engine.group_by_length else None
+    return BatchOrder(len(feats), batch_size, seed, lengths)
 
 
 def total_steps_for(cfg: RunConfig, n_train: int) -> int:
@@ -237,25 +357,77 @@ def total_steps_for(cfg: RunConfig, n_train: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * per_epoch))
 
 
-def train_step(ctx: Context, order: BatchOrder, step: int, opt, sched) -> tuple[float, float, int]:
-    """One optimizer step over grad_accum micro-batches; returns (loss, grad norm, tokens)."""
+def _to_device(ctx: Context, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if ctx.engine.pin_memory:
+        return {k: v.pin_memory().to(ctx.device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(ctx.device) for k, v in batch.items()}
+
+
+def _pad_batch(batch: dict[str, torch.Tensor], multiple: int | None, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to a multiple of `multiple` tokens: few distinct shapes for compiled graphs. The
+    extra positions are masked padding, so the outputs at real tokens are the same."""
+    width = batch["input_ids"].size(1)
+    extra = -width % multiple if multiple else 0
+    if not extra:
+        return batch
+    pad = torch.nn.functional.pad
+    return {**batch, "input_ids": pad(batch["input_ids"], (0, extra), value=pad_id), "attention_mask": pad(batch["attention_mask"], (0, extra))}
+
+
+@dataclass
+class StepStats:
+    """One optimizer step's numbers. `loss` and `grad_norm` stay on the device (reading them would
+    make the host wait for the GPU every step); the token counts come from the host-side batch."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    tokens: int
+    padded_tokens: int
+
+
+def train_step(ctx: Context, order: BatchOrder, step: int, opt, sched) -> StepStats:
+    """One optimizer step over grad_accum micro-batches."""
     accum = ctx.cfg.train.grad_accum
     feats = ctx.feats["train"]
-    total_loss, tokens = 0.0, 0
+    total_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    tokens = padded = 0
     for a in range(accum):
         idx = order(step * accum + a)
-        batch = {k: v.to(ctx.device) for k, v in collate([feats[i] for i in idx], ctx.pad_id).items()}
+        host = _pad_batch(collate([feats[i] for i in idx], ctx.pad_id), ctx.engine.pad_to_multiple_of, ctx.pad_id)
+        tokens += int(host["attention_mask"].sum())
+        padded += host["attention_mask"].numel()
+        batch = _to_device(ctx, host)
+        if ctx.engine.compile and ctx.engine.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         with _autocast(ctx):
-            loss = ctx.model(batch)["loss"] / accum
+            loss = ctx.forward(batch)["loss"] / accum
         loss.backward()
-        total_loss += loss.item()
-        tokens += int(batch["attention_mask"].sum())
+        # Summed in float64, as the Python floats of loss.item() were: logged losses are unchanged.
+        total_loss += loss.detach().double()
     params = [p for _, p in trainable_parameters(ctx.model)]
-    gnorm = float(torch.nn.utils.clip_grad_norm_(params, ctx.cfg.train.max_grad_norm))
+    gnorm = torch.nn.utils.clip_grad_norm_(params, ctx.cfg.train.max_grad_norm)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return total_loss, gnorm, tokens
+    return StepStats(total_loss, gnorm.detach(), tokens, padded)
+
+
+class _Clock:
+    """Training time between the points where the host waits for the device anyway."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt
+
+    def restart(self) -> None:
+        self.t = time.perf_counter()
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -269,22 +441,64 @@ def peak_memory_mb(device: torch.device) -> float:
 # checkpoints
 
 
-def _trainable_state(ctx: Context) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in trainable_parameters(ctx.model)}
+def _host_copy(obj):
+    """A copy of a (nested) state on the host that training can no longer change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone() if obj.device.type == "cpu" else obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj
 
 
-def save_checkpoint(path: Path, ctx: Context, step: int, opt, sched, extra: dict) -> None:
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, one at a time, so training goes on while a
+    large checkpoint reaches the disk. The state is copied to the host first (the only part the
+    GPU waits for); the file appears by atomic rename, so a kill leaves the previous one."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, path: Path, state: dict) -> None:
+        self.wait()
+        state = _host_copy(state)
+        self._thread = threading.Thread(target=self._write, args=(path, state), daemon=True)
+        self._thread.start()
+
+    def _write(self, path: Path, state: dict) -> None:
+        try:
+            with atomic_path(path) as tmp:
+                torch.save(state, tmp)
+        except BaseException as e:  # re-raised in the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+
+def save_checkpoint(path: Path, ctx: Context, step: int, opt, sched, extra: dict, writer: CheckpointWriter | None = None) -> None:
     state = {
         "step": step,
-        "params": _trainable_state(ctx),
+        "params": {n: p.detach() for n, p in trainable_parameters(ctx.model)},
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "rng_cpu": torch.random.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         **extra,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    if writer is None:  # a one-off call writes before it returns
+        writer = CheckpointWriter()
+        writer.submit(path, state)
+        writer.wait()
+    else:
+        writer.submit(path, state)
 
 
 def load_checkpoint(path: Path, ctx: Context, opt=None, sched=None) -> dict:
@@ -338,7 +552,7 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
     total = total_steps_for(cfg, n_train)
     lr = cfg.train.lr_for(cfg.method.name)
     opt, sched = make_optimizer(ctx, lr, total)
-    order = BatchOrder(n_train, cfg.train.batch_size, cfg.seed)
+    order = batch_order(ctx, cfg.train.batch_size, cfg.seed)
 
     probe_feats = encode_probe(ctx.spec, ctx.tokenizer, probe_examples(cfg, ctx.data), cfg.model.max_length) if cfg.probe.enabled else []
     snap_dtype = getattr(torch, cfg.probe.dtype)
@@ -363,40 +577,60 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
     last_ckpt, best_ckpt = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     log_path = rd / "log.jsonl"
     step, log, curve, pending = 0, [], [], []
-    best_score, bad_evals, tokens, train_time = -math.inf, 0, 0, 0.0
+    best_score, bad_evals, tokens, padded_tokens, train_time = -math.inf, 0, 0, 0, 0.0
     if last_ckpt.exists():
         st = load_checkpoint(last_ckpt, ctx, opt, sched)
         step, log, curve, pending = st["step"], st["log"], st["curve"], st["pending"]
         best_score, bad_evals, tokens, train_time = st["best_score"], st["bad_evals"], st["tokens"], st["train_time"]
+        padded_tokens = st.get("padded_tokens", 0)
         stopped_early = st["stopped_early"]
     else:
         snapshot(0)
         stopped_early = False
+    # log.jsonl grows as training goes; after a resume it restarts from the checkpoint's log, so
+    # entries a killed run wrote past its last checkpoint are not doubled.
+    with atomic_path(log_path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in log))
+    writer = CheckpointWriter()
+    clock = _Clock(ctx.device)
 
     ctx.model.train()
     while step < total and not stopped_early:
         evaluated = None
-        ts = time.time()
-        loss, gnorm, ntok = train_step(ctx, order, step, opt, sched)
-        train_time += time.time() - ts
-        tokens += ntok
+        st = train_step(ctx, order, step, opt, sched)
+        tokens += st.tokens
+        padded_tokens += st.padded_tokens
         step += 1
-        pending.append(loss)
-        if step % cfg.train.log_every == 0 or step == total:
-            log.append({"step": step, "loss": float(np.mean(pending)), "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
-                        "tokens_per_s": tokens / max(train_time, 1e-9)})
+        pending.append(st.loss)
+        is_log = step % cfg.train.log_every == 0 or step == total
+        is_snap = cfg.probe.enabled and step % cfg.probe.snapshot_every == 0
+        is_eval = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 and step < total
+        if not (is_log or is_snap or is_eval or step % cfg.train.checkpoint_every == 0):
+            if on_step:
+                on_step(step, total)
+            continue
+        # Only here does the host wait for the device: at logging, snapshot, evaluation and
+        # checkpoint steps, never in between.
+        train_time += clock.lap()
+        if is_log:
+            entry = {"step": step, "loss": float(np.mean([float(x) for x in pending])), "lr": sched.get_last_lr()[0],
+                     "grad_norm": float(st.grad_norm), "tokens_per_s": tokens / max(train_time, 1e-9),
+                     "padded_tokens_per_s": padded_tokens / max(train_time, 1e-9)}
+            log.append(entry)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
             pending = []
-        if step % cfg.probe.snapshot_every == 0:
+        if is_snap:
             snapshot(step)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
-            score = evaluated = primary(ctx, evaluate(ctx, "val"))
+        if is_eval:
+            score = evaluated = primary(ctx, evaluate(ctx, "val", limit=cfg.train.eval_max_examples))
             curve.append({"step": step, ctx.spec.primary: score})
             if score > best_score:
                 best_score, bad_evals = score, 0
                 if cfg.train.restore_best:  # nothing else reads it, and for full FT it is the whole model
                     ckpt_dir.mkdir(exist_ok=True)
-                    with atomic_path(best_ckpt) as tmp:
-                        torch.save({"step": step, "params": _trainable_state(ctx), "score": score}, tmp)
+                    writer.submit(best_ckpt, {"step": step, "params": {n: p.detach() for n, p in trainable_parameters(ctx.model)},
+                                              "score": score})
             else:
                 bad_evals += 1
                 if cfg.train.early_stopping_patience and bad_evals >= cfg.train.early_stopping_patience:
@@ -406,13 +640,16 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
         if (step % cfg.train.checkpoint_every == 0 or stopped_early) and step < total:
             ckpt_dir.mkdir(exist_ok=True)
             save_checkpoint(last_ckpt, ctx, step, opt, sched,
-                            {"log": log, "curve": curve, "pending": pending, "best_score": best_score, "bad_evals": bad_evals,
-                             "stopped_early": stopped_early,
-                             "tokens": tokens, "train_time": train_time})
+                            {"log": log, "curve": curve, "pending": [float(x) for x in pending], "best_score": best_score,
+                             "bad_evals": bad_evals, "stopped_early": stopped_early,
+                             "tokens": tokens, "padded_tokens": padded_tokens, "train_time": train_time}, writer)
+        clock.restart()
         if on_step:
             on_step(step, total)
         if on_eval and evaluated is not None:
+            writer.wait()  # a pruned trial must leave the checkpoint it just wrote
             on_eval(step, evaluated)
+    writer.wait()
 
     snapshot(step)
     final_step = step
@@ -438,11 +675,10 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
         "trainable_params": sum(p.numel() for _, p in trainable_parameters(ctx.model)),
         "total_params": sum(p.numel() for p in ctx.model.parameters()),
         "train_time_s": train_time, "wall_time_s": time.time() - t0, "tokens": tokens,
-        "tokens_per_s": tokens / max(train_time, 1e-9), "peak_memory_mb": peak_memory_mb(ctx.device),
+        "tokens_per_s": tokens / max(train_time, 1e-9), "padded_tokens": padded_tokens,
+        "padded_tokens_per_s": padded_tokens / max(train_time, 1e-9), "peak_memory_mb": peak_memory_mb(ctx.device),
         "device": str(ctx.device), "dtype": str(ctx.dtype).replace("torch.", ""), "data_source": ctx.data.source,
     }
-    with open(log_path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in log)
     atomic_write_json(result_file, result)
     ResultsStore(Path(cfg.out_dir) / "results.sqlite").put(
         "run", result["model"], cfg.task, cfg.method.name, cfg.seed, chash,

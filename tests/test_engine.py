@@ -1,0 +1,269 @@
+"""The training engine's switches (docs/training.md, "The engine"), each checked on the CPU
+against the plain path: what they change is speed, never what a run computes (beyond
+floating-point rounding where the arithmetic is reordered)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loradrift.config import EngineConfig
+from loradrift.models import ClassificationHead, SpanAnswerabilityHead
+from loradrift.train import (BatchOrder, CheckpointWriter, batch_order, best_spans, evaluate, make_optimizer, resolve_engine, setup,
+                             train_run, train_step, trainable_parameters)
+
+# ---------------------------------------------------------------------------------------------
+# switch resolution
+
+
+def test_auto_is_off_on_a_cpu_and_on_for_cuda():
+    cpu = resolve_engine(EngineConfig(), torch.device("cpu"), 10_000)
+    assert not any([cpu.compile, cpu.group_by_length, cpu.fused_optimizer, cpu.tf32, cpu.pin_memory]) and cpu.pad_to_multiple_of is None
+    long = resolve_engine(EngineConfig(), torch.device("cuda"), 500)
+    assert long.compile and long.group_by_length and long.fused_optimizer and long.tf32 and long.pin_memory
+    assert long.pad_to_multiple_of == 32  # compiled graphs need few shapes
+    short = resolve_engine(EngineConfig(), torch.device("cuda"), 499)  # compiling would cost more than it saves
+    assert not short.compile and short.pad_to_multiple_of is None
+    forced = resolve_engine(EngineConfig(compile="on", group_by_length="on", pin_memory="on"), torch.device("cpu"), 1)
+    assert forced.compile and forced.group_by_length and not forced.pin_memory  # pinning means nothing without a GPU
+
+
+def test_yaml_on_off_are_switch_values(tiny_cfg):
+    cfg = tiny_cfg(overrides=["train.engine.compile=off", "train.engine.fused_optimizer=on"])
+    assert cfg.train.engine.compile == "off" and cfg.train.engine.fused_optimizer == "on"
+
+
+# ---------------------------------------------------------------------------------------------
+# data order
+
+
+def test_length_grouped_order_is_a_pure_function_of_seed_and_step():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 200, size=203).tolist()
+    a, b = BatchOrder(203, 8, seed=7, lengths=lengths, group=4), BatchOrder(203, 8, seed=7, lengths=lengths, group=4)
+    per_epoch = a.per_epoch
+    assert per_epoch == math.ceil(203 / 8)
+    # Any step asked in any order (as after a resume) gives the same batch.
+    ks = list(range(3 * per_epoch))
+    assert [b(k) for k in reversed(ks)][::-1] == [a(k) for k in ks]
+    for epoch in range(3):
+        batches = [a(epoch * per_epoch + i) for i in range(per_epoch)]
+        flat = [i for bt in batches for i in bt]
+        assert sorted(flat) == list(range(203))  # each example once per epoch
+        assert all(len(bt) == 8 for bt in batches[:-1]) and len(batches[-1]) == 203 % 8
+    # Less padding than the plain shuffled order, and a different order for another seed.
+    def padding(order):
+        return sum(max(lengths[i] for i in order(k)) * len(order(k)) - sum(lengths[i] for i in order(k)) for k in range(per_epoch))
+    assert padding(a) < 0.5 * padding(BatchOrder(203, 8, seed=7))
+    assert [BatchOrder(203, 8, seed=8, lengths=lengths, group=4)(k) for k in range(5)] != [a(k) for k in range(5)]
+
+
+def test_plain_order_is_unchanged():
+    # The order CPU runs have always used: slices of torch.randperm seeded with (seed, epoch).
+    order = BatchOrder(50, 8, seed=3)
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(3 * 100_003 + 1)).tolist()
+    assert [order(7 + i) for i in range(7)] == [perm[i : i + 8] for i in range(0, 50, 8)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the step
+
+
+def _reference_step(ctx, order, step, opt, sched):
+    """The engine's step as it was written before the device-side bookkeeping: loss.item() and
+    a float grad norm every step."""
+    from loradrift.data import collate
+
+    total = 0.0
+    for a in range(ctx.cfg.train.grad_accum):
+        batch = {k: v.to(ctx.device) for k, v in collate([ctx.feats["train"][i] for i in order(step * ctx.cfg.train.grad_accum + a)], ctx.pad_id).items()}
+        loss = ctx.model(batch)["loss"] / ctx.cfg.train.grad_accum
+        loss.backward()
+        total += loss.item()
+    gnorm = float(torch.nn.utils.clip_grad_norm_([p for _, p in trainable_parameters(ctx.model)], ctx.cfg.train.max_grad_norm))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return total, gnorm
+
+
+@pytest.mark.parametrize("task", ["sst2", "squad_v2"])
+def test_device_side_step_numbers_equal_the_host_synced_ones(tiny_cfg, task):
+    cfg = tiny_cfg(task, "full", overrides=["train.grad_accum=2"])
+    ctxs = [setup(cfg), setup(cfg)]
+    opts = [make_optimizer(c, 1e-3, 5) for c in ctxs]
+    order = batch_order(ctxs[0], cfg.train.batch_size, cfg.seed)
+    for step in range(4):
+        st = train_step(ctxs[0], order, step, *opts[0])
+        loss, gnorm = _reference_step(ctxs[1], order, step, *opts[1])
+        assert isinstance(st.loss, torch.Tensor) and float(st.loss) == loss and float(st.grad_norm) == pytest.approx(gnorm, rel=1e-6)
+        assert st.tokens <= st.padded_tokens
+    for (n, p), (_, q) in zip(ctxs[0].model.named_parameters(), ctxs[1].model.named_parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6), n
+
+
+def _losses(cfg, steps=4):
+    ctx = setup(cfg)
+    opt, sched = make_optimizer(ctx, 1e-3, steps)
+    order = batch_order(ctx, cfg.train.batch_size, cfg.seed)
+    return [float(train_step(ctx, order, s, opt, sched).loss) for s in range(steps)], ctx
+
+
+@pytest.mark.parametrize("switch", ["train.engine.pad_to_multiple_of=48", "train.engine.fused_optimizer=on",
+                                    "train.engine.gradient_checkpointing=true"])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_engine_switches_do_not_change_what_is_computed(tiny_cfg, switch, method):
+    task = "squad_v2" if "pad" in switch else "sst2"  # SQuAD windows vary in length, so padding really adds tokens
+    # LoRA dropout draws one random number per activation, padded ones too: with padding the masks
+    # differ (same distribution), so the comparison runs without dropout.
+    base = ["method.lora.dropout=0"] if "pad" in switch else []
+    plain, _ = _losses(tiny_cfg(task, method, overrides=base))
+    switched, ctx = _losses(tiny_cfg(task, method, overrides=[*base, switch]))
+    np.testing.assert_allclose(switched, plain, rtol=2e-5)
+    if "pad" in switch:
+        assert ctx.engine.pad_to_multiple_of == 48
+
+
+def test_compiled_step_matches_eager_on_cpu(tiny_cfg):
+    eager, _ = _losses(tiny_cfg("sst2", "lora", overrides=["method.lora.dropout=0"]), steps=3)
+    compiled, ctx = _losses(tiny_cfg("sst2", "lora", overrides=["method.lora.dropout=0", "train.engine.compile=on"]), steps=3)
+    assert ctx.engine.compile and ctx.forward is not ctx.model
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4)
+
+
+def test_length_grouped_run_trains_and_logs(tiny_cfg):
+    r = train_run(tiny_cfg("squad_v2", "full", overrides=["train.engine.group_by_length=on"]))
+    log = [json.loads(x) for x in (Path(r["run_dir"]) / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(e["loss"]) for e in log) and r["padded_tokens"] >= r["tokens"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# around the step
+
+
+def test_log_is_appended_as_training_goes(tiny_cfg):
+    cfg = tiny_cfg("sst2", "lora")  # log_every 2, 6 steps
+    seen = {}
+
+    def on_step(step, total):
+        path = Path(cfg.out_dir).glob("runs/*/sst2/lora/seed42/log.jsonl")
+        seen[step] = [json.loads(x)["step"] for x in next(path).read_text().splitlines()]
+
+    train_run(cfg, on_step=on_step)
+    assert seen[1] == [] and seen[2] == [2] and seen[5] == [2, 4] and seen[6] == [2, 4, 6]
+
+
+def test_untied_lm_head_is_frozen_in_full_fine_tuning(tiny_cfg):
+    untied = setup(tiny_cfg("sst2", "full", overrides=["model.tiny.tie_word_embeddings=false"]))
+    names = {n for n, _ in trainable_parameters(untied.model)}
+    assert not any("lm_head" in n for n in names) and any("embed_tokens" in n for n in names)
+    tied = setup(tiny_cfg("sst2", "full"))
+    assert any("embed_tokens" in n for n, _ in trainable_parameters(tied.model))
+
+
+def test_tiny_model_can_take_a_real_vocabulary(tiny_cfg):
+    ctx = setup(tiny_cfg("sst2", "full", overrides=["model.tiny.vocab_size=5000"]))
+    assert ctx.model.backbone.get_input_embeddings().weight.shape[0] == 5000
+
+
+def test_checkpoint_writer_copies_state_and_reports_failures(tmp_path):
+    w = CheckpointWriter()
+    t = torch.zeros(3)
+    w.submit(tmp_path / "a.pt", {"t": t})
+    t += 1  # training goes on: the file must hold the state at submit time
+    w.wait()
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["t"], torch.zeros(3))
+    (tmp_path / "dir").mkdir()
+    w.submit(tmp_path / "dir", {"t": t})  # a folder in the way: the write fails
+    with pytest.raises(OSError):
+        w.wait()
+
+
+def test_mid_run_validation_can_use_a_subset(tiny_cfg):
+    for task, key in (("sst2", "accuracy"), ("squad_v2", "f1")):
+        ctx = setup(tiny_cfg(task, "lora"))
+        full, sub = evaluate(ctx, "val"), evaluate(ctx, "val", limit=5)
+        assert key in sub and key in full
+        if task == "sst2":
+            labels = [f["label"] for f in ctx.feats["val"][:5]]
+            assert sub["accuracy"] * 5 == pytest.approx(round(sub["accuracy"] * 5)) and len(labels) == 5
+        else:
+            assert sub["total"] == 5 and full["total"] == len(ctx.data.val)
+
+
+# ---------------------------------------------------------------------------------------------
+# heads and SQuAD post-processing
+
+
+def test_heads_compute_in_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    for head in (ClassificationHead(16, 2), SpanAnswerabilityHead(16)):
+        ref = head(hidden, mask, "last", {})
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = head(hidden, mask, "last", {})
+        for k in ref:
+            assert out[k].dtype == torch.float32 and torch.equal(out[k], ref[k]), k
+
+
+def test_span_loss_is_the_mean_over_answerable_windows():
+    torch.manual_seed(0)
+    head = SpanAnswerabilityHead(8)
+    hidden, mask = torch.randn(4, 6, 8), torch.ones(4, 6, dtype=torch.long)
+    labels = {"labels": torch.tensor([1, 0, 1, 0])}
+    pos = {"start_positions": torch.tensor([1, -100, 2, -100]), "end_positions": torch.tensor([3, -100, 2, -100])}
+    out = head(hidden, mask, "last", {**labels, **pos})
+    sel = torch.tensor([True, False, True, False])
+    ce = torch.nn.functional.cross_entropy
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(out["has_logit"], labels["labels"].float())
+    span = (ce(out["start_logits"][sel], pos["start_positions"][sel]) + ce(out["end_logits"][sel], pos["end_positions"][sel])) / 2
+    assert torch.allclose(out["loss"], bce + span, atol=1e-6)
+    none = {"start_positions": torch.full((4,), -100), "end_positions": torch.full((4,), -100)}
+    assert torch.allclose(head(hidden, mask, "last", {"labels": torch.zeros(4, dtype=torch.long), **none})["loss"],
+                          torch.nn.functional.binary_cross_entropy_with_logits(out["has_logit"], torch.zeros(4)), atol=1e-6)
+
+
+def _loop_best(start, end, s_idx, e_idx, offsets, max_len):
+    """The per-window candidate loop that best_spans replaces (first strict maximum wins)."""
+    best = None
+    for s in s_idx:
+        for e in e_idx:
+            if s < 0 or e < 0 or offsets[s] is None or offsets[e] is None or e < s or e - s + 1 > max_len:
+                continue
+            score = float(start[s] + end[e])
+            if best is None or score > best[0]:
+                best = (score, s, e)
+    return best
+
+
+def test_vectorised_span_search_matches_the_candidate_loop():
+    from loradrift.train import _span_topk
+
+    rng = np.random.default_rng(1)
+    W, T, n_best, max_len = 40, 30, 5, 6
+    # Integer logits make ties common: the tie-breaking must match too.
+    start = torch.tensor(rng.integers(-4, 5, size=(W, T)), dtype=torch.float32)
+    end = torch.tensor(rng.integers(-4, 5, size=(W, T)), dtype=torch.float32)
+    lengths = rng.integers(3, T + 1, size=W)
+    offsets = [[None if rng.random() < 0.3 else (j, j + 1) for j in range(n)] + [None] * (T - n) for n in lengths]
+    for i, n in enumerate(lengths):  # padding positions carry the head's masking value
+        start[i, n:] = end[i, n:] = torch.finfo(torch.float32).min
+    red = _span_topk(n_best)({"start_logits": start, "end_logits": end, "has_logit": torch.zeros(W)})
+    in_ctx = np.array([[x is not None for x in o] for o in offsets])
+    score, s_best, e_best = best_spans(red["start_val"], red["start_idx"], red["end_val"], red["end_idx"], in_ctx, max_len)
+    for i in range(W):
+        n = int(lengths[i])
+        # The candidates are each window's n-best (which of several tied logits is taken is
+        # torch.topk's choice, as before) ...
+        k = min(n_best, n)
+        assert red["start_val"][i][:k].tolist() == torch.topk(start[i, :n], k).values.tolist()
+        # ... and among them the vectorised search picks exactly what the loop picks.
+        ref = _loop_best(start[i], end[i], red["start_idx"][i].tolist(), red["end_idx"][i].tolist(), offsets[i], max_len)
+        if ref is None:
+            assert score[i] == -np.inf
+        else:
+            assert (float(score[i]), int(s_best[i]), int(e_best[i])) == ref, i

@@ -130,7 +130,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     out = args.out or Path(__file__).parent / "results" / f"peer_{args.preset}_{args.task}.json"
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:

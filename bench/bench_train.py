@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also profile 3 steps (GPU busy time, kernel launches per step)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     out = args.out or Path(__file__).parent / "results" / f"train_{args.preset}_{args.task}.json"
     rows, start = [], time.time()
     for variant in args.variants.split(","):

@@ -5,9 +5,11 @@
 
 Counts, per phase, the (padded) tokens the preset trains on and the tokens it only runs forward
 (validation, dev, probe snapshots), with the preset's lengths, batch sizes, epochs, trials and
-seeds, and divides by the training throughput measured by bench/bench_train.py (padded tokens/s
-per method; a forward pass costs about a third of a full fine-tuning step, so forward tokens are
-counted at three times the full-FT rate). Where the local data is a subset of the official split
+seeds, and prices them with the training speed measured by bench/bench_train.py. A training step
+of T padded tokens is priced at the measured step time × max(1, T / T_measured): a step with fewer
+tokens than the measured one is priced as the measured one (an upper bound: short sequences are
+overhead-bound, so their tokens/s would flatter them). A forward pass costs about a third of a full
+fine-tuning step, so forward tokens are counted at three times the full-FT token rate. Where the local data is a subset of the official split
 (SQuAD v2 train offline: 10 articles), train counts are scaled to the official size. A Hub model
 that is not on this machine (TinyLlama) is counted with `--tokenizer`'s tokenizer as a proxy.
 Phase 3 (drift, serving, report) is not GPU training and is left out.
@@ -70,21 +72,30 @@ def count(preset: str, task: str, tokenizer_model: str | None) -> dict:
     trial_fwd = (2 if trial_steps > 1 else 1) * tok_per["val"]
     sanity = ref.sanity.max_steps * ref.sanity.batch_size * mean_train
     return {"task": task, "train_features": round(train_feats), "scaled_from_local": scale != 1.0, "mean_padded_length": mean_train,
-            "steps_per_run": per_run_steps, "phase0_train_tokens": methods * sanity,
+            "steps_per_run": per_run_steps, "step_tokens": step_tokens, "sanity_step_tokens": ref.sanity.batch_size * mean_train,
+            "phase0_train_tokens": methods * sanity,
             "phase1_train_tokens": methods * s.trials * trial_tokens, "phase1_forward_tokens": methods * s.trials * trial_fwd,
             "phase2_train_tokens_per_method": seeds * train_tokens_run, "phase2_forward_tokens": seeds * methods * fwd_run}
 
 
-def throughput(path: Path, variant: str | None) -> dict[str, float]:
+def throughput(path: Path, variant: str | None) -> dict[str, dict]:
+    """Per method, the fastest measured row: step time and padded tokens per step."""
     rows = [r for r in json.loads(Path(path).read_text())["rows"] if "padded_tokens_per_s" in r and r.get("system") == "loradrift"]
     if variant:
         rows = [r for r in rows if r.get("variant") == variant]
-    out = {}
+    out: dict[str, dict] = {}
     for r in rows:
-        out[r["method"]] = max(out.get(r["method"], 0.0), r["padded_tokens_per_s"])
+        if r["method"] not in out or r["padded_tokens_per_s"] > out[r["method"]]["rate"]:
+            out[r["method"]] = {"rate": r["padded_tokens_per_s"], "step_s": r["step_time_s"], "step_tokens": r["padded_tokens_per_s"] * r["step_time_s"],
+                                "variant": r.get("variant")}
     if set(out) != {"full", "lora"}:
         sys.exit(f"{path}: needs loradrift rows for both methods (variant {variant}); found {sorted(out)}")
     return out
+
+
+def train_seconds(tokens: float, step_tokens: float, m: dict) -> float:
+    steps = tokens / step_tokens
+    return steps * m["step_s"] * max(1.0, step_tokens / m["step_tokens"])
 
 
 def main() -> None:
@@ -98,13 +109,17 @@ def main() -> None:
     tp = throughput(args.throughput, args.variant)
     tasks = resolve_config(preset=args.preset).study.tasks
     rows = [count(args.preset, t, args.tokenizer) for t in tasks]
-    fwd_rate = 3 * tp["full"]
+    fwd_rate = 3 * tp["full"]["rate"]
     total = {"phase 0": 0.0, "phase 1": 0.0, "phase 2": 0.0}
     print(f"{'task':9} {'features':>9} {'len':>5} {'steps/run':>9} {'P0 h':>6} {'P1 h':>6} {'P2 h':>6}")
+
+    def both(tokens: float, step_tokens: float) -> float:  # half the tokens per method
+        return sum(train_seconds(tokens / 2, step_tokens, tp[m]) for m in ("full", "lora"))
+
     for r in rows:
-        p0 = r["phase0_train_tokens"] / 2 * (1 / tp["full"] + 1 / tp["lora"])
-        p1 = r["phase1_train_tokens"] / 2 * (1 / tp["full"] + 1 / tp["lora"]) + r["phase1_forward_tokens"] / fwd_rate
-        p2 = r["phase2_train_tokens_per_method"] * (1 / tp["full"] + 1 / tp["lora"]) + r["phase2_forward_tokens"] / fwd_rate
+        p0 = both(r["phase0_train_tokens"], r["sanity_step_tokens"])
+        p1 = both(r["phase1_train_tokens"], r["step_tokens"]) + r["phase1_forward_tokens"] / fwd_rate
+        p2 = both(2 * r["phase2_train_tokens_per_method"], r["step_tokens"]) + r["phase2_forward_tokens"] / fwd_rate
         r.update(phase0_h=p0 / 3600, phase1_h=p1 / 3600, phase2_h=p2 / 3600)
         total["phase 0"] += p0 / 3600
         total["phase 1"] += p1 / 3600
@@ -112,7 +127,8 @@ def main() -> None:
         print(f"{r['task']:9} {r['train_features']:>9,d} {r['mean_padded_length']:5.0f} {r['steps_per_run']:>9,d} "
               f"{r['phase0_h']:6.2f} {r['phase1_h']:6.2f} {r['phase2_h']:6.2f}" + ("  (train scaled to the official size)" if r["scaled_from_local"] else ""))
     hours = sum(total.values())
-    print(f"throughput (padded tokens/s): full {tp['full']:,.0f}, lora {tp['lora']:,.0f} from {args.throughput}")
+    print("measured: " + ", ".join(f"{m} {v['variant']} {v['step_s']:.4f} s/step of {v['step_tokens']:,.0f} padded tokens "
+                                   f"({v['rate']:,.0f} tokens/s)" for m, v in tp.items()) + f", from {args.throughput}")
     print("projected GPU hours: " + ", ".join(f"{k} {v:.2f}" for k, v in total.items()) + f"; total {hours:.2f} h")
     if args.json:
         from loradrift.io import atomic_write_json

@@ -266,6 +266,42 @@ def encode_classification(tokenizer, rows: list[dict], max_length: int) -> list[
     return [{"input_ids": ids, "label": r["label"]} for ids, r in zip(enc["input_ids"], rows)]
 
 
+def squad_windows(tokenizer, questions: list[str], contexts: list[str], max_length: int, stride: int) -> list[dict]:
+    """Sliding windows over each context, question first: what `tokenizer(..., truncation="only_second",
+    stride=..., return_overflowing_tokens=True)` returns, built here from one untruncated pair
+    encoding per example.
+
+    Each window is the pair's tokens before the context (special tokens, question, separators), a
+    run of context tokens, and the tokens after it; consecutive runs overlap by `stride` tokens and
+    the last one ends at the context's end, so every context token is in some window. Doing it here
+    instead of relying on the tokenizer's overflow: tokenizers 0.23.2 (on the lent GPU image) stops
+    after two windows, which silently dropped the rest of long contexts and with it their answers.
+    Returns, per window: input_ids, offsets (None outside the context), example index."""
+    enc = tokenizer(questions, contexts, truncation=False, return_offsets_mapping=True, verbose=False)
+    windows = []
+    for ex_i, ids in enumerate(enc["input_ids"]):
+        seq = enc.sequence_ids(ex_i)
+        offs = [tuple(o) if s == 1 else None for o, s in zip(enc["offset_mapping"][ex_i], seq)]
+        ctx = [t for t, sid in enumerate(seq) if sid == 1]
+        if not ctx:  # an empty context: one window, nothing to answer from
+            windows.append({"input_ids": ids[:max_length], "offsets": offs[:max_length], "example": ex_i})
+            continue
+        c0, c1 = ctx[0], ctx[-1] + 1
+        room = max_length - c0 - (len(ids) - c1)
+        if room <= stride:
+            raise DataError(f"SQuAD: question {ex_i} ({c0} tokens with its special tokens) leaves {max(room, 0)} context tokens per "
+                            f"window of model.max_length={max_length}, not more than data.doc_stride={stride}: raise max_length or lower doc_stride")
+        start = c0
+        while True:
+            end = min(start + room, c1)
+            windows.append({"input_ids": ids[:c0] + ids[start:end] + ids[c1:], "offsets": offs[:c0] + offs[start:end] + offs[c1:],
+                            "example": ex_i})
+            if end == c1:
+                break
+            start = end - stride
+    return windows
+
+
 def encode_squad(tokenizer, rows: list[dict], max_length: int, stride: int) -> list[dict]:
     """Question first, then a context window: a causal model's context tokens must see the question.
 
@@ -273,22 +309,11 @@ def encode_squad(tokenizer, rows: list[dict], max_length: int, stride: int) -> l
     answerability label (1 = the answer is in this window); other windows train only the
     answerability head (span labels -100).
     """
-    enc = tokenizer(
-        [r["question"].lstrip() for r in rows],
-        [r["context"] for r in rows],
-        truncation="only_second",
-        max_length=max_length,
-        stride=stride,
-        return_overflowing_tokens=True,
-        return_offsets_mapping=True,
-    )
     feats = []
-    for i, ids in enumerate(enc["input_ids"]):
-        ex_i = enc["overflow_to_sample_mapping"][i]
+    for w in squad_windows(tokenizer, [r["question"].lstrip() for r in rows], [r["context"] for r in rows], max_length, stride):
+        ex_i, offsets = w["example"], w["offsets"]
         row = rows[ex_i]
-        seq_ids = enc.sequence_ids(i)
-        offsets = [o if s == 1 else None for o, s in zip(enc["offset_mapping"][i], seq_ids)]
-        ctx_tokens = [t for t, s in enumerate(seq_ids) if s == 1]
+        ctx_tokens = [t for t, o in enumerate(offsets) if o is not None]
         start_pos = end_pos = -100
         has = 0
         if row["answers"]["text"] and ctx_tokens:
@@ -305,7 +330,7 @@ def encode_squad(tokenizer, rows: list[dict], max_length: int, stride: int) -> l
                 if s <= e:
                     start_pos, end_pos, has = s, e, 1
         feats.append(
-            {"input_ids": ids, "start": start_pos, "end": end_pos, "label": has, "example": ex_i, "offsets": offsets}
+            {"input_ids": w["input_ids"], "start": start_pos, "end": end_pos, "label": has, "example": ex_i, "offsets": offsets}
         )
     if not feats:
         raise DataError("SQuAD: no features produced (is max_length too small for the questions?)")

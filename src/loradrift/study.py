@@ -120,10 +120,12 @@ def phase2(grid: list[RunConfig], progress: Progress, say) -> None:
     from loradrift.train import run_dir_for, train_run
 
     bar = progress.add_task("phase 2: final runs", total=len(grid))
+    steps = progress.add_task("  steps of this run", total=None)
     for i, cfg in enumerate(grid, 1):
         progress.update(bar, description=f"phase 2: run {i}/{len(grid)} {cfg.task} {cfg.method.name} seed {cfg.seed}")
+        progress.reset(steps, total=None)
         finished = (run_dir_for(cfg) / "result.json").exists()
-        r = train_run(cfg)
+        r = train_run(cfg, on_step=lambda step, total: progress.update(steps, completed=step, total=total))
         if not finished:
             say(f"run {cfg.task}/{cfg.method.name}/seed{cfg.seed}: dev {r['primary_metric']} {r['dev'][r['primary_metric']]:.4g} "
                 f"({r['wall_time_s']:.0f}s)")

@@ -221,10 +221,10 @@ def cmd_drift(args, configs: Configs) -> int:
     cfg = configs()
     tasks = _tasks(args.task)
     d = cfg.drift
-    res = analyse_drift(cfg.out_dir, model_key(cfg.model), tasks, metric=d.metric, n_boot=d.n_boot, boot_seed=d.boot_seed)
-    rows = [{"task": t, **{k: c.get(k) for k in ("drift_full", "drift_lora", "reduction_pct", "perm_p", "boot_ci")}}
+    res = analyse_drift(cfg.out_dir, model_key(cfg.model), tasks, metric=d.metric)
+    rows = [{"task": t, **{k: c.get(k) for k in ("drift_full", "drift_lora", "reduction_pct", "noise_floor", "perm_p", "probe_ci")}}
             for t, c in res["comparison"].items()]
-    _table(f"Drift (1 - {d.metric} CKA, mean over layers, final step)", rows, ["task", "drift_full", "drift_lora", "reduction_pct", "perm_p", "boot_ci"])
+    _table(f"Drift (1 - {d.metric} CKA, mean over block outputs, final step)", rows, ["task", "drift_full", "drift_lora", "reduction_pct", "noise_floor", "perm_p", "probe_ci"])
     if d.weights:
         from loradrift.weights import analyse_weights
 

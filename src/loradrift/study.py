@@ -137,7 +137,7 @@ def phase3(cfg: RunConfig, tasks: list[str], say) -> None:
 
     key = model_key(cfg.model)
     d = cfg.drift
-    analyse_drift(cfg.out_dir, key, tasks, metric=d.metric, n_boot=d.n_boot, boot_seed=d.boot_seed)
+    analyse_drift(cfg.out_dir, key, tasks, metric=d.metric)
     say("drift: tables and figures written")
     if d.weights:
         from loradrift.weights import analyse_weights

@@ -198,10 +198,11 @@ def _default_spaces() -> dict[str, list[ParamSpec]]:
 
 
 class PrunerConfig(_Strict):
-    """optuna.pruners.MedianPruner settings; steps are optimizer steps."""
+    """optuna.pruners.MedianPruner settings. Trials report validation scores against training
+    examples seen (optimizer steps x batch size x grad_accum), so its "steps" are examples."""
 
     n_startup_trials: int = Field(5, ge=0, description="trials that are never pruned, to build the median")
-    n_warmup_steps: int = Field(0, ge=0, description="no pruning before this optimizer step")
+    n_warmup_steps: int = Field(0, ge=0, description="no pruning before this many training examples seen")
 
 
 class SearchConfig(_Strict):

@@ -30,13 +30,15 @@ def h1_metric(task: str) -> str:
 
 
 def performance_by_seed(cfg: RunConfig, metric=h1_metric) -> dict[str, dict[str, dict[int, float]]]:
-    """{method: {task: {seed: dev score}}} for the Phase 2 seeds of this model (metric per task)."""
+    """{method: {task: {seed: dev score}}} for the Phase 2 seeds of this model; `metric(task)` names
+    the dev metric (None leaves the task out)."""
     out: dict[str, dict[str, dict[int, float]]] = {"full": {}, "lora": {}}
     rows = ResultsStore(Path(cfg.out_dir) / "results.sqlite").rows("run", model=model_key(cfg.model))
     for r in rows:
-        if r["seed"] not in cfg.study.seeds or r["task"] not in cfg.study.tasks:
+        name = metric(r["task"])
+        if r["seed"] not in cfg.study.seeds or r["task"] not in cfg.study.tasks or name is None:
             continue
-        out[r["method"]].setdefault(r["task"], {})[r["seed"]] = float(r["metrics"]["dev"][metric(r["task"])])
+        out[r["method"]].setdefault(r["task"], {})[r["seed"]] = float(r["metrics"]["dev"][name])
     return out
 
 
@@ -78,7 +80,7 @@ def run_stats(cfg: RunConfig) -> dict:
         base = baseline_scores(cfg)
         h1 = stats.h1_performance({t: perf["full"][t] for t in tasks}, {t: perf["lora"][t] for t in tasks},
                                   s.h1_threshold, baselines=base, confidence=s.confidence)
-        f1 = performance_by_seed(cfg, metric=lambda t: "f1")
+        f1 = performance_by_seed(cfg, metric=lambda t: "f1" if TASKS[t].metric == "accuracy_f1" else None)
         for r in h1:
             if r.scope in tasks and TASKS[r.scope].metric == "accuracy_f1":
                 mean = lambda d: sum(d.values()) / len(d)  # noqa: E731

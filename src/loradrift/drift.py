@@ -272,26 +272,48 @@ def permutation_test(a: Sequence[float], b: Sequence[float], *, seed: int = 0) -
     return float(p), n, kind
 
 
-def _cka_fn(metric: str, sigma_frac: float):
-    if metric == "linear":
-        return linear_cka
-    if metric == "debiased":
-        return debiased_cka
-    return lambda x, y: rbf_cka(x, y, sigma_frac=sigma_frac)
+def _loo_terms(K: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, ...]:
+    """For every i, the HSIC building blocks of the Gram matrices with row and column i removed:
+    sum(K*L), sum_j rowsumK_j rowsumL_j, sum(K), sum(L) over the remaining indices."""
+    k, l = K.sum(axis=1), L.sum(axis=1)
+    kl = (K * L).sum(axis=1)
+    dk, dl = np.diag(K), np.diag(L)
+    a = (K * L).sum() - 2.0 * kl + dk * dl
+    cross = k @ l - K @ l - L @ k + kl - (k - dk) * (l - dl)
+    return a, cross, k.sum() - 2.0 * k + dk, l.sum() - 2.0 * l + dl
+
+
+def _loo_hsic(K: np.ndarray, L: np.ndarray, debiased: bool) -> np.ndarray:
+    m = K.shape[0] - 1
+    if debiased:  # Song et al. 2012 on the Gram matrices with zeroed diagonals
+        K, L = K - np.diag(np.diag(K)), L - np.diag(np.diag(L))
+        a, cross, sk, sl = _loo_terms(K, L)
+        return (a + sk * sl / ((m - 1) * (m - 2)) - 2.0 * cross / (m - 2)) / (m * (m - 3))
+    a, cross, sk, sl = _loo_terms(K, L)
+    return a - 2.0 * cross / m + sk * sl / m**2
 
 
 def jackknife_drift(metric: str, base: Sequence[np.ndarray], layers: Sequence[np.ndarray],
                     sigma_frac: float = 1.0) -> np.ndarray:
     """Leave-one-out drift ``1 - CKA`` per probe row and layer, shape (n, n_layers), float64:
-    row i is the drift with probe example i left out of base and run alike."""
-    fn = _cka_fn(metric, sigma_frac)
+    row i is the drift with probe example i left out of base and run alike. Linear and debiased
+    CKA come from the full Gram matrices in closed form (O(n^2) per row); RBF, whose bandwidth
+    depends on the rows kept, is recomputed row by row."""
     n = base[0].shape[0]
-    keep = ~np.eye(n, dtype=bool)
     out = np.empty((n, len(base)))
     for j, (x, y) in enumerate(zip(base, layers)):
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if metric in ("linear", "debiased"):
+            # centring first changes no HSIC (linear kernel) but keeps the sums small
+            x, y = x - x.mean(axis=0), y - y.mean(axis=0)
+            K, L = x @ x.T, y @ y.T
+            deb = metric == "debiased"
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[:, j] = 1.0 - _loo_hsic(K, L, deb) / np.sqrt(_loo_hsic(K, K, deb) * _loo_hsic(L, L, deb))
+            continue
+        keep = ~np.eye(n, dtype=bool)
         for i in range(n):
-            out[i, j] = 1.0 - fn(x[keep[i]], y[keep[i]])
+            out[i, j] = 1.0 - rbf_cka(x[keep[i]], y[keep[i]], sigma_frac=sigma_frac)
     return out
 
 
@@ -309,7 +331,7 @@ def _primary_drift(metric: str, base: list[np.ndarray], layers: list[np.ndarray]
                    sigma_frac: float) -> np.ndarray:
     if metric == "linear":
         return 1.0 - cka
-    fn = _cka_fn(metric, sigma_frac)
+    fn = debiased_cka if metric == "debiased" else (lambda x, y: rbf_cka(x, y, sigma_frac=sigma_frac))
     return np.array([1.0 - fn(x, y) for x, y in zip(base, layers)])
 
 

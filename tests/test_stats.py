@@ -384,3 +384,16 @@ def test_end_to_end_json():
     assert {d["role"] for d in out} == {"primary", "secondary"}
     assert all(d["decision"] and d["reason"] for d in out)
     assert v["by_scope"]["H1"].keys() == set(TASKS) | {"pooled"}
+
+
+def test_scipy_floor_covers_the_keywords_used():
+    """Point 13: scipy's `rng=` keyword (stats.bootstrap and others) needs SciPy >= 1.15; the code
+    must not use it while pyproject allows older SciPy."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    floor = re.search(r'"scipy>=([\d.]+)"', (root / "pyproject.toml").read_text()).group(1)
+    users = [p.name for p in (root / "src" / "loradrift").rglob("*.py") if re.search(r"\brng=", p.read_text())]
+    if tuple(int(v) for v in floor.split(".")[:2]) < (1, 15):
+        assert not users, f"{users} pass rng= but pyproject allows scipy {floor}"

@@ -251,9 +251,13 @@ def cmd_stats(args, configs: Configs) -> int:
 
     res = run_stats(configs())
     rows = [r for h in ("H1", "H2", "H3") for r in res[h]]
-    _table("Pre-registered hypotheses", rows, ["name", "scope", "estimate", "ci_low", "ci_high", "threshold", "p_value", "p_holm", "p_bonferroni", "supported"])
+    _table("Pre-registered hypotheses", rows, ["name", "scope", "role", "estimate", "ci_low", "ci_high", "ci_level", "threshold",
+                                               "p_value", "p_bonferroni", "p_holm", "decision"])
     v = res["verdict"]
-    print(f"verdict: H1 {v['H1']}, H2 {v['H2']}, H3 {v['H3']} → {v['rule']}: {v['overall']}")
+    d = v["decisions"]
+    print(f"verdict: H1 {d['H1']}, H2 {d['H2']}, H3 {d['H3']} → {v['rule']}: {d['overall']}")
+    for name, why in v["reasons"].items():
+        print(f"  {name}: {why}")
     for n in res["notes"]:
         print(f"note: {n}")
     return 0

@@ -139,8 +139,9 @@ def test_h1_both_methods_at_baseline_is_undetermined():
     assert "do not beat the baseline" in mrpc.reason and mrpc.reason.startswith("undetermined: ")
     assert sst2.decision != "undetermined"
     assert pooled.supported is None and "mrpc" in pooled.reason
-    # without the baseline check the same data would pass
-    assert _pooled(S.h1_performance(ft, lora)).supported is True
+    # without the baseline check the pool still rests on mrpc's zero-width interval
+    no_base = S.h1_performance(ft, lora)
+    assert no_base[0].decision == "undetermined" and "zero width" in no_base[0].reason
 
 
 def test_h1_task_sets_must_match():

@@ -81,6 +81,9 @@ __all__ = [
 ]
 
 FAMILY_SIZE = 3  # H1 pooled, H2 pooled, H3 at the primary batch size
+# Identical values over seeds (or rounds) give a zero-width interval: no evidence about the noise,
+# not certainty (at the baseline, every run predicting the majority class looks like this).
+_NO_SPREAD = "no spread between seeds or rounds, so the interval has zero width and says nothing about the noise"
 _MIN_N = 2
 
 # Coverage of a nominal 1 - 0.05/3 interval measured by simulation (20 000 datasets each, see
@@ -410,6 +413,8 @@ def _h1_result(scope: str, by_task: Sequence[np.ndarray], threshold: float, leve
     if all(p.n >= _MIN_N for p in parts):
         est, lo, hi, se, df = combined_interval(parts, level)
         t, p = _t_p(est, se, df, threshold, "less")
+        if se == 0:
+            undetermined = [*undetermined, _NO_SPREAD]
     else:
         est, lo, hi, se, df, t, p = float(np.mean([g.mean() for g in by_task])), *[math.nan] * 6
     d = cohens_d(gaps, threshold)
@@ -485,6 +490,8 @@ def _ratio_result(name: str, scope: str, groups: Sequence[Part], threshold: floa
     thr_log = math.log1p(sign * threshold / 100.0)
     log_alt = alternative if sign > 0 else ("less" if alternative == "greater" else "greater")
     t, p = _t_p(m, se, df, thr_log, log_alt)
+    if se == 0:
+        undetermined = [*undetermined, _NO_SPREAD]
     res = HypothesisResult(
         name=name, scope=scope, estimate=to_pct(m), ci_low=lo_pct, ci_high=hi_pct, ci_level=level,
         ci_method=method, threshold=float(threshold), alternative=alternative, p_value=p,

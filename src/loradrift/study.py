@@ -149,7 +149,8 @@ def phase3(cfg: RunConfig, tasks: list[str], say) -> None:
         serve_bench(cfg, tasks)
         say("serving benchmark written")
     v = run_stats(cfg)["verdict"]
-    say(f"hypotheses: H1 {v['H1']}, H2 {v['H2']}, H3 {v['H3']} → overall {v['overall']}")
+    words = v["decisions"]
+    say(f"hypotheses: H1 {words['H1']}, H2 {words['H2']}, H3 {words['H3']} → overall {words['overall']}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -194,12 +194,12 @@ def test_final_snapshot_describes_the_restored_best_weights(tiny_cfg, monkeypatc
     monkeypatch.setattr(T, "primary", lambda ctx, s: next(scores, 0.1))
     cfg = tiny_cfg("sst2", "full", overrides=["train.restore_best=true", "train.lr=0.01"])
     r = train_run(cfg)
-    assert r["restored_best_step"] == 3 and r["steps"] == 6
     snaps = Path(r["run_dir"]) / "snapshots"
     at3 = load_file(str(snaps / "step_000003.safetensors"))
     final = load_file(str(snaps / "step_000006.safetensors"))
     for k in at3:
         assert torch.equal(at3[k], final[k]), k
+    assert r["restored_best_step"] == 3 and r["steps"] == 6
 
 
 def test_full_ft_seeds_torch_like_lora(tiny_cfg):

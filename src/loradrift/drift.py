@@ -223,7 +223,7 @@ def _find_runs(task_dir: Path, methods: Sequence[str]) -> list[_Run]:
 
 
 def _discover_tasks(out_dir: Path, model: str) -> list[str]:
-    names = {p.stem for p in (out_dir / "base" / model).glob("*.safetensors")}
+    names = {p.stem for p in (out_dir / "base" / model).glob("*.safetensors") if not p.name.endswith(".floor.safetensors")}
     runs_dir = out_dir / "runs" / model
     if runs_dir.is_dir():
         names |= {p.name for p in runs_dir.iterdir() if p.is_dir()}

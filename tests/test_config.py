@@ -82,7 +82,7 @@ def test_science_hash_ignores_output_folder():
 
 def test_science_hash_ignores_later_phase_settings():
     a = resolve_config(preset="tiny")
-    b = resolve_config(preset="tiny", overrides=["serve.rounds=9", "drift.n_boot=5", "stats.seed=3", "study.seeds=[1]"])
+    b = resolve_config(preset="tiny", overrides=["serve.rounds=9", "drift.metric=linear", "stats.floor_factor=3", "study.seeds=[1]"])
     assert a.science_hash() == b.science_hash()
 
 

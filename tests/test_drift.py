@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from loradrift import drift as D
-from loradrift.similarity import linear_cka
+from loradrift.similarity import debiased_cka, linear_cka, rbf_cka
 
 MODEL, TASK = "tiny", "sst2"
 N, DIM, N_LAYERS = 40, 16, 4
@@ -72,7 +72,7 @@ def test_identical_representations_have_zero_drift(tmp_path):
     for m in ("full", "lora"):
         for s in range(2):
             _write_run(tmp_path, m, s, {0: base, 50: base})
-    res = D.analyse_drift(tmp_path, MODEL, [TASK], n_boot=50, figures=False)
+    res = D.analyse_drift(tmp_path, MODEL, [TASK], figures=False)
     rows = _rows(tmp_path)
     assert len(rows) == 2 * 2 * 2 * N_LAYERS
     for r in rows:
@@ -91,23 +91,26 @@ def test_rotation_is_invisible_to_cka_but_not_to_cosine(tmp_path):
         q, _ = np.linalg.qr(rng.normal(size=(DIM, DIM)))
         rotated.append((x.astype(np.float64) @ q).astype(np.float32))
     _write_run(tmp_path, "full", 0, {10: rotated})
-    D.analyse_drift(tmp_path, MODEL, [TASK], n_boot=0, figures=False)
+    D.analyse_drift(tmp_path, MODEL, [TASK], figures=False)
     for r in _rows(tmp_path):
         assert abs(float(r["drift_cka"])) < 1e-6  # float32 storage of the rotated data
         assert float(r["drift_cos"]) > 0.5
 
 
-def test_planted_reduction_permutation_and_bootstrap(tmp_path):
+def test_planted_reduction_permutation_and_probe_jackknife(tmp_path):
     _planted(tmp_path)
-    res = D.analyse_drift(tmp_path, MODEL, [TASK], n_boot=200, figures=False)
+    res = D.analyse_drift(tmp_path, MODEL, [TASK], figures=False)
     c = res["comparison"][TASK]
     assert c["reduction_pct"] > 0
-    assert all(v > 0 for v in c["reduction_pct_by_seed"].values())
     assert min(c["drift_full_by_seed"].values()) > max(c["drift_lora_by_seed"].values())
     assert c["perm_p"] == pytest.approx(1 / 20)
     assert c["perm_n_relabellings"] == 20 and c["perm_kind"] == "exact"
-    lo, hi = c["boot_ci"]
-    assert 0 < lo <= c["reduction_pct"] <= hi
+    assert c["primary_metric"] == "debiased" and c["probe_metric"] == "debiased"
+    lo, hi = c["probe_ci"]
+    assert 0 < lo <= c["reduction_pct"] <= hi and c["probe_var_log_ratio"] > 0
+    ft = np.mean(list(c["drift_full_by_seed"].values()))
+    lora = np.mean(list(c["drift_lora_by_seed"].values()))
+    assert c["reduction_pct"] == pytest.approx((ft - lora) / ft * 100)
 
     on_disk = json.loads((tmp_path / "drift" / "comparison.json").read_text())
     assert set(on_disk) == {TASK}
@@ -115,14 +118,14 @@ def test_planted_reduction_permutation_and_bootstrap(tmp_path):
     with open(tmp_path / "drift" / "comparison.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row["task"] == TASK and float(row["perm_p"]) == pytest.approx(0.05)
-    assert row["n_seeds_full"] == "3" and float(row["boot_ci_lo"]) == pytest.approx(lo)
+    assert row["n_seeds_full"] == "3" and float(row["probe_ci_lo"]) == pytest.approx(lo)
 
 
-@pytest.mark.parametrize("metric", ["debiased", "rbf"])
+@pytest.mark.parametrize("metric", ["linear", "rbf"])
 def test_other_primary_metrics(tmp_path, metric):
     _planted(tmp_path)
-    c = D.analyse_drift(tmp_path, MODEL, [TASK], metric=metric, n_boot=0, figures=False)["comparison"][TASK]
-    assert c["primary_metric"] == metric and c["boot_ci"] == [pytest.approx(np.nan, nan_ok=True)] * 2
+    c = D.analyse_drift(tmp_path, MODEL, [TASK], metric=metric, jackknife=False, figures=False)["comparison"][TASK]
+    assert c["primary_metric"] == metric and c["probe_ci"] == [None, None]
     assert c["reduction_pct"] > 0
     finals = [r for r in _rows(tmp_path) if r["is_final"] == "1"]
     assert finals and all(r["drift_primary"] != "" for r in finals)
@@ -137,15 +140,16 @@ def test_permutation_test_by_hand():
     assert D.permutation_test([0, 1, 2], [3, 4, 5])[0] == pytest.approx(1.0)
 
 
-def test_bootstrap_replicate_equals_cka_on_resampled_rows():
+@pytest.mark.parametrize("metric", ["linear", "debiased", "rbf"])
+def test_jackknife_replicate_equals_cka_without_that_row(metric):
     base = _base()
     other = _noisy(base, 0.5, np.random.default_rng(5))
-    boot = D.ProbeBootstrap(base, n_boot=5, seed=2)
-    got = boot.cka(other)
-    for b in range(5):
-        idx = np.repeat(np.arange(N), boot.counts[b].astype(int))
-        want = [linear_cka(x[idx], y[idx]) for x, y in zip(base, other)]
-        np.testing.assert_allclose(got[b], want, atol=1e-5)
+    got = D.jackknife_drift(metric, base, other)
+    fn = {"linear": linear_cka, "debiased": debiased_cka, "rbf": rbf_cka}[metric]
+    for i in (0, 7, N - 1):
+        keep = np.arange(N) != i
+        want = [1.0 - fn(x[keep].astype(np.float64), y[keep].astype(np.float64)) for x, y in zip(base, other)]
+        np.testing.assert_allclose(got[i], want, rtol=1e-9, atol=1e-12)
 
 
 def test_drift_grows_with_step(tmp_path):
@@ -155,7 +159,7 @@ def test_drift_grows_with_step(tmp_path):
     steps = {0: 0.0, 10: 0.2, 20: 0.5, 30: 1.0, 40: 2.0}
     for seed in range(2):
         _write_run(tmp_path, "full", seed, {s: _noisy(base, sd, rng) for s, sd in steps.items()})
-    D.analyse_drift(tmp_path, MODEL, [TASK], n_boot=0, figures=False)
+    D.analyse_drift(tmp_path, MODEL, [TASK], figures=False)
     rows = _rows(tmp_path)
     for seed in ("0", "1"):
         for layer in range(N_LAYERS):
@@ -193,7 +197,7 @@ def test_missing_runs_and_snapshots_are_skipped_with_a_warning(tmp_path, caplog)
     _write_run(tmp_path, "full", 3, {0: base, 100: _noisy(base, 1.0, np.random.default_rng(9))},
                finished=False)
     with caplog.at_level(logging.WARNING, logger="loradrift.drift"):
-        res = D.analyse_drift(tmp_path, MODEL, "all", n_boot=20, figures=False)
+        res = D.analyse_drift(tmp_path, MODEL, "all", figures=False)
     text = caplog.text
     assert "[100]" in text and "lora/seed3" in text and "no result.json" in text
     c = res["comparison"][TASK]
@@ -201,19 +205,18 @@ def test_missing_runs_and_snapshots_are_skipped_with_a_warning(tmp_path, caplog)
     # lora seed 2 only has step 0 left, which becomes its "final" step
     assert c["final_step_lora_by_seed"]["2"] == 0
     assert c["perm_n_relabellings"] == 35  # C(7, 4)
-    assert "3" not in c["reduction_pct_by_seed"]
 
 
 def test_unknown_task_without_runs_is_skipped(tmp_path, caplog):
     _planted(tmp_path)
     with caplog.at_level(logging.WARNING, logger="loradrift.drift"):
-        res = D.analyse_drift(tmp_path, MODEL, [TASK, "nope"], n_boot=0, figures=False)
+        res = D.analyse_drift(tmp_path, MODEL, [TASK, "nope"], figures=False)
     assert set(res["comparison"]) == {TASK} and "nope" in caplog.text
 
 
 def test_figures_are_written(tmp_path):
     _planted(tmp_path)
-    res = D.analyse_drift(tmp_path, MODEL, [TASK], n_boot=20)
+    res = D.analyse_drift(tmp_path, MODEL, [TASK])
     figs = sorted((tmp_path / "drift" / "figures").iterdir())
     assert [p.name for p in figs] == [f"final_by_layer_{TASK}.png", f"heatmap_{TASK}.png"]
     for p in figs:
@@ -237,13 +240,69 @@ def test_a_constant_base_layer_is_left_out_not_fatal(tmp_path, caplog):
             finals[m, seed][0] = base[0]  # the same token's embedding stays constant
             _write_run(tmp_path, m, seed, {0: base, 10: finals[m, seed]})
     with caplog.at_level(logging.WARNING):
-        res = D.analyse_drift(tmp_path, MODEL, [TASK], n_boot=50, figures=False)
+        res = D.analyse_drift(tmp_path, MODEL, [TASK], metric="linear", figures=False)
     assert "layer(s) [0]" in caplog.text
     c = res["comparison"][TASK]
     assert c["cka_undefined_layers"] == [0]
     for (m, seed), layers in finals.items():
-        expect = np.mean([1.0 - linear_cka(base[i], layers[i]) for i in range(1, N_LAYERS)])
+        expect = np.mean([1.0 - linear_cka(base[i], layers[i]) for i in range(1, N_LAYERS - 1)])
         assert c[f"drift_{m}_by_seed"][str(seed)] == pytest.approx(expect, abs=1e-9)
-    assert all(np.isfinite(c["boot_ci"]))
+    assert all(np.isfinite(c["probe_ci"]))
     layer0 = [r for r in _rows(tmp_path) if r["layer"] == "0"]
     assert layer0 and all(r["cka"] in ("", "nan") for r in layer0)
+
+
+def test_aggregate_is_over_block_outputs_not_embedding_or_final_norm(tmp_path):
+    """Full FT moves the embedding layer and the final-norm output, which LoRA cannot; the blocks
+    in between move equally. The old mean over all layers reported a large reduction; the
+    aggregate over block outputs 1..L-1 reports none, and the two ends are shown separately."""
+    base = _base()
+    _write_base(tmp_path, base)
+    rng = np.random.default_rng(11)
+    for seed in range(3):
+        for m in ("full", "lora"):
+            layers = _noisy(base, 0.4, rng)
+            if m == "full":
+                layers[0] = _noisy([base[0]], 3.0, rng)[0]
+                layers[-1] = _noisy([base[-1]], 3.0, rng)[0]
+            else:
+                layers[0], layers[-1] = base[0], base[-1]
+            _write_run(tmp_path, m, seed, {0: base, 10: layers})
+    c = D.analyse_drift(tmp_path, MODEL, [TASK], metric="linear", figures=False)["comparison"][TASK]
+    assert c["aggregate_layers"] == f"1..{N_LAYERS - 2}"
+    assert abs(c["reduction_pct"]) < 20
+    all_layers = [r for r in _rows(tmp_path) if r["is_final"] == "1"]
+    mean_all = {m: np.mean([float(r["drift_primary"]) for r in all_layers if r["method"] == m]) for m in ("full", "lora")}
+    assert (mean_all["full"] - mean_all["lora"]) / mean_all["full"] * 100 > 40  # what the old aggregate said
+    assert c["drift_layer0_full"] > 0.1 and c["drift_layer0_lora"] == pytest.approx(0, abs=1e-9)
+    assert c["drift_last_full"] > 0.1 and c["drift_last_lora"] == pytest.approx(0, abs=1e-9)
+
+
+def test_default_estimator_is_debiased_and_sees_unrelated_features():
+    """n = 32 probe examples, d = 576: independent Gaussian features look alike to biased linear
+    CKA (~0.95: 'no drift'), not to the debiased estimator that is now the default."""
+    import inspect
+
+    from loradrift.config import DriftConfig
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 576)), rng.normal(size=(32, 576))
+    assert linear_cka(x, y) > 0.9
+    assert abs(debiased_cka(x, y)) < 0.15
+    assert DriftConfig().metric == "debiased"
+    assert inspect.signature(D.analyse_drift).parameters["metric"].default == "debiased"
+
+
+def test_noise_floor_is_read_from_the_second_base_extraction(tmp_path, caplog):
+    base = _planted(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        c = D.analyse_drift(tmp_path, MODEL, [TASK], jackknife=False, figures=False)["comparison"][TASK]
+    assert c["noise_floor"] is None and "noise-floor" in caplog.text
+    again = _noisy(base, 1e-3, np.random.default_rng(4))
+    _save(tmp_path / "base" / MODEL / f"{TASK}.floor.safetensors", again)
+    c = D.analyse_drift(tmp_path, MODEL, "all", jackknife=False, figures=False)["comparison"]
+    assert list(c) == [TASK]  # the floor file is not a task
+    c = c[TASK]
+    want = np.mean([abs(1 - debiased_cka(base[i].astype(np.float64), again[i].astype(np.float64)))
+                    for i in range(1, N_LAYERS - 1)])
+    assert c["noise_floor"] == pytest.approx(want, rel=1e-9)

@@ -33,11 +33,14 @@ def _json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj))
 
 
-def _hyp(name, scope, estimate, supported, primary=False, n=3, power=0.2):
+def _hyp(name, scope, estimate, supported, primary=False, n=3, power=0.2, reason="upper bound 3.5 <= threshold 3"):
+    word = {True: "supported", False: "not supported"}.get(supported, "undetermined")
     return {"name": name, "scope": scope, "estimate": estimate, "ci_low": estimate - 1, "ci_high": estimate + 1,
-            "ci_method": "BCa", "threshold": 3.0, "alternative": "less", "p_value": 0.0123, "p_bonferroni": 0.0369,
-            "p_holm": 0.02468, "supported": supported, "effect_size": 1.5, "power": power, "n": n,
-            "notes": [f"{name} {scope}: only {n} values, the bootstrap CI is coarse"], "primary": primary}
+            "ci_level": 0.9833 if primary else 0.95, "ci_method": "t", "threshold": 3.0, "alternative": "less",
+            "p_value": 0.0123, "p_bonferroni": 0.0369, "p_holm": 0.02468, "supported": supported, "decision": word,
+            "reason": reason, "effect_size": 1.5, "power": power, "n": n, "df": n - 1,
+            "notes": [f"{name} {scope}: only {n} values (planted)"], "primary": primary,
+            "role": "primary" if primary else "secondary"}
 
 
 def make_study(out: Path) -> Path:
@@ -85,8 +88,9 @@ def make_study(out: Path) -> Path:
     best.write_text("train:\n  lr: 0.0003  # planted-best-config\n")
     _json(out / "drift" / "comparison.json", {"sst2": {
         "primary_metric": "linear", "n_seeds_full": 3, "n_seeds_lora": 3, "drift_full": 0.2, "drift_full_sd": 0.01,
-        "drift_lora": 0.125, "drift_lora_sd": 0.005, "reduction_pct": 37.5, "reduction_pct_by_seed": {"42": 36.0, "1337": 38.0},
-        "perm_p": 0.05, "perm_n_relabellings": 20, "perm_min_p": 0.05, "boot_ci": [30.25, 44.75], "ci_level": 0.95,
+        "drift_lora": 0.125, "drift_lora_sd": 0.005, "reduction_pct": 37.5, "aggregate_layers": "1..29",
+        "noise_floor": 3.25e-9, "drift_layer0_full": 0.0411, "drift_layer0_lora": 0.0,
+        "perm_p": 0.05, "perm_n_relabellings": 20, "perm_min_p": 0.05, "probe_ci": [30.25, 44.75], "ci_level": 0.95,
         "cos_drift_full": 0.1, "cos_drift_lora": 0.05, "cos_reduction_pct": 50.0,
         "drift_full_by_seed": {"42": 0.2}, "drift_lora_by_seed": {"42": 0.125}}})
     _png(out / "drift" / "figures" / "heatmap_sst2.png", "heatmap")
@@ -108,10 +112,13 @@ def make_study(out: Path) -> Path:
     _png(out / "serve" / "figures" / "latency.png", "latency")
     _json(out / "stats" / "hypotheses.json", {
         "H1": [_hyp("H1", "sst2", 1.2, True), _hyp("H1", "pooled", 2.5, True, primary=True, n=6)],
-        "H2": [_hyp("H2", "pooled", 37.5, False, primary=True)],
+        "H2": [_hyp("H2", "pooled", 37.5, None, primary=True,
+                    reason="undetermined: built on undetermined task(s) planted-task")],
         "H3": [],
-        "verdict": {"rule": "H1 AND (H2 OR H3)", "H1": True, "H2": False, "H3": None, "overall": None,
+        "verdict": {"rule": "H1 AND (H2 OR H3)", "H1": True, "H2": None, "H3": None, "overall": None,
+                    "reasons": {"H3": "undetermined: not tested (planted)"},
                     "primary_scopes": {"H1": "pooled", "H2": "pooled"}, "by_scope": {}},
+        "family": {"tests": ["H1 pooled", "H2 pooled"], "size": 3, "primary_level": 0.98333, "secondary_level": 0.95},
         "notes": ["H3: no serving benchmark (planted note)"]})
     return out
 
@@ -144,7 +151,7 @@ def test_full_report_html_and_pdf(study):
     assert statuses["drift"] == statuses["performance"] == statuses["setup"] == "ok", statuses
 
     for planted in [
-        "37.5", "[30.25, 44.75]",                       # drift reduction and its bootstrap CI
+        "37.5", "[30.25, 44.75]", "3.25e-09", "1..29", "0.0411 / 0",  # drift reduction, probe CI, floor, layers
         "0.8642", "train.lr: 0.9", "planted-best-config",  # search summary and verbatim best config YAML
         "12.75", "0.9876",                              # serving overhead and correctness
         "0.01234", "7.25",                              # weights
@@ -159,10 +166,15 @@ def test_full_report_html_and_pdf(study):
     assert "baseline: majority" in text and "42: 0.81, 1337: 0.83, 2024: 0.85" in text
     # verdict banner: one badge per hypothesis and the overall decision
     assert re.search(r'badge supported">H1<small>supported', html)
-    assert re.search(r'badge not-supported">H2<small>not supported', html)
-    assert re.search(r'badge undecided">H3<small>undecided', html)
-    assert re.search(r'badge undecided overall">overall<small>undecided', html)
-    assert "Low power" in text
+    assert re.search(r'badge undetermined">H2<small>undetermined', html)
+    assert re.search(r'badge undetermined">H3<small>undetermined', html)
+    assert re.search(r'badge undetermined overall">overall<small>undetermined', html)
+    # the verdict section: per primary test the estimate, the interval at the corrected level, the
+    # decision and why, and a row for the untested H3
+    assert "Primary tests (the verdict)" in text and "[1.5, 3.5] (98.33%)" in text
+    assert "undetermined: built on undetermined task(s) planted-task" in text
+    assert "undetermined: not tested (planted)" in text and "upper bound ≤ 3" in text
+    assert "pooled (primary)" in text and "sst2 (secondary)" in text
     # H3 has no results: said plainly
     assert "H3 test: not run" in text
 

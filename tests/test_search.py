@@ -175,6 +175,23 @@ def test_best_config_yaml_reproduces_the_best_trial(finished_study, data_dir):
     assert rebuilt.science_hash() == trained.science_hash() == best.user_attrs["config_hash"]
 
 
+def test_pruner_compares_trials_at_equal_examples_seen(finished_study):
+    """Point 11 of issue 12: batch size is searched, so intermediate values are reported against
+    training examples seen (step x batch x accumulation), not optimizer steps."""
+    out, _, r = finished_study
+    trials = optuna.load_study(study_name=r["study"], storage=f"sqlite:///{out / 'search' / 'optuna.db'}").trials
+    sizes = set()
+    for t in trials:
+        if not t.intermediate_values:
+            continue
+        trained = _validate(_read_yaml(next(Path(t.user_attrs["trial_dir"]).glob("runs/*/*/*/seed*/config.yaml")), "trial"),
+                            "trial")
+        per_step = trained.train.batch_size * trained.train.grad_accum
+        sizes.add(per_step)
+        assert set(t.intermediate_values) == {trained.train.eval_every * per_step}, t.number
+    assert sizes and min(sizes) > 1
+
+
 def test_search_report_writes_tables_importances_and_figures(finished_study):
     out, _, r = finished_study
     rep = search_report(out, storage=f"sqlite:///{out / 'search' / 'optuna.db'}")

@@ -201,8 +201,16 @@ def test_plan_configs(tasks, expected):
 # ---------------------------------------------------------------------------
 
 
-def test_hf_end_to_end(tiny, tmp_path):
+def test_hf_end_to_end(tiny, tmp_path, monkeypatch):
     out = tmp_path / "serve"
+    timed = []
+    real_generate = serving.HFBackend.generate
+
+    def recording(self, batch, adapter_names, max_tokens):
+        timed.append(self.config.name)
+        return real_generate(self, batch, adapter_names, max_tokens)
+
+    monkeypatch.setattr(serving.HFBackend, "generate", recording)
     res = serving.run_serve_bench(
         tiny["base"], tiny["adapters"], tiny["merged"], tiny["prompts"], backend="hf",
         batch_sizes=[1, 2], max_tokens=6, rounds=3, warmup=1, out_dir=out, max_lora_rank=8,
@@ -237,6 +245,13 @@ def test_hf_end_to_end(tiny, tmp_path):
     ovj = json.loads((out / "overhead.json").read_text())
     a2 = next(r for r in ovj if r["config"] == "adapters-2")
     assert a2["reference"] == "mean(merged-sst2+merged-squad_v2)" and len(a2["per_round"]) == 3
+    assert a2["paired"] is True and len(a2["adapter_latency_by_round"]) == len(a2["merged_latency_by_round"]) == 3
+    # Point 2 of issue 12: the timed rounds interleave the configurations (every configuration
+    # once per round, in a random order), instead of one configuration's rounds back to back.
+    rounds = [timed[-len(names) * 2 * 3:][i * len(names) * 2:(i + 1) * len(names) * 2] for i in range(3)]
+    for r in rounds:
+        assert sorted(set(r)) == sorted(names) and all(r.count(n) == 2 for n in names)
+    assert len({tuple(dict.fromkeys(r)) for r in rounds}) > 1  # the order is shuffled per round
 
     # unmerged adapters in a mixed batch reproduce each merged model exactly in fp32
     corr = res["correctness"]

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 
 def study_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "loradrift", "study", "--preset", "tiny", "--out", str(out), *extra]
@@ -29,7 +31,13 @@ def test_tiny_study_end_to_end(tmp_path):
     hyp = json.loads((out / "stats" / "hypotheses.json").read_text())
     assert hyp["H1"] and hyp["H2"] and hyp["H3"]
     assert {"H1", "H2", "H3", "overall"} <= set(hyp["verdict"])
-    assert all(r["p_holm"] is not None for h in ("H1", "H2", "H3") for r in hyp[h] if r["p_value"] is not None)
+    # the family is the three primary tests: each is corrected, the secondary ones are not
+    primary = [r for h in ("H1", "H2", "H3") for r in hyp[h] if r["role"] == "primary"]
+    assert len(primary) == 3 and all(r["p_holm"] is not None for r in primary if r["p_value"] is not None)
+    assert all(r["p_holm"] is None for h in ("H1", "H2", "H3") for r in hyp[h] if r["role"] == "secondary")
+    assert all(r["decision"] and r["reason"] for h in ("H1", "H2", "H3") for r in hyp[h])
+    assert hyp["family"]["primary_level"] == pytest.approx(1 - 0.05 / 3)
+    assert len(list((out / "base").glob("*/*.floor.safetensors"))) == 4  # the noise-floor extractions
     html = (out / "report" / "report.html").read_text()
     for title in ("Setup and presets", "Data and splits", "Sanity checks and baselines", "Hyperparameter search",
                   "Performance", "Drift", "Weight-space analysis", "Serving benchmark", "Hypotheses", "Limitations",

@@ -158,3 +158,57 @@ def test_snapshot_rows_follow_the_probe_order(tiny_cfg):
         one = extract(ctx.model, [feats[i]], 4, ctx.pad_id, ctx.device)
         for k in whole:
             assert torch.allclose(whole[k][i], one[k][0], atol=1e-5), (i, k)
+
+
+def test_bf16_and_fp32_weights_extract_identically(tiny_cfg):
+    """Point 1: the same model held in bf16 (a LoRA backbone on GPU) and in fp32 must give the same
+    snapshot: extraction always computes in fp32 with autocast off, so drift between them is 0."""
+    import copy
+
+    from loradrift.representations import extract
+
+    ctx = setup(tiny_cfg("mrpc", "full"))
+    fp32 = ctx.model
+    with torch.no_grad():
+        for p in fp32.parameters():
+            p.copy_(p.bfloat16().float())  # values representable in bf16, so both hold the same weights
+    bf16 = copy.deepcopy(fp32)
+    for p in bf16.parameters():  # as from_pretrained(dtype=bf16) holds it: weights bf16, rotary buffers fp32
+        p.data = p.data.bfloat16()
+    feats = ctx.feats["dev"][:10]
+    a = extract(fp32, feats, 4, ctx.pad_id, ctx.device)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an enclosing autocast must not leak in
+        b = extract(bf16, feats, 4, ctx.pad_id, ctx.device)
+    assert next(bf16.parameters()).dtype == torch.bfloat16  # the training model is left as it is
+    for k in a:
+        assert a[k].dtype == b[k].dtype == torch.float32
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_final_snapshot_describes_the_restored_best_weights(tiny_cfg, monkeypatch):
+    """Point 10: with restore_best, the final snapshot (H2) and the exported, evaluated weights (H1)
+    are the same model. Validation is rigged so that step 3 is best and the run ends at step 6."""
+    import loradrift.train as T
+
+    scores = iter([0.9])
+    monkeypatch.setattr(T, "primary", lambda ctx, s: next(scores, 0.1))
+    cfg = tiny_cfg("sst2", "full", overrides=["train.restore_best=true", "train.lr=0.01"])
+    r = train_run(cfg)
+    snaps = Path(r["run_dir"]) / "snapshots"
+    at3 = load_file(str(snaps / "step_000003.safetensors"))
+    final = load_file(str(snaps / "step_000006.safetensors"))
+    for k in at3:
+        assert torch.equal(at3[k], final[k]), k
+    assert r["restored_best_step"] == 3 and r["steps"] == 6
+
+
+def test_full_ft_seeds_torch_like_lora(tiny_cfg):
+    """Point 12: full FT seeds torch's global RNG (dropout) from the run seed, as LoRA does."""
+    draws = {}
+    for method in ("full", "lora"):
+        for prior in (1, 2):
+            torch.manual_seed(prior)
+            setup(tiny_cfg("sst2", method))
+            draws[method, prior] = torch.rand(4)
+    assert torch.equal(draws["full", 1], draws["full", 2])
+    assert torch.equal(draws["lora", 1], draws["lora", 2])

@@ -221,10 +221,10 @@ def cmd_drift(args, configs: Configs) -> int:
     cfg = configs()
     tasks = _tasks(args.task)
     d = cfg.drift
-    res = analyse_drift(cfg.out_dir, model_key(cfg.model), tasks, metric=d.metric, n_boot=d.n_boot, boot_seed=d.boot_seed)
-    rows = [{"task": t, **{k: c.get(k) for k in ("drift_full", "drift_lora", "reduction_pct", "perm_p", "boot_ci")}}
+    res = analyse_drift(cfg.out_dir, model_key(cfg.model), tasks, metric=d.metric)
+    rows = [{"task": t, **{k: c.get(k) for k in ("drift_full", "drift_lora", "reduction_pct", "noise_floor", "perm_p", "probe_ci")}}
             for t, c in res["comparison"].items()]
-    _table(f"Drift (1 - {d.metric} CKA, mean over layers, final step)", rows, ["task", "drift_full", "drift_lora", "reduction_pct", "perm_p", "boot_ci"])
+    _table(f"Drift (1 - {d.metric} CKA, mean over block outputs, final step)", rows, ["task", "drift_full", "drift_lora", "reduction_pct", "noise_floor", "perm_p", "probe_ci"])
     if d.weights:
         from loradrift.weights import analyse_weights
 
@@ -251,9 +251,13 @@ def cmd_stats(args, configs: Configs) -> int:
 
     res = run_stats(configs())
     rows = [r for h in ("H1", "H2", "H3") for r in res[h]]
-    _table("Pre-registered hypotheses", rows, ["name", "scope", "estimate", "ci_low", "ci_high", "threshold", "p_value", "p_holm", "p_bonferroni", "supported"])
+    _table("Pre-registered hypotheses", rows, ["name", "scope", "role", "estimate", "ci_low", "ci_high", "ci_level", "threshold",
+                                               "p_value", "p_bonferroni", "p_holm", "decision"])
     v = res["verdict"]
-    print(f"verdict: H1 {v['H1']}, H2 {v['H2']}, H3 {v['H3']} → {v['rule']}: {v['overall']}")
+    d = v["decisions"]
+    print(f"verdict: H1 {d['H1']}, H2 {d['H2']}, H3 {d['H3']} → {v['rule']}: {d['overall']}")
+    for name, why in v["reasons"].items():
+        print(f"  {name}: {why}")
     for n in res["notes"]:
         print(f"note: {n}")
     return 0

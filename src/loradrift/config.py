@@ -232,10 +232,11 @@ def _default_spaces() -> dict[str, list[ParamSpec]]:
 
 
 class PrunerConfig(_Strict):
-    """optuna.pruners.MedianPruner settings; steps are optimizer steps."""
+    """optuna.pruners.MedianPruner settings. Trials report validation scores against training
+    examples seen (optimizer steps x batch size x grad_accum), so its "steps" are examples."""
 
     n_startup_trials: int = Field(5, ge=0, description="trials that are never pruned, to build the median")
-    n_warmup_steps: int = Field(0, ge=0, description="no pruning before this optimizer step")
+    n_warmup_steps: int = Field(0, ge=0, description="no pruning before this many training examples seen")
 
 
 class SearchConfig(_Strict):
@@ -286,9 +287,8 @@ class SearchConfig(_Strict):
 
 
 class DriftConfig(_Strict):
-    metric: Literal["linear", "debiased", "rbf"] = Field("linear", description="CKA variant of the final-step drift")
-    n_boot: int = Field(1000, ge=0, description="paired bootstrap replicates over probe examples (0 = off)")
-    boot_seed: int = 0
+    metric: Literal["linear", "debiased", "rbf"] = Field(
+        "debiased", description="CKA variant of the final-step drift (debiased: unbiased HSIC, valid with n << d)")
     weights: bool = Field(True, description="also run the weight-space analysis (ΔW norms, spectra, intruder dimensions)")
     intruder_k: int = Field(10, gt=0, description="top singular vectors of W_ft checked for intruders")
     intruder_eps: float = Field(0.6, gt=0, lt=1, description="max |cos| to every base singular vector below which a vector is an intruder")
@@ -300,7 +300,7 @@ class ServeBenchConfig(_Strict):
     backend: str = Field("hf", description="hf, vllm, or hf,vllm")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
     max_tokens: int = Field(128, gt=0, description="greedy tokens generated per request (EOS ignored)")
-    rounds: int = Field(5, gt=0, description="timed rounds per configuration and batch size")
+    rounds: int = Field(10, gt=1, description="timed rounds per configuration and batch size (H3's interval needs >= 10)")
     warmup: int = Field(1, ge=0)
     max_lora_rank: int = Field(16, gt=0)
     prompts_per_task: int = Field(32, gt=0)
@@ -309,9 +309,8 @@ class ServeBenchConfig(_Strict):
 
 
 class StatsConfig(_Strict):
-    confidence: float = Field(0.95, gt=0, lt=1)
-    n_resamples: int = Field(10_000, gt=0, description="bootstrap resamples for every CI")
-    seed: int = 0
+    confidence: float = Field(0.95, gt=0, lt=1, description="family-wise level: primary intervals are at 1 - (1 - confidence)/3")
+    floor_factor: float = Field(10.0, gt=0, description="H2 is undetermined on a task whose FT drift is not above this x the noise floor")
     h1_threshold: float = Field(3.0, description="H1: LoRA within this % of full FT")
     h2_threshold: float = Field(20.0, description="H2: at least this % less drift")
     h3_threshold: float = Field(30.0, description="H3: at most this % multi-adapter overhead")

@@ -21,44 +21,45 @@ Outputs under ``<out>/drift/``:
   always linear CKA (cheap enough for every step); at the final step ``drift_primary`` holds
   the drift under the chosen ``metric`` (linear, debiased or rbf CKA).
 * ``comparison.csv`` / ``comparison.json`` -- per task, LoRA vs full FT at the final step:
-  per-seed drift (mean over layers; a layer whose base vectors are constant over the probe set
-  has undefined CKA, is NaN in ``layers.csv`` and listed in ``cka_undefined_layers``), means over seeds, the drift reduction
-  ``(FT - LoRA) / FT * 100`` overall and per seed, and two uncertainty statements (below).
-  ``comparison.json`` maps task -> dict; ``loradrift.stats.h2_drift`` takes the
-  ``drift_full_by_seed`` / ``drift_lora_by_seed`` dicts directly.
+  per-seed drift (the *aggregate*: mean over the transformer block outputs ``layer.1 ..
+  layer.L-1``; see below), means over seeds, the drift reduction
+  ``(mean FT drift - mean LoRA drift) / mean FT drift * 100`` (means over seeds, the one
+  definition H2 uses), the embedding layer and the last layer shown separately, the noise floor,
+  and the uncertainty statements below. A layer whose base vectors are constant over the probe
+  set has undefined CKA, is NaN in ``drift_layers.csv`` and listed in ``cka_undefined_layers``.
+  ``comparison.json`` maps task -> dict; ``loradrift.hypotheses`` feeds it to ``stats.h2_drift``.
 * ``figures/heatmap_<task>.png`` (layer x step drift, mean over seeds, per method) and
   ``figures/final_by_layer_<task>.png`` (final drift per layer, LoRA vs FT, min-max band
   over seeds).
 
-Uncertainty: two tests, each covering a different source of randomness.
+Which layers enter the aggregate: ``layer.0`` is the embedding output, which LoRA on the block
+projections cannot change but full FT does; the last entry of ``output_hidden_states`` is, for
+decoders, the output *after the final norm*, whose gain full FT trains and LoRA cannot. Both would
+favour LoRA by construction, so the aggregate is the mean over ``layer.1 .. layer.L-1`` (the
+outputs of blocks 1 .. L-1) and the two ends are reported separately (``drift_layer0_*``,
+``drift_last_*``).
 
-* **Permutation test over seeds** (``perm_p``): is the FT-vs-LoRA difference larger than the
-  run-to-run variation between training seeds? Under H0 (method does not matter) the method
-  labels of the per-seed drifts are exchangeable, so we enumerate *every* relabelling (with
-  3 + 3 seeds there are only C(6, 3) = 20) and report the one-sided p-value of
-  ``mean(FT) - mean(LoRA)`` being at least the observed one. The observed labelling is one
-  of the 20, so **with 3 seeds per method the smallest attainable p is 1/20 = 0.05**: the
-  test can never reach p < 0.05, and p = 0.05 means "every FT seed drifted more than every
-  LoRA seed". Larger designs fall back to 100 000 random relabellings (seeded).
-* **Paired bootstrap over probe examples** (``boot_ci``): how much does the reduction depend
-  on which probe examples we happened to use? Each replicate resamples probe rows with
-  replacement (the same rows for every run of the task, hence "paired"), recomputes linear
-  CKA drift for every seed and layer of both methods, and gives one reduction %; ``boot_ci``
-  is the percentile interval. It holds the trained models fixed, so it says nothing about
-  seed variation (that is the permutation test's job). It always uses *linear* CKA, also
-  when ``metric`` is debiased/rbf, because resampling with replacement duplicates rows and
-  the debiased estimator and RBF bandwidth are not defined for that; ``boot_metric`` records
-  this.
+Uncertainty:
 
-Bootstrap trick: resampling rows with counts ``w`` (a multinomial vector) and centring is the
-same as weighting rows by ``w``. With Gram matrices K (base) and L (run) the weighted HSIC is
-``w'(K*L)w - 2 (Kw)'diag(w)(Lw)/N + (w'Kw)(w'Lw)/N^2`` (``*`` elementwise, N = n), so all
-replicates of a layer come from three matrix products ``W @ M`` with W the (n_boot, n) count
-matrix: cost ~ 3 * n_boot * n^2 per layer and run, in float32 (inputs are centred in float64
-first, so float32 rounding stays ~1e-6 in CKA, far below bootstrap spread).
+* **Permutation test over seeds** (``perm_p``, secondary): is the FT-vs-LoRA difference larger
+  than the run-to-run variation between training seeds? Every relabelling of the per-seed
+  drifts is enumerated (3 + 3 seeds: C(6, 3) = 20), so **with 3 seeds per method the smallest
+  attainable p is 1/20 = 0.05**. Larger designs use 100 000 random relabellings (seeded).
+* **Probe-example jackknife** (``probe_var_log_ratio``, ``probe_ci``): how much does the result
+  depend on which probe examples were drawn? Delete-one jackknife over probe rows (the same row
+  left out of every run of the task), recomputing the configured CKA estimator, in float64; the
+  variance of ``log(mean LoRA drift / mean FT drift)`` is added to the seed variance in H2's
+  interval. Why not a bootstrap: resampling with replacement duplicates rows, and the debiased
+  estimator (a U-statistic over distinct pairs) and the RBF bandwidth are not defined for
+  duplicated rows; the jackknife is, for every estimator. A leave-one-out replicate whose drift
+  ratio is undefined is not dropped: the variance is then NaN and ``probe_note`` says why.
+* **Noise floor** (``noise_floor``): Phase 0 extracts the base model twice with different batch
+  compositions (``base/<model>/<task>.floor.safetensors``); the aggregate drift between the two
+  is the floor below which a drift is numerical noise. H2 is undetermined on a task whose full-FT
+  drift is not well above it.
 
 Speed: each snapshot file is read once (all layers together), the base side of CKA
-(:class:`loradrift.similarity.BaseSide`) and of the bootstrap are built once per task.
+(:class:`loradrift.similarity.BaseSide`) is built once per task.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ import torch
 from safetensors import safe_open
 
 from loradrift.io import atomic_path, atomic_write_json, json_safe, write_csv
-from loradrift.similarity import BaseSide, cka_against_base, cosine_layers, debiased_cka, rbf_cka
+from loradrift.representations import floor_path
+from loradrift.similarity import BaseSide, cka_against_base, cosine_layers, debiased_cka, linear_cka, rbf_cka
 
 __all__ = [
     "FULL",
@@ -88,7 +90,7 @@ __all__ = [
     "analyse_drift",
     "load_layers",
     "permutation_test",
-    "ProbeBootstrap",
+    "jackknife_drift",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,9 +103,10 @@ LAYER_COLUMNS = [
     "cka", "drift_cka", "cos_mean", "cos_std", "drift_cos", "drift_primary",
 ]
 COMPARISON_COLUMNS = [
-    "task", "primary_metric", "n_seeds_full", "n_seeds_lora",
-    "drift_full", "drift_full_sd", "drift_lora", "drift_lora_sd", "reduction_pct",
-    "perm_p", "perm_n_relabellings", "boot_ci_lo", "boot_ci_hi", "n_boot",
+    "task", "primary_metric", "aggregate_layers", "n_seeds_full", "n_seeds_lora",
+    "drift_full", "drift_full_sd", "drift_lora", "drift_lora_sd", "reduction_pct", "noise_floor",
+    "probe_var_log_ratio", "probe_ci_lo", "probe_ci_hi", "perm_p", "perm_n_relabellings",
+    "drift_layer0_full", "drift_layer0_lora", "drift_last_full", "drift_last_lora",
     "cos_drift_full", "cos_drift_lora", "cos_reduction_pct", "cka_undefined_layers",
 ]
 
@@ -220,7 +223,7 @@ def _find_runs(task_dir: Path, methods: Sequence[str]) -> list[_Run]:
 
 
 def _discover_tasks(out_dir: Path, model: str) -> list[str]:
-    names = {p.stem for p in (out_dir / "base" / model).glob("*.safetensors")}
+    names = {p.stem for p in (out_dir / "base" / model).glob("*.safetensors") if not p.name.endswith(".floor.safetensors")}
     runs_dir = out_dir / "runs" / model
     if runs_dir.is_dir():
         names |= {p.name for p in runs_dir.iterdir() if p.is_dir()}
@@ -269,55 +272,49 @@ def permutation_test(a: Sequence[float], b: Sequence[float], *, seed: int = 0) -
     return float(p), n, kind
 
 
-class ProbeBootstrap:
-    """Base side of the paired probe bootstrap for one task (see the module docstring).
+def _loo_terms(K: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, ...]:
+    """For every i, the HSIC building blocks of the Gram matrices with row and column i removed:
+    sum(K*L), sum_j rowsumK_j rowsumL_j, sum(K), sum(L) over the remaining indices."""
+    k, l = K.sum(axis=1), L.sum(axis=1)
+    kl = (K * L).sum(axis=1)
+    dk, dl = np.diag(K), np.diag(L)
+    a = (K * L).sum() - 2.0 * kl + dk * dl
+    cross = k @ l - K @ l - L @ k + kl - (k - dk) * (l - dl)
+    return a, cross, k.sum() - 2.0 * k + dk, l.sum() - 2.0 * l + dl
 
-    ``counts`` is the (n_boot, n) matrix of how often each probe row is drawn in each
-    replicate; it is shared by every run of the task, which is what pairs the comparison.
-    """
 
-    def __init__(self, base_layers: Sequence[np.ndarray], n_boot: int, seed: int = 0):
-        if n_boot < 1:
-            raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-        self.n = base_layers[0].shape[0]
-        rng = np.random.default_rng(seed)
-        draws = rng.integers(0, self.n, size=(n_boot, self.n))
-        offsets = (np.arange(n_boot) * self.n)[:, None]
-        self.counts = np.bincount((draws + offsets).ravel(), minlength=n_boot * self.n)
-        self.counts = self.counts.reshape(n_boot, self.n).astype(np.float32)
-        self._grams = [self._gram(x) for x in base_layers]
-        self._KW = [self.counts @ K for K in self._grams]
-        self._kk = [self._hsic(K * K, KW, KW) for K, KW in zip(self._grams, self._KW)]
+def _loo_hsic(K: np.ndarray, L: np.ndarray, debiased: bool) -> np.ndarray:
+    m = K.shape[0] - 1
+    if debiased:  # Song et al. 2012 on the Gram matrices with zeroed diagonals
+        K, L = K - np.diag(np.diag(K)), L - np.diag(np.diag(L))
+        a, cross, sk, sl = _loo_terms(K, L)
+        return (a + sk * sl / ((m - 1) * (m - 2)) - 2.0 * cross / (m - 2)) / (m * (m - 3))
+    a, cross, sk, sl = _loo_terms(K, L)
+    return a - 2.0 * cross / m + sk * sl / m**2
 
-    @staticmethod
-    def _gram(x: np.ndarray) -> np.ndarray:
-        # Centring (unweighted) before the Gram product does not change any weighted HSIC but
-        # keeps the terms of the weighted formula small, so they do not cancel in float32.
-        x = np.asarray(x, dtype=np.float64)
-        x = x - x.mean(axis=0)
-        x /= max(np.linalg.norm(x), 1e-300)
-        return (x @ x.T).astype(np.float32)
 
-    def _hsic(self, KL: np.ndarray, KW: np.ndarray, LW: np.ndarray) -> np.ndarray:
-        W = self.counts
-        quad = np.einsum("bi,bi->b", W @ KL, W, dtype=np.float64)
-        cross = np.einsum("bi,bi,bi->b", KW, W, LW, dtype=np.float64) / self.n
-        kw = np.einsum("bi,bi->b", KW, W, dtype=np.float64)
-        lw = np.einsum("bi,bi->b", LW, W, dtype=np.float64)
-        return quad - 2.0 * cross + kw * lw / self.n**2
-
-    def cka(self, layers: Sequence[np.ndarray]) -> np.ndarray:
-        """Linear CKA per replicate and layer, shape (n_boot, n_layers)."""
-        out = np.empty((self.counts.shape[0], len(layers)))
-        for j, y in enumerate(layers):
-            L = self._gram(y)
-            K, KW = self._grams[j], self._KW[j]
-            LW = self.counts @ L
-            kl = self._hsic(K * L, KW, LW)
-            ll = self._hsic(L * L, LW, LW)
+def jackknife_drift(metric: str, base: Sequence[np.ndarray], layers: Sequence[np.ndarray],
+                    sigma_frac: float = 1.0) -> np.ndarray:
+    """Leave-one-out drift ``1 - CKA`` per probe row and layer, shape (n, n_layers), float64:
+    row i is the drift with probe example i left out of base and run alike. Linear and debiased
+    CKA come from the full Gram matrices in closed form (O(n^2) per row); RBF, whose bandwidth
+    depends on the rows kept, is recomputed row by row."""
+    n = base[0].shape[0]
+    out = np.empty((n, len(base)))
+    for j, (x, y) in enumerate(zip(base, layers)):
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if metric in ("linear", "debiased"):
+            # centring first changes no HSIC (linear kernel) but keeps the sums small
+            x, y = x - x.mean(axis=0), y - y.mean(axis=0)
+            K, L = x @ x.T, y @ y.T
+            deb = metric == "debiased"
             with np.errstate(invalid="ignore", divide="ignore"):
-                out[:, j] = kl / np.sqrt(self._kk[j] * ll)
-        return out
+                out[:, j] = 1.0 - _loo_hsic(K, L, deb) / np.sqrt(_loo_hsic(K, K, deb) * _loo_hsic(L, L, deb))
+            continue
+        keep = ~np.eye(n, dtype=bool)
+        for i in range(n):
+            out[i, j] = 1.0 - rbf_cka(x[keep[i]], y[keep[i]], sigma_frac=sigma_frac)
+    return out
 
 
 def _reduction_pct(ft: float, lora: float) -> float:
@@ -338,9 +335,14 @@ def _primary_drift(metric: str, base: list[np.ndarray], layers: list[np.ndarray]
     return np.array([1.0 - fn(x, y) for x, y in zip(base, layers)])
 
 
+def aggregate_layers(n_layers: int) -> list[int]:
+    """The layers H2's aggregate averages: the block outputs ``1 .. L-1`` of ``layer.0 .. layer.L``
+    (module docstring). Models with fewer than 3 entries have no such layer: all are used."""
+    return list(range(1, n_layers - 1)) if n_layers >= 3 else list(range(n_layers))
+
+
 def _analyse_task(out_dir: Path, model: str, task: str, methods: Sequence[str], metric: str,
-                  sigma_frac: float, n_boot: int, boot_seed: int, ci: float
-                  ) -> tuple[list[dict], dict | None]:
+                  sigma_frac: float, ci: float, jackknife: bool) -> tuple[list[dict], dict | None]:
     runs = _find_runs(out_dir / "runs" / model / task, methods)
     if not runs:
         log.warning("task %s: no runs with snapshots under %s; skipping", task,
@@ -363,10 +365,13 @@ def _analyse_task(out_dir: Path, model: str, task: str, methods: Sequence[str], 
     if undefined:
         log.warning("task %s: layer(s) %s are constant over the probe set in the base model; CKA is "
                     "undefined there, so they are left out of the drift means", task, undefined)
+    agg = [i for i in aggregate_layers(len(base)) if i in defined]
+    if not agg:
+        raise ValueError(f"task {task}: every block-output layer of {base_path} is constant over the probe set")
     base_d = [base[i] for i in defined]
     base_side = BaseSide(base_d)
     compare = {r.method for r in runs} >= {FULL, LORA}
-    boot = ProbeBootstrap(base_d, n_boot, boot_seed) if compare and n_boot > 0 else None
+    base_agg = [base[i] for i in agg]
 
     rows: list[dict] = []
     final: dict[tuple[str, int], dict[str, Any]] = {}
@@ -381,9 +386,8 @@ def _analyse_task(out_dir: Path, model: str, task: str, methods: Sequence[str], 
             cos = cosine_layers(base, layers)
             is_final = step == run.final_step
             if is_final:
-                primary_d = _primary_drift(metric, base_d, layers_d, cka_d, sigma_frac)
                 primary = np.full(len(base), np.nan)
-                primary[defined] = primary_d
+                primary[defined] = _primary_drift(metric, base_d, layers_d, cka_d, sigma_frac)
             for i in range(len(base)):
                 rows.append({
                     "task": task, "method": run.method, "seed": run.seed, "step": step,
@@ -394,26 +398,42 @@ def _analyse_task(out_dir: Path, model: str, task: str, methods: Sequence[str], 
                 })
             if is_final:
                 final[(run.method, run.seed)] = {
-                    "step": step, "drift": float(primary_d.mean()),
-                    "drift_cos": float(1.0 - cos.mean(axis=1).mean()),
-                    "boot": None if boot is None else (1.0 - boot.cka(layers_d)).mean(axis=1),
+                    "step": step, "drift": float(primary[agg].mean()),
+                    "layer0": float(primary[0]), "last": float(primary[-1]),
+                    "drift_cos": float(1.0 - cos[agg].mean(axis=1).mean()),
+                    "jack": (jackknife_drift(metric, base_agg, [layers[i] for i in agg], sigma_frac).mean(axis=1)
+                             if compare and jackknife else None),
                 }
     if not compare:
         log.warning("task %s: needs both %r and %r runs for the comparison; have %s", task,
                     FULL, LORA, sorted({r.method for r in runs}))
         return rows, None
-    return rows, {**_compare(task, metric, final, n_boot, boot_seed, ci, model), "cka_undefined_layers": undefined}
+    comp = _compare(task, metric, final, ci, model)
+    comp["aggregate_layers"] = f"{agg[0]}..{agg[-1]}" if agg == list(range(agg[0], agg[-1] + 1)) else " ".join(map(str, agg))
+    comp["cka_undefined_layers"] = undefined
+    fpath = floor_path(base_path)
+    if fpath.exists():
+        again = load_layers(fpath)
+        _check_like_base(again, base, fpath, base_path)
+        # |.|: the debiased estimator can put two equal representations a hair above CKA = 1
+        comp["noise_floor"] = float(np.abs(_primary_drift(
+            metric, base_agg, [again[i] for i in agg], np.array([linear_cka(x, again[i]) for x, i in zip(base_agg, agg)]),
+            sigma_frac)).mean())
+    else:
+        comp["noise_floor"] = None
+        log.warning("task %s: no noise-floor extraction %s (rerun extract-base); H2 will be undetermined", task, fpath)
+    return rows, comp
 
 
-def _compare(task: str, metric: str, final: dict, n_boot: int, boot_seed: int, ci: float,
-             model: str) -> dict:
+def _compare(task: str, metric: str, final: dict, ci: float, model: str) -> dict:
     by = {m: {s: v for (mm, s), v in sorted(final.items()) if mm == m} for m in (FULL, LORA)}
     d_ft = {str(s): v["drift"] for s, v in by[FULL].items()}
     d_lo = {str(s): v["drift"] for s, v in by[LORA].items()}
     ft_mean, lo_mean = float(np.mean(list(d_ft.values()))), float(np.mean(list(d_lo.values())))
     cos_ft = float(np.mean([v["drift_cos"] for v in by[FULL].values()]))
     cos_lo = float(np.mean([v["drift_cos"] for v in by[LORA].values()]))
-    p, n_rel, kind = permutation_test(list(d_ft.values()), list(d_lo.values()), seed=boot_seed)
+    p, n_rel, kind = permutation_test(list(d_ft.values()), list(d_lo.values()))
+    mean_of = lambda m, k: float(np.mean([v[k] for v in by[m].values()]))  # noqa: E731
     res: dict[str, Any] = {
         "model": model,
         "primary_metric": metric,
@@ -426,30 +446,39 @@ def _compare(task: str, metric: str, final: dict, n_boot: int, boot_seed: int, c
         "drift_lora": lo_mean,
         "drift_lora_sd": float(np.std(list(d_lo.values()), ddof=1)) if len(d_lo) > 1 else float("nan"),
         "reduction_pct": _reduction_pct(ft_mean, lo_mean),
-        # Paired by seed number; seeds present for only one method are left out here.
-        "reduction_pct_by_seed": {s: _reduction_pct(d_ft[s], d_lo[s]) for s in d_ft if s in d_lo},
+        "drift_layer0_full": mean_of(FULL, "layer0"), "drift_layer0_lora": mean_of(LORA, "layer0"),
+        "drift_last_full": mean_of(FULL, "last"), "drift_last_lora": mean_of(LORA, "last"),
         "perm_p": p,
         "perm_n_relabellings": n_rel,
         "perm_kind": kind,
         "perm_min_p": 1.0 / n_rel if kind == "exact" else 1.0 / (n_rel + 1),
-        "boot_ci": [float("nan"), float("nan")],
-        "boot_metric": "linear",
-        "n_boot": n_boot,
-        "boot_seed": boot_seed,
+        "probe_var_log_ratio": None,
+        "probe_ci": [None, None],
+        "probe_metric": metric,
         "ci_level": ci,
         "cos_drift_full": cos_ft,
         "cos_drift_lora": cos_lo,
         "cos_reduction_pct": _reduction_pct(cos_ft, cos_lo),
     }
-    if n_boot > 0:
-        ft_b = np.mean([v["boot"] for v in by[FULL].values()], axis=0)
-        lo_b = np.mean([v["boot"] for v in by[LORA].values()], axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            red = np.where(ft_b > 0, 100.0 * (ft_b - lo_b) / ft_b, np.nan)
-        red = red[np.isfinite(red)]
-        if len(red):
-            alpha = (1.0 - ci) / 2.0
-            res["boot_ci"] = [float(np.quantile(red, alpha)), float(np.quantile(red, 1.0 - alpha))]
+    jf = [v["jack"] for v in by[FULL].values()]
+    jl = [v["jack"] for v in by[LORA].values()]
+    if all(j is not None for j in jf + jl):
+        mf, ml = np.mean(jf, axis=0), np.mean(jl, axis=0)  # per left-out row, mean over seeds
+        if np.all(mf > 0) and np.all(ml > 0):
+            theta = np.log(ml / mf)
+            n = theta.size
+            var = float((n - 1) / n * np.sum((theta - theta.mean()) ** 2))
+            res["probe_var_log_ratio"] = var
+            if ft_mean > 0 and lo_mean > 0:
+                from scipy.stats import norm
+
+                z = float(norm.ppf(0.5 + ci / 2))
+                est = math.log(lo_mean / ft_mean)
+                lo_pct, hi_pct = sorted(100.0 * (1.0 - math.exp(est + s * z * math.sqrt(var))) for s in (-1, 1))
+                res["probe_ci"] = [lo_pct, hi_pct]
+        else:
+            res["probe_note"] = ("a leave-one-out mean drift is <= 0, so the log ratio is undefined there; "
+                                 "the probe variance is not computed (no replicate is dropped)")
     return res
 
 
@@ -462,7 +491,7 @@ def _comparison_row(task: str, c: dict) -> dict:
     return {
         "task": task, "primary_metric": c["primary_metric"],
         "n_seeds_full": len(c["drift_full_by_seed"]), "n_seeds_lora": len(c["drift_lora_by_seed"]),
-        "boot_ci_lo": c["boot_ci"][0], "boot_ci_hi": c["boot_ci"][1],
+        "probe_ci_lo": c["probe_ci"][0], "probe_ci_hi": c["probe_ci"][1],
         **{k: c[k] for k in COMPARISON_COLUMNS if k in c},
         "cka_undefined_layers": " ".join(str(i) for i in c.get("cka_undefined_layers", [])),
     }
@@ -542,10 +571,9 @@ def analyse_drift(
     tasks: Sequence[str] | str | None = None,
     methods: Sequence[str] = (FULL, LORA),
     *,
-    metric: str = "linear",
+    metric: str = "debiased",
     rbf_sigma_frac: float = 1.0,
-    n_boot: int = 1000,
-    boot_seed: int = 0,
+    jackknife: bool = True,
     ci: float = 0.95,
     figures: bool = True,
 ) -> dict[str, Any]:
@@ -553,8 +581,8 @@ def analyse_drift(
 
     ``tasks``: names, or None / ``"all"`` for every task with a base file or runs.
     ``metric``: CKA variant for the final-step (primary) drift: ``"linear"``, ``"debiased"``
-    or ``"rbf"`` (bandwidth ``rbf_sigma_frac`` x median distance). ``n_boot=0`` skips the
-    bootstrap (``boot_ci`` is then null). Returns ``{"comparison": {task: {...}}, "files": [...]}``.
+    or ``"rbf"`` (bandwidth ``rbf_sigma_frac`` x median distance). ``jackknife=False`` skips the
+    probe-example jackknife (``probe_var_log_ratio`` is then null). Returns ``{"comparison": {task: {...}}, "files": [...]}``.
 
     Raises ValueError when a task has runs but no base file, or a snapshot's layers do not
     match the base's shapes; missing runs/snapshots are skipped with a warning.
@@ -575,8 +603,7 @@ def analyse_drift(
     comparison: dict[str, dict] = {}
     files: list[Path] = []
     for task in tasks:
-        rows, comp = _analyse_task(out_dir, model, task, methods, metric, rbf_sigma_frac,
-                                   n_boot, boot_seed, ci)
+        rows, comp = _analyse_task(out_dir, model, task, methods, metric, rbf_sigma_frac, ci, jackknife)
         all_rows.extend(rows)
         if comp is not None:
             comparison[task] = comp

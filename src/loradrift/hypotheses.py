@@ -2,9 +2,11 @@
 
     loradrift stats [--out DIR]
 
-Reads the results store (Phase 2 runs), `drift/comparison.json` and `serve/overhead.json`, runs
-`loradrift.stats` (H1, H2, H3, Bonferroni and Holm over the whole family of p-values, the
-overall verdict H1 AND (H2 OR H3)) and writes `stats/hypotheses.json`.
+Reads the results store (Phase 2 runs and Phase 0 baselines), `drift/comparison.json` and
+`serve/overhead.json`, runs `loradrift.stats` (H1, H2, H3; Bonferroni and Holm over the family of
+the three primary tests; the overall verdict H1 AND (H2 OR H3)) and writes `stats/hypotheses.json`.
+Every result there carries its estimate, interval (level and method), decision and the reason for
+it; `docs/study.md` defines the quantities.
 """
 
 from __future__ import annotations
@@ -18,42 +20,72 @@ from loradrift.io import ResultsStore, atomic_write_json
 from loradrift.models import model_key
 from loradrift.tasks import TASKS
 
+# The baseline each task's runs must beat for H1 to mean anything (Phase 0 computes them).
+_BASELINE = {"classification": "majority", "extractive_qa": "no_answer"}
 
-def performance_by_seed(cfg: RunConfig) -> dict[str, dict[str, dict[int, float]]]:
-    """{method: {task: {seed: primary dev score}}} for the Phase 2 seeds of this model."""
+
+def h1_metric(task: str) -> str:
+    """H1's metric: accuracy for the GLUE tasks (MRPC's F1 is reported beside it), F1 for SQuAD v2."""
+    return "f1" if TASKS[task].kind == "extractive_qa" else "accuracy"
+
+
+def performance_by_seed(cfg: RunConfig, metric=h1_metric) -> dict[str, dict[str, dict[int, float]]]:
+    """{method: {task: {seed: dev score}}} for the Phase 2 seeds of this model; `metric(task)` names
+    the dev metric (None leaves the task out)."""
     out: dict[str, dict[str, dict[int, float]]] = {"full": {}, "lora": {}}
     rows = ResultsStore(Path(cfg.out_dir) / "results.sqlite").rows("run", model=model_key(cfg.model))
     for r in rows:
-        if r["seed"] not in cfg.study.seeds or r["task"] not in cfg.study.tasks:
+        name = metric(r["task"])
+        if r["seed"] not in cfg.study.seeds or r["task"] not in cfg.study.tasks or name is None:
             continue
-        score = r["metrics"]["dev"][TASKS[r["task"]].primary]
-        out[r["method"]].setdefault(r["task"], {})[r["seed"]] = float(score)
+        out[r["method"]].setdefault(r["task"], {})[r["seed"]] = float(r["metrics"]["dev"][name])
     return out
 
 
-def _h3_inputs(cfg: RunConfig, overhead_rows: list[dict]) -> tuple[str, dict[int, list[float]]] | None:
-    """Per-round overheads by batch size of the primary configuration on the first backend."""
-    rows = [r for r in overhead_rows if r["config"].startswith("adapters-") and r.get("per_round")]
+def baseline_scores(cfg: RunConfig) -> dict[str, float]:
+    """{task: the task's baseline score on H1's metric} from the latest Phase 0 baseline rows."""
+    rows = ResultsStore(Path(cfg.out_dir) / "results.sqlite").rows("baseline", model=model_key(cfg.model))
+    out: dict[str, tuple[float, float]] = {}
+    for r in rows:
+        if r["task"] in TASKS and r["method"] == _BASELINE[TASKS[r["task"]].kind]:
+            if r["task"] not in out or r["created"] > out[r["task"]][1]:
+                out[r["task"]] = (float(r["metrics"][h1_metric(r["task"])]), r["created"])
+    return {t: v for t, (v, _) in out.items()}
+
+
+def _h3_inputs(cfg: RunConfig, overhead_rows: list[dict]) -> tuple[str, dict[int, dict]] | None:
+    """Per-round latencies by batch size of the primary configuration on the first backend."""
+    rows = [r for r in overhead_rows if r["config"].startswith("adapters-") and r.get("adapter_latency_by_round")]
     if not rows:
         return None
     backend = rows[0]["backend"]
     rows = [r for r in rows if r["backend"] == backend]
     names = {r["config"] for r in rows}
     name = cfg.stats.h3_config if cfg.stats.h3_config in names else max(names, key=lambda n: int(n.split("-")[1]))
-    return f"{backend}/{name}", {int(r["batch_size"]): list(r["per_round"]) for r in rows if r["config"] == name}
+    return f"{backend}/{name}", {int(r["batch_size"]): {"adapters": r["adapter_latency_by_round"],
+                                                        "merged": r["merged_latency_by_round"],
+                                                        "paired": bool(r.get("paired"))}
+                                 for r in rows if r["config"] == name}
 
 
 def run_stats(cfg: RunConfig) -> dict:
     out = Path(cfg.out_dir)
     s = cfg.stats
-    kw = {"confidence": s.confidence, "n_resamples": s.n_resamples, "seed": s.seed}
     notes: list[str] = []
 
     perf = performance_by_seed(cfg)
     tasks = sorted(set(perf["full"]) & set(perf["lora"]))
     h1 = []
     if tasks:
-        h1 = stats.h1_performance({t: perf["full"][t] for t in tasks}, {t: perf["lora"][t] for t in tasks}, s.h1_threshold, **kw)
+        base = baseline_scores(cfg)
+        h1 = stats.h1_performance({t: perf["full"][t] for t in tasks}, {t: perf["lora"][t] for t in tasks},
+                                  s.h1_threshold, baselines=base, confidence=s.confidence)
+        f1 = performance_by_seed(cfg, metric=lambda t: "f1" if TASKS[t].metric == "accuracy_f1" else None)
+        for r in h1:
+            if r.scope in tasks and TASKS[r.scope].metric == "accuracy_f1":
+                mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+                r.notes.append(f"F1 beside accuracy (reported, not tested): FT {mean(f1['full'][r.scope]):.4g}, "
+                               f"LoRA {mean(f1['lora'][r.scope]):.4g}")
     else:
         notes.append("H1: no task has finished runs of both methods")
 
@@ -64,7 +96,11 @@ def run_stats(cfg: RunConfig) -> dict:
         ok = {t: c for t, c in comp.items() if c.get("drift_full_by_seed") and c.get("drift_lora_by_seed")}
         if ok:
             h2 = stats.h2_drift({t: c["drift_full_by_seed"] for t, c in ok.items()},
-                                {t: c["drift_lora_by_seed"] for t, c in ok.items()}, s.h2_threshold, **kw)
+                                {t: c["drift_lora_by_seed"] for t, c in ok.items()}, s.h2_threshold,
+                                probe_var_by_task={t: c.get("probe_var_log_ratio") for t, c in ok.items()},
+                                floor_by_task={t: c["noise_floor"] for t, c in ok.items()
+                                               if c.get("noise_floor") is not None},
+                                floor_factor=s.floor_factor, confidence=s.confidence)
     if not h2:
         notes.append(f"H2: no drift comparison ({comp_file} missing or without both methods)")
 
@@ -74,27 +110,24 @@ def run_stats(cfg: RunConfig) -> dict:
         picked = _h3_inputs(cfg, json.loads(over_file.read_text()))
         if picked and s.h3_batch in picked[1]:
             label, by_batch = picked
-            h3 = stats.h3_serving(by_batch, primary_batch=s.h3_batch, threshold=s.h3_threshold, label=label, **kw)
+            h3 = stats.h3_serving(by_batch, primary_batch=s.h3_batch, threshold=s.h3_threshold, label=label,
+                                  confidence=s.confidence)
         else:
-            notes.append(f"H3: no multi-adapter configuration measured at batch {s.h3_batch} in {over_file}")
+            notes.append(f"H3: no multi-adapter configuration with per-round latencies at batch {s.h3_batch} "
+                         f"in {over_file}")
     else:
         notes.append(f"H3: no serving benchmark ({over_file} missing)")
 
-    family = [*h1, *h2, *h3]
-    stats.correct(family)
-    verdict = stats.overall_verdict(h1, h2, h3) if h1 and h2 and h3 else _partial_verdict(h1, h2, h3)
+    # The family is the three pre-registered primary tests; a missing one still counts in its size.
+    family = [r for r in [*h1, *h2, *h3] if r.primary]
+    stats.correct(family, family_size=stats.FAMILY_SIZE)
+    verdict = stats.overall_verdict(h1, h2, h3)
     result = {"H1": [r.to_dict() for r in h1], "H2": [r.to_dict() for r in h2], "H3": [r.to_dict() for r in h3],
               "verdict": verdict, "notes": notes,
-              "settings": {**cfg.stats.model_dump(), "seeds": cfg.study.seeds, "tasks": tasks}}
+              "family": {"tests": [f"{r.name} {r.scope}" for r in family], "size": stats.FAMILY_SIZE,
+                         "primary_level": stats.primary_level(s.confidence), "secondary_level": s.confidence,
+                         "corrections": "Bonferroni (decides, via the interval level) and Holm (reported)"},
+              "settings": {**cfg.stats.model_dump(), "seeds": cfg.study.seeds, "tasks": tasks,
+                           "h1_metrics": {t: h1_metric(t) for t in tasks}}}
     atomic_write_json(out / "stats" / "hypotheses.json", result)
     return result
-
-
-def _partial_verdict(h1, h2, h3) -> dict:
-    """The verdict when a hypothesis could not be tested: missing parts count as undecided."""
-    prim = {}
-    for name, rs in (("H1", h1), ("H2", h2), ("H3", h3)):
-        p = [r for r in rs if r.primary]
-        prim[name] = p[0].supported if p else None
-    return {"rule": "H1 AND (H2 OR H3)", **prim, "overall": stats.combine_verdicts(prim["H1"], prim["H2"], prim["H3"]),
-            "primary_scopes": {}, "by_scope": {}}

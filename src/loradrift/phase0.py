@@ -22,7 +22,7 @@ from loradrift.data import load_task, probe_examples, rows_as_squad_json
 from loradrift.io import ResultsStore
 from loradrift.metrics import compute_metrics, squad_v2_evaluate
 from loradrift.models import build_task_model, is_decoder, load_tokenizer, model_key, resolve_model_dir
-from loradrift.representations import base_path, encode_probe, extract, probe_key, save_snapshot
+from loradrift.representations import base_path, encode_probe, extract, floor_batch_size, floor_path, probe_key, save_snapshot
 from loradrift.tasks import get_task
 
 
@@ -140,8 +140,13 @@ def extract_base(cfg: RunConfig, force: bool = False) -> Path:
     device = pick_device()
     model = build_task_model(model_dir, spec, cfg.model, head_seed=0).to(device)
     feats = encode_probe(spec, tok, probe_examples(cfg, data), cfg.model.max_length)
-    tensors = extract(model, feats, cfg.train.eval_batch_size, tok.pad_token_id, device, getattr(torch, cfg.probe.dtype))
-    save_snapshot(path, tensors, step=0, task=cfg.task, model=key, pooling=model.pooling, probe_key=probe_key(cfg))
+    store = getattr(torch, cfg.probe.dtype)
+    meta = dict(step=0, task=cfg.task, model=key, pooling=model.pooling, probe_key=probe_key(cfg))
+    floor_bs = floor_batch_size(cfg.train.eval_batch_size)
+    save_snapshot(floor_path(path), extract(model, feats, floor_bs, tok.pad_token_id, device, store),
+                  batch_size=floor_bs, **meta)
+    # The base file last: it marks the step done (study.py skips it when it exists).
+    save_snapshot(path, extract(model, feats, cfg.train.eval_batch_size, tok.pad_token_id, device, store), **meta)
     return path
 
 

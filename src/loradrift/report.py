@@ -102,7 +102,7 @@ def _scalar(v: Any) -> bool:
 
 
 def _verdict_word(v: Any) -> str:
-    return {True: "supported", False: "not supported"}.get(v, "undecided")
+    return {True: "supported", False: "not supported"}.get(v, "undetermined")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,43 +578,51 @@ def sec_drift(art: Artefacts) -> Section:
         items = ([(r.get("task"), r) for r in comp] if isinstance(comp, list)
                  else [(t, c) for t, c in comp.items() if isinstance(c, dict)])
         items.sort(key=lambda kv: _task_order(str(kv[0])))
-        sec.p("Representational drift of the probe set from the base model at the final step, mean over "
-              "layers and seeds (± sd over seeds). Reduction = (drift FT − drift LoRA) / drift FT × 100. "
-              "perm p: exact one-sided permutation test over seeds (with 3 + 3 seeds there are 20 relabellings, "
-              "so the smallest attainable p is 0.05); boot CI: probe-example bootstrap of the reduction.")
+        sec.p("Representational drift of the probe set from the base model at the final step: drift = 1 − CKA "
+              "(estimator in the 'metric' column), averaged over the transformer block outputs (the 'layers' "
+              "column; the embedding layer and the last entry, the output after the final norm, are shown apart "
+              "because LoRA cannot move them and full FT can), mean ± sd over seeds. Reduction = (mean FT drift − "
+              "mean LoRA drift) / mean FT drift × 100, the quantity H2 tests. Noise floor: the same base model "
+              "extracted twice with different batch compositions. Probe CI: delete-one jackknife over probe "
+              "examples of the reduction (normal interval on the log ratio). perm p: exact one-sided permutation "
+              "test over seeds (with 3 + 3 seeds the smallest attainable p is 0.05).")
         main, extra = [], []
-        shown = {"task", "primary_metric", "n_seeds_full", "n_seeds_lora", "drift_full", "drift_full_sd", "drift_lora",
-                 "drift_lora_sd", "reduction_pct", "boot_ci", "ci_level", "perm_p", "perm_n_relabellings", "perm_min_p",
-                 "perm_kind", "reduction_pct_by_seed", "cos_drift_full", "cos_drift_lora", "cos_reduction_pct"}
-        skip = {"model", "boot_metric", "n_boot", "boot_seed"}
+        shown = {"task", "primary_metric", "aggregate_layers", "n_seeds_full", "n_seeds_lora", "drift_full", "drift_full_sd",
+                 "drift_lora", "drift_lora_sd", "reduction_pct", "noise_floor", "probe_ci", "ci_level", "perm_p",
+                 "perm_n_relabellings", "perm_min_p", "perm_kind", "drift_layer0_full", "drift_layer0_lora",
+                 "drift_last_full", "drift_last_lora", "cos_drift_full", "cos_drift_lora", "cos_reduction_pct"}
+        skip = {"model", "probe_metric", "probe_var_log_ratio"}
         for task, c in items:
             nf = c.get("n_seeds_full", len(c.get("drift_full_by_seed") or {}) or None)
             nl = c.get("n_seeds_lora", len(c.get("drift_lora_by_seed") or {}) or None)
             pm = lambda m, sd: fmt(m) + ("" if _num(sd) is None else f" ± {fmt(sd)}")  # noqa: E731
-            ci = c.get("boot_ci")
+            ci = c.get("probe_ci")
             level = _num(c.get("ci_level"))
-            main.append({"task": task, "primary_metric": c.get("primary_metric"), "_n": f"{fmt(nf)} / {fmt(nl)}",
+            main.append({"task": task, "primary_metric": c.get("primary_metric"), "aggregate_layers": c.get("aggregate_layers"),
+                         "_n": f"{fmt(nf)} / {fmt(nl)}",
                          "_ft": pm(c.get("drift_full"), c.get("drift_full_sd")),
                          "_lo": pm(c.get("drift_lora"), c.get("drift_lora_sd")),
-                         "reduction_pct": c.get("reduction_pct"),
+                         "reduction_pct": c.get("reduction_pct"), "noise_floor": c.get("noise_floor"),
                          "_ci": "—" if not ci or all(_num(x) is None for x in ci) else f"[{fmt(ci[0])}, {fmt(ci[1])}]"
                                 + (f" ({fmt(level * 100)}%)" if level else ""),
                          "perm_p": c.get("perm_p"),
                          "_perm": f"{fmt(c.get('perm_n_relabellings'))}" + (f" ({c['perm_kind']})" if c.get("perm_kind") else ""),
                          "perm_min_p": c.get("perm_min_p")})
-            e = {"task": task, "reduction_pct_by_seed": c.get("reduction_pct_by_seed"),
+            e = {"task": task, "_l0": f"{fmt(c.get('drift_layer0_full'))} / {fmt(c.get('drift_layer0_lora'))}",
+                 "_last": f"{fmt(c.get('drift_last_full'))} / {fmt(c.get('drift_last_lora'))}",
                  "cos_drift_full": c.get("cos_drift_full"), "cos_drift_lora": c.get("cos_drift_lora"),
                  "cos_reduction_pct": c.get("cos_reduction_pct")}
             e.update({k: v for k, v in c.items() if k not in shown and k not in skip and _scalar(v)})
             extra.append(e)
-        labels = {"primary_metric": "metric", "_n": "seeds FT / LoRA", "_ft": "drift FT", "_lo": "drift LoRA",
-                  "reduction_pct": "reduction %", "_ci": "boot CI of reduction %", "perm_p": "perm p",
-                  "_perm": "relabellings", "perm_min_p": "min attainable p",
-                  "reduction_pct_by_seed": "reduction % by seed", "cos_drift_full": "cos drift FT",
+        labels = {"primary_metric": "metric", "aggregate_layers": "layers", "_n": "seeds FT / LoRA", "_ft": "drift FT",
+                  "_lo": "drift LoRA", "reduction_pct": "reduction %", "noise_floor": "noise floor",
+                  "_ci": "probe CI of reduction %", "perm_p": "perm p", "_perm": "relabellings",
+                  "perm_min_p": "min attainable p", "_l0": "layer 0 drift FT / LoRA",
+                  "_last": "last layer drift FT / LoRA", "cos_drift_full": "cos drift FT",
                   "cos_drift_lora": "cos drift LoRA", "cos_reduction_pct": "cos reduction %"}
         sec.table(main, list(main[0]) if main else None, labels=labels, caption="LoRA vs full fine-tuning")
         sec.table(extra, pick_columns(extra, list(dict.fromkeys(k for e in extra for k in e))), labels=labels,
-                  caption="Per-seed reductions and the cosine-distance drift")
+                  caption="The layers outside the aggregate, and the cosine-distance drift")
         if not items:
             sec.p("The comparison lists no tasks (no task had finished runs of both methods).")
     _figures(sec, art, "drift/figures", "Drift figures")
@@ -722,10 +730,26 @@ def sec_serving(art: Artefacts) -> Section:
 
 
 HYPOTHESES = {
-    "H1": "Performance: LoRA's relative gap to full fine-tuning, (FT − LoRA) / FT × 100 per seed, is below the threshold.",
-    "H2": "Drift: LoRA reduces representational drift, (drift FT − drift LoRA) / drift FT × 100, by at least the threshold.",
-    "H3": "Serving: the multi-adapter latency overhead vs the merged models is below the threshold.",
+    "H1": "Performance: LoRA's relative gap to full fine-tuning, (FT − LoRA) / FT × 100 per seed on H1's metric "
+          "(accuracy for GLUE, F1 for SQuAD v2), is at most the threshold.",
+    "H2": "Drift: LoRA reduces representational drift, (mean FT drift − mean LoRA drift) / mean FT drift × 100 "
+          "(means over seeds; drift = 1 − CKA averaged over the transformer block outputs), by at least the threshold.",
+    "H3": "Serving: the multi-adapter latency overhead vs the merged models is at most the threshold.",
 }
+
+_RESULT_COLUMNS = ["scope", "n", "estimate", "_ci", "ci_method", "_h0", "decision", "reason", "p_value", "p_bonferroni",
+                   "p_holm"]
+_RESULT_LABELS = {"_ci": "interval (level)", "ci_method": "interval method", "_h0": "supported when",
+                  "p_value": "one-sided p", "p_bonferroni": "p (Bonferroni)", "p_holm": "p (Holm)"}
+
+
+def _result_row(r: dict) -> dict:
+    level = _num(r.get("ci_level"))
+    side = "upper bound ≤" if r.get("alternative") == "less" else "lower bound ≥"
+    return {**r, "scope": f"{r.get('name', '')} {r.get('scope')}".strip(),
+            "_ci": f"[{fmt(r.get('ci_low'))}, {fmt(r.get('ci_high'))}]" + (f" ({fmt(level * 100)}%)" if level else ""),
+            "_h0": f"{side} {fmt(r.get('threshold'))}",
+            "decision": r.get("decision") or _verdict_word(r.get("supported"))}
 
 
 def sec_hypotheses(art: Artefacts) -> Section:
@@ -737,38 +761,39 @@ def sec_hypotheses(art: Artefacts) -> Section:
     v = h.get("verdict") or {}
     sec.blocks.append(Block("verdict", v.get("rule", "H1 AND (H2 OR H3)"),
                             items=[(k, v.get(k)) for k in ("H1", "H2", "H3", "overall")]))
-    if v.get("primary_scopes"):
-        sec.p("Decisions use the primary scope of each hypothesis: "
-              + ", ".join(f"{k} {s}" for k, s in v["primary_scopes"].items()) + ". Supported when the 95% "
-              "bootstrap CI bound clears the threshold (the pre-registered rule); t-test p-values, their "
-              "Bonferroni and Holm corrections over the whole family, Cohen's d and power are reported alongside.")
+    fam = h.get("family") or {}
+    level = _num(fam.get("primary_level"))
+    sec.p("The verdict uses three primary tests, the pre-registered family: H1 pooled over tasks, H2 pooled over "
+          "tasks, H3 at the primary batch size. Each is decided by its interval at the Bonferroni-corrected level"
+          + (f" {fmt(level * 100)}%" if level else " 1 − α/3")
+          + " (the same decision as a Bonferroni-corrected one-sided p below α/2); Holm-corrected p-values are "
+          "reported beside it. A result is undetermined when the data cannot decide it (runs that do not beat "
+          "their task's baseline, full-FT drift at the noise floor, too few values); undetermined propagates "
+          "through H1 AND (H2 OR H3). Per-task and per-batch results are secondary: uncorrected "
+          + (f"{fmt(_num(fam.get('secondary_level')) * 100)}% " if _num(fam.get("secondary_level")) else "")
+          + "intervals, not part of the verdict.")
+    results = {name: [r for r in (h.get(name) or []) if isinstance(r, dict)] for name in ("H1", "H2", "H3")}
+    primary = [_result_row(r) for name in ("H1", "H2", "H3") for r in results[name] if r.get("primary")]
+    reasons = v.get("reasons") or {}
+    for name in ("H1", "H2", "H3"):
+        if not any(r.get("primary") for r in results[name]):
+            primary.append({"scope": name, "decision": "undetermined", "reason": reasons.get(name, "undetermined: not tested")})
+    sec.table(primary, _RESULT_COLUMNS, labels=_RESULT_LABELS, caption="Primary tests (the verdict)")
     notes: list[str] = list(h.get("notes") or [])
-    low_power = []
     for name in ("H1", "H2", "H3"):
         sec.h3(f"{name}: {HYPOTHESES[name]}")
-        res = [r for r in (h.get(name) or []) if isinstance(r, dict)]
-        if not res:
+        if not results[name]:
             sec.not_run(f"{name} test", "stats/hypotheses.json", f"has no {name} results")
             continue
         rows = []
-        for r in res:
-            rows.append({**r, "scope": f"{r.get('scope')}{' (primary)' if r.get('primary') else ''}",
-                         "_ci": f"[{fmt(r.get('ci_low'))}, {fmt(r.get('ci_high'))}]", "_sup": _verdict_word(r.get("supported")),
-                         "_h0": f"{r.get('alternative', '')} {fmt(r.get('threshold'))}".strip()})
+        for r in results[name]:
+            row = _result_row(r)
+            row["scope"] = f"{r.get('scope')} ({'primary' if r.get('primary') else 'secondary'})"
+            rows.append(row)
             for n in r.get("notes") or []:
                 notes.append(n if str(n).startswith(name) else f"{name} {r.get('scope')}: {n}")
-            pw, n = _num(r.get("power")), r.get("n")
-            if (pw is not None and pw < 0.8) or (isinstance(n, int) and n < 10):
-                low_power.append(f"{name} {r.get('scope')} (n = {n}, power {fmt(pw)})")
-        sec.table(rows, ["scope", "n", "estimate", "_ci", "ci_method", "_h0", "p_value", "p_bonferroni", "p_holm",
-                         "effect_size", "power", "_sup"],
-                  labels={"_ci": "95% CI", "ci_method": "CI method", "_h0": "test vs threshold", "p_value": "p",
-                          "p_bonferroni": "p (Bonferroni)", "p_holm": "p (Holm)", "effect_size": "Cohen's d",
-                          "_sup": "verdict"})
-    if low_power:
-        notes.insert(0, "Low power: with so few seeds the tests can only detect very large effects (at n = 3 "
-                        "the t-test needs d ≈ 2.3 for 80% power) and the bootstrap CI is coarse; read the "
-                        "verdicts as indicative. Affected: " + "; ".join(low_power) + ".")
+        sec.table(rows, _RESULT_COLUMNS[:-2] + ["df", "effect_size", "power"],
+                  labels={**_RESULT_LABELS, "effect_size": "Cohen's d"})
     if notes:
         sec.h3("Notes")
         sec.bullets(dict.fromkeys(notes))
@@ -946,7 +971,7 @@ p.note { color: var(--muted); font-size: 13px; }
 .badge { border-radius: 6px; padding: 8px 14px; color: #fff; font-weight: 600; min-width: 150px; }
 .badge small { display: block; font-weight: 400; opacity: .9; }
 .badge.supported { background: var(--ok); } .badge.not-supported { background: var(--bad); }
-.badge.undecided { background: var(--und); } .badge.overall { outline: 3px solid #2b4c7e; outline-offset: 2px; }
+.badge.undetermined { background: var(--und); } .badge.overall { outline: 3px solid #2b4c7e; outline-offset: 2px; }
 @media print {
   body { max-width: none; padding: 0; font-size: 11px; }
   nav.toc ol { columns: 2; }

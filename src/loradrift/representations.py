@@ -35,25 +35,50 @@ def encode_probe(spec, tokenizer, rows: list[dict], max_length: int) -> list[dic
     return [{"input_ids": ids, "label": 0} for ids in enc["input_ids"]]
 
 
+#: Every snapshot (base file, step 0 and all run snapshots) is computed in this dtype, with
+#: autocast off, whatever dtype the model trains in: bf16 vs fp32 of the same model alone gives
+#: 1 - CKA of ~1e-5 per layer, as large as a short fine-tuning run's drift.
+EXTRACT_DTYPE = torch.float32
+
+
+def _in_extract_dtype(task_model):
+    """The model itself when all its floating-point weights are already in EXTRACT_DTYPE, else an
+    upcast copy (the training model is left as it is)."""
+    if all(t.dtype == EXTRACT_DTYPE for t in [*task_model.parameters(), *task_model.buffers()] if t.is_floating_point()):
+        return task_model
+    import copy
+
+    return copy.deepcopy(task_model).to(EXTRACT_DTYPE)
+
+
 @torch.no_grad()
 def extract(task_model, probe_feats: list[dict], batch_size: int, pad_id: int, device, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Pooled per-layer vectors of the probe set, computed in float32 with autocast disabled
+    (`dtype` is only the storage dtype of the returned tensors)."""
     was_training = task_model.training
-    task_model.eval()
+    model = _in_extract_dtype(task_model)
+    model.eval()
     per_layer: list[list[torch.Tensor]] | None = None
     order: list[int] = []
-    for idx in length_sorted_batches(probe_feats, batch_size):
-        batch = collate([probe_feats[i] for i in idx], pad_id)
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        states = task_model.layer_states(ids, mask)
-        pooled = [pool(h, mask, task_model.pooling).to("cpu", dtype) for h in states]
-        if per_layer is None:
-            per_layer = [[] for _ in pooled]
-        for acc, p in zip(per_layer, pooled):
-            acc.append(p)
-        order += idx
+    with torch.autocast(device_type=torch.device(device).type, enabled=False):
+        for idx in length_sorted_batches(probe_feats, batch_size):
+            batch = collate([probe_feats[i] for i in idx], pad_id)
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            states = model.layer_states(ids, mask)
+            pooled = [pool(h, mask, model.pooling).to("cpu", dtype) for h in states]
+            if per_layer is None:
+                per_layer = [[] for _ in pooled]
+            for acc, p in zip(per_layer, pooled):
+                acc.append(p)
+            order += idx
     task_model.train(was_training)
     back = torch.argsort(torch.tensor(order))  # rows in probe order again
     return {f"layer.{i}": torch.cat(chunks)[back].contiguous() for i, chunks in enumerate(per_layer)}
+
+
+def floor_batch_size(batch_size: int) -> int:
+    """A different batch composition for the noise-floor re-extraction of the base model."""
+    return batch_size // 2 if batch_size > 1 else 2
 
 
 def save_snapshot(path: Path, tensors: dict[str, torch.Tensor], **meta) -> None:
@@ -92,6 +117,12 @@ def write_index(run_dir: Path, pooling: str) -> dict:
 
 def base_path(cfg: RunConfig, model_key: str, task: str) -> Path:
     return Path(cfg.out_dir) / "base" / model_key / f"{task}.safetensors"
+
+
+def floor_path(base: Path) -> Path:
+    """The base model's probe representations extracted a second time with another batch
+    composition: drift between the two is the numerical noise floor of the drift measure."""
+    return Path(base).with_suffix(".floor.safetensors")
 
 
 def read_index(run_dir: Path) -> dict:

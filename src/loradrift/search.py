@@ -293,10 +293,15 @@ def run_search(cfg: RunConfig, search_cfg: SearchConfig | dict | None = None, tr
         trial.set_user_attr("config_hash", tcfg.science_hash())
         trial.set_user_attr("trial_dir", str(tcfg.out_dir))
 
+        # Batch size and accumulation are searched, so optimizer steps of two trials are unlike
+        # amounts of training: the pruner compares trials at equal training examples seen.
+        per_step = tcfg.train.batch_size * tcfg.train.grad_accum
+
         def on_eval(step: int, score: float) -> None:
-            trial.report(score, step)
+            trial.report(score, step * per_step)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"step {step}: validation {spec.primary} {score:.4f} below the median")
+                raise optuna.TrialPruned(f"step {step} ({step * per_step} examples): validation {spec.primary} "
+                                         f"{score:.4f} below the median")
 
         t0 = time.time()
         try:
@@ -348,7 +353,7 @@ def run_search(cfg: RunConfig, search_cfg: SearchConfig | dict | None = None, tr
             if last.state == TrialState.COMPLETE:
                 log(f"{name}: trial {last.number} complete, validation {spec.primary} {last.value:.4f}")
             elif last.state == TrialState.PRUNED:
-                log(f"{name}: trial {last.number} pruned at step {max(last.intermediate_values, default=0)}")
+                log(f"{name}: trial {last.number} pruned after {max(last.intermediate_values, default=0)} training examples")
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
@@ -481,7 +486,7 @@ def _trial_row(study_name: str, ua: dict, t) -> dict:
         state = "surplus"  # a no-op: another worker had started the last trial
     return {"study": study_name, "task": ua.get("task"), "method": ua.get("method"), "trial": t.number,
             "state": state, "value": t.value, "duration_s": dur,
-            "last_step": max(t.intermediate_values) if t.intermediate_values else None,
+            "last_examples_seen": max(t.intermediate_values) if t.intermediate_values else None,
             "retry_of": t.system_attrs.get("failed_trial"), "error": t.user_attrs.get("error"),
             **{f"param:{k}": v for k, v in t.params.items()}}
 

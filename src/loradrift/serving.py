@@ -657,6 +657,8 @@ class VLLMBackend:
 
 
 BACKENDS = {"hf": HFBackend, "vllm": VLLMBackend}
+# Backends whose configurations can all stay loaded at once, so rounds interleave them.
+_INTERLEAVED = {"hf"}
 
 
 def parse_backends(backend: str | Sequence[str]) -> list[str]:
@@ -698,7 +700,7 @@ def run_serve_bench(
     backend: str | Sequence[str] = "hf",
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     max_tokens: int = 128,
-    rounds: int = 5,
+    rounds: int = 10,
     warmup: int = 1,
     out_dir: Path = Path("serve"),
     max_lora_rank: int = 16,
@@ -715,6 +717,7 @@ def run_serve_bench(
     include_base: bool = True,
     cpu_threads: int | None = None,
     cache_dir: Path | None = None,
+    order_seed: int = 0,
     write: bool = True,
     log: Any = print,
 ) -> dict:
@@ -727,7 +730,10 @@ def run_serve_bench(
     strings (see :func:`build_prompts`). ``include_base=False`` skips the ``base`` control
     (one engine start less on vLLM). ``cpu_threads`` sets torch's intra-op threads for the hf
     backend on CPU (vLLM picks its own; on a small shared CPU, 1 thread is often fastest). Per round and batch size, ``batches_per_round`` batches
-    are timed; latency stats are over their requests.
+    are timed; latency stats are over their requests. On hf every configuration stays loaded
+    and each round runs them in a random order (seed ``order_seed``), so rounds are paired; on
+    vLLM (one engine at a time) they run one after another and the overhead rows say
+    ``paired: false``.
 
     Returns ``{"results": rows, "overhead": rows, "correctness": rows, "meta": {...}}``.
     Raises :class:`ServeError` on bad input or when a correctness match rate is below
@@ -777,40 +783,67 @@ def run_serve_bench(
     rows: list[dict] = []
     # check_tokens[backend][config] = {task: token id lists}
     check_out: dict[str, dict[str, dict[str, list[list[int]]]]] = {}
+    order_rng = np.random.default_rng(order_seed)
+
+    def timed_round(be: Any, cfg: ServeConfig, r: int) -> None:
+        for b in batch_sizes:
+            lats, ttfts = [], []
+            for k in range(batches_per_round):
+                batch = _cyclic(pool, (r * batches_per_round + k) * b, b)
+                out = be.generate(batch, _row_adapters(cfg, b), max_tokens)
+                _check_lengths(out, max_tokens, f"{bname}/{cfg.name}")
+                # offline generate submits every request at t0 and returns them together
+                lats += [out.wall_s] * b
+                if out.ttft_s is not None:
+                    ttfts.append(out.ttft_s)
+            st = latency_stats(lats)
+            total_s = sum(lats) / b if lats else float("nan")
+            rows.append({
+                "backend": bname, "config": cfg.name, "adapters": "+".join(cfg.tasks),
+                "batch_size": b, "round": r, "n_requests": len(lats), "max_tokens": max_tokens,
+                "latency_mean_s": st["mean"], "latency_p50_s": st["p50"], "latency_p95_s": st["p95"],
+                "throughput_rps": len(lats) / total_s,
+                "throughput_tok_s": len(lats) * max_tokens / total_s,
+                "ttft_mean_s": float(np.mean(ttfts)) if ttfts else None,
+                "ttft_method": be.ttft_method if ttfts else "unavailable",
+                **be.memory(), "device": resolved_device,
+            })
+
+    def prepare(be: Any, cfg: ServeConfig) -> None:
+        log(f"[serve] {bname}: loading {cfg.name}")
+        be.load(cfg)
+        check_out[bname][cfg.name] = _correctness_tokens(be, cfg, check_ids, check_tokens)
+        for _ in range(warmup):
+            for b in batch_sizes:
+                be.generate(_cyclic(pool, 0, b), _row_adapters(cfg, b), max_tokens)
+
     for bname in backends:
-        be = BACKENDS[bname](base_dir, resolved_device, resolved_dtype, max_model_len, max_lora_rank)
         check_out[bname] = {}
-        for cfg in configs:
-            log(f"[serve] {bname}: loading {cfg.name}")
-            be.load(cfg)
+        if bname in _INTERLEAVED:
+            # Every configuration stays loaded and each round times them all in a fresh random
+            # order, so rounds pair the configurations and a drift of the machine over time hits
+            # them alike.
+            loaded = []
             try:
-                check_out[bname][cfg.name] = _correctness_tokens(be, cfg, check_ids, check_tokens)
-                for _ in range(warmup):
-                    for b in batch_sizes:
-                        be.generate(_cyclic(pool, 0, b), _row_adapters(cfg, b), max_tokens)
+                for cfg in configs:
+                    loaded.append((BACKENDS[bname](base_dir, resolved_device, resolved_dtype, max_model_len,
+                                                   max_lora_rank), cfg))
+                    prepare(*loaded[-1])
                 for r in range(rounds):
-                    for b in batch_sizes:
-                        lats, ttfts = [], []
-                        for k in range(batches_per_round):
-                            batch = _cyclic(pool, (r * batches_per_round + k) * b, b)
-                            out = be.generate(batch, _row_adapters(cfg, b), max_tokens)
-                            _check_lengths(out, max_tokens, f"{bname}/{cfg.name}")
-                            # offline generate submits every request at t0 and returns them together
-                            lats += [out.wall_s] * b
-                            if out.ttft_s is not None:
-                                ttfts.append(out.ttft_s)
-                        st = latency_stats(lats)
-                        total_s = sum(lats) / b if lats else float("nan")
-                        rows.append({
-                            "backend": bname, "config": cfg.name, "adapters": "+".join(cfg.tasks),
-                            "batch_size": b, "round": r, "n_requests": len(lats), "max_tokens": max_tokens,
-                            "latency_mean_s": st["mean"], "latency_p50_s": st["p50"], "latency_p95_s": st["p95"],
-                            "throughput_rps": len(lats) / total_s,
-                            "throughput_tok_s": len(lats) * max_tokens / total_s,
-                            "ttft_mean_s": float(np.mean(ttfts)) if ttfts else None,
-                            "ttft_method": be.ttft_method if ttfts else "unavailable",
-                            **be.memory(), "device": resolved_device,
-                        })
+                    for i in order_rng.permutation(len(loaded)):
+                        timed_round(*loaded[i], r)
+            finally:
+                for be, _ in loaded:
+                    be.close()
+            continue
+        # One engine at a time (vLLM): the configurations run one after another, so their rounds
+        # are not paired.
+        be = BACKENDS[bname](base_dir, resolved_device, resolved_dtype, max_model_len, max_lora_rank)
+        for cfg in configs:
+            try:
+                prepare(be, cfg)
+                for r in range(rounds):
+                    timed_round(be, cfg, r)
                 log(f"[serve] {bname}: {cfg.name} done")
             finally:
                 be.close()
@@ -826,7 +859,8 @@ def run_serve_bench(
         "warmup": warmup, "batches_per_round": batches_per_round, "max_prompt_tokens": max_prompt_tokens,
         "max_lora_rank": max_lora_rank, "device": resolved_device, "dtype": resolved_dtype,
         "check_prompts": check_prompts, "check_tokens": check_tokens, "min_match_rate": min_match_rate,
-        "ci_method": ci_method, "cpu_threads": cpu_threads, "configs": [{"name": c.name, "tasks": list(c.tasks)} for c in configs],
+        "ci_method": ci_method, "cpu_threads": cpu_threads, "order_seed": order_seed,
+        "interleaved": [b for b in backends if b in _INTERLEAVED], "configs": [{"name": c.name, "tasks": list(c.tasks)} for c in configs],
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(0) if resolved_device.startswith("cuda") else None},
@@ -922,7 +956,11 @@ def overhead_table(rows: Sequence[Mapping[str, Any]], configs: Sequence[ServeCon
         mean, lo, hi = mean_ci(per_round, method=ci_method)
         out.append({"backend": bname, "config": cname, "reference": "mean(" + "+".join(f"merged-{t}" for t in tasks) + ")",
                     "batch_size": b, "overhead_pct": mean, "ci_low": lo, "ci_high": hi,
-                    "n_rounds": len(per_round), "ci_method": ci_method, "per_round": per_round})
+                    "n_rounds": len(per_round), "ci_method": ci_method, "per_round": per_round,
+                    # what stats.h3_serving takes: raw latencies, and whether rounds really pair them
+                    "paired": bname in _INTERLEAVED,
+                    "adapter_latency_by_round": [by_round[r] for r in rounds_],
+                    "merged_latency_by_round": np.mean([merged_lat[t] for t in tasks], axis=0).tolist()})
     return out
 
 

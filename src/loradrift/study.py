@@ -139,7 +139,7 @@ def phase3(cfg: RunConfig, tasks: list[str], say) -> None:
 
     key = model_key(cfg.model)
     d = cfg.drift
-    analyse_drift(cfg.out_dir, key, tasks, metric=d.metric, n_boot=d.n_boot, boot_seed=d.boot_seed)
+    analyse_drift(cfg.out_dir, key, tasks, metric=d.metric)
     say("drift: tables and figures written")
     if d.weights:
         from loradrift.weights import analyse_weights
@@ -151,7 +151,8 @@ def phase3(cfg: RunConfig, tasks: list[str], say) -> None:
         serve_bench(cfg, tasks)
         say("serving benchmark written")
     v = run_stats(cfg)["verdict"]
-    say(f"hypotheses: H1 {v['H1']}, H2 {v['H2']}, H3 {v['H3']} → overall {v['overall']}")
+    words = v["decisions"]
+    say(f"hypotheses: H1 {words['H1']}, H2 {words['H2']}, H3 {words['H3']} → overall {words['overall']}")
 
 
 # ---------------------------------------------------------------------------------------------

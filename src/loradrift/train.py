@@ -115,6 +115,9 @@ def setup(cfg: RunConfig, data: TaskData | None = None) -> Context:
     if eng.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so it works under LoRA too.
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Both methods seed torch's global RNG the same way: it drives LoRA's A init and, for both,
+    # dropout (encoders; LoRA dropout), which full FT used to leave unseeded.
+    torch.manual_seed(cfg.seed)
     ctx.peft = apply_method(ctx)
     model.to(device)
     if eng.tf32:
@@ -150,7 +153,6 @@ def apply_method(ctx: Context):
     missing = [t for t in lc.target_modules if t not in present]
     if missing:
         raise ValueError(f"method.lora.target_modules: {missing} not found in model {cfg.model.name}")
-    torch.manual_seed(cfg.seed)  # LoRA A init
     peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
                           use_rslora=lc.use_rslora, bias="none")
     peft_model = get_peft_model(model.backbone, peft_cfg)
@@ -651,10 +653,15 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
             on_eval(step, evaluated)
     writer.wait()
 
-    snapshot(step)
     final_step = step
+    restored_step = None
     if cfg.train.restore_best and best_ckpt.exists():
-        load_checkpoint(best_ckpt, ctx)
+        restored_step = int(load_checkpoint(best_ckpt, ctx)["step"])
+        # The final snapshot must describe the weights that are evaluated and exported (H1 and H2
+        # on the same model): the restored best ones, even if the loop already wrote this step.
+        if restored_step != final_step:
+            snapshot_path(rd, final_step).unlink(missing_ok=True)
+    snapshot(final_step)
     val = evaluate(ctx, "val")
     dev = evaluate(ctx, "dev", na_thresh=val.get("na_prob_thresh")) if cfg.train.eval_dev else None
     export(ctx, rd)
@@ -668,6 +675,7 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
     result = {
         "task": cfg.task, "method": cfg.method.name, "seed": cfg.seed, "model": model_key(cfg.model),
         "config_hash": chash, "run_dir": str(rd), "steps": final_step, "stopped_early": stopped_early,
+        "restored_best_step": restored_step,
         "lr": lr, "primary_metric": ctx.spec.primary,
         "val": val, "dev": dev, "val_curve": curve,
         "train_examples": len(ctx.data.train), "train_features": n_train, "val_examples": len(ctx.data.val),

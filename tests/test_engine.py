@@ -267,3 +267,25 @@ def test_vectorised_span_search_matches_the_candidate_loop():
             assert score[i] == -np.inf
         else:
             assert (float(score[i]), int(s_best[i]), int(e_best[i])) == ref, i
+
+
+def test_snapshots_are_extracted_without_tf32(tiny_cfg):
+    from loradrift.representations import extract
+
+    ctx = setup(tiny_cfg("sst2", "lora"))
+    seen = []
+    inner = ctx.model.layer_states
+
+    def spy(ids, mask):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return inner(ids, mask)
+
+    ctx.model.layer_states = spy
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the engine sets them on a GPU
+    try:
+        extract(ctx.model, ctx.feats["dev"][:4], 2, ctx.pad_id, ctx.device)
+        assert seen and all(s == (False, False) for s in seen)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored for training
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

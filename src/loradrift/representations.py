@@ -10,6 +10,7 @@ batches are streamed: only one snapshot's vectors are in memory at a time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -52,6 +53,18 @@ def _in_extract_dtype(task_model):
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def _full_fp32_matmuls():
+    """TF32 off while extracting: the training engine turns it on for a GPU's fp32 matmuls, and its
+    10-bit mantissa would put a rounding floor under the drift that snapshots measure."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def extract(task_model, probe_feats: list[dict], batch_size: int, pad_id: int, device, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """Pooled per-layer vectors of the probe set, computed in float32 with autocast disabled
     (`dtype` is only the storage dtype of the returned tensors)."""
@@ -60,7 +73,7 @@ def extract(task_model, probe_feats: list[dict], batch_size: int, pad_id: int, d
     model.eval()
     per_layer: list[list[torch.Tensor]] | None = None
     order: list[int] = []
-    with torch.autocast(device_type=torch.device(device).type, enabled=False):
+    with torch.autocast(device_type=torch.device(device).type, enabled=False), _full_fp32_matmuls():
         for idx in length_sorted_batches(probe_feats, batch_size):
             batch = collate([probe_feats[i] for i in idx], pad_id)
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)

@@ -2,7 +2,8 @@
 
     loradrift stats [--out DIR]
 
-Reads the results store (Phase 2 runs), `drift/comparison.json` and `serve/overhead.json`, runs
+Reads the results store (Phase 2 runs, reconciled first with the run folders, which are the
+record), `drift/comparison.json` and `serve/overhead.json`, runs
 `loradrift.stats` (H1, H2, H3, Bonferroni and Holm over the whole family of p-values, the
 overall verdict H1 AND (H2 OR H3)) and writes `stats/hypotheses.json`.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from loradrift import stats
 from loradrift.config import RunConfig
-from loradrift.io import ResultsStore, atomic_write_json
+from loradrift.io import ResultsStore, atomic_write_json, reconcile_store
 from loradrift.models import model_key
 from loradrift.tasks import TASKS
 
@@ -22,6 +23,7 @@ from loradrift.tasks import TASKS
 def performance_by_seed(cfg: RunConfig) -> dict[str, dict[str, dict[int, float]]]:
     """{method: {task: {seed: primary dev score}}} for the Phase 2 seeds of this model."""
     out: dict[str, dict[str, dict[int, float]]] = {"full": {}, "lora": {}}
+    reconcile_store(Path(cfg.out_dir))
     rows = ResultsStore(Path(cfg.out_dir) / "results.sqlite").rows("run", model=model_key(cfg.model))
     for r in rows:
         if r["seed"] not in cfg.study.seeds or r["task"] not in cfg.study.tasks:

@@ -112,3 +112,12 @@ def test_lock_held_by_another_process_names_its_pid_and_dies_with_it(tmp_path):
             assert time.time() < deadline
             time.sleep(0.1)
     assert lock.read_text().strip() == str(os.getpid())
+
+
+def test_report_reads_runs_that_the_store_lost(tmp_path):
+    from loradrift.report import Artefacts
+
+    _result(tmp_path, seed=1, acc=0.25)
+    ResultsStore(tmp_path / "results.sqlite")  # a store without the run's row
+    (row,) = Artefacts(tmp_path).rows("run")
+    assert (row["seed"], row["metrics"]["dev"]["accuracy"]) == (1, 0.25)

@@ -206,7 +206,8 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 class Artefacts:
-    """Read-only access to one `<out>` folder. Missing files are None, never created."""
+    """Read access to one `<out>` folder. Missing files are None, never created; the one write is
+    the results store's reconciliation with the run folders (`reconcile_store`)."""
 
     def __init__(self, out: Path):
         self.out = Path(out)

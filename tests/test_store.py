@@ -57,15 +57,20 @@ def test_reconcile_rebuilds_run_rows_from_the_folders(tmp_path):
     _result(out, seed=2, acc=0.7)
     store = ResultsStore(out / "results.sqlite")
     store.put_run(a)
-    store.put_run({**a, "seed": 3, "run_dir": "gone"})  # its folder was removed
+    store.put_run({**a, "seed": 3})  # its folder is being redone: no result.json in it
+    (out / "runs/m/sst2/lora/seed3").mkdir()
+    store.put_run({**a, "seed": 4})  # no folder at all (runs/ not copied along): kept
     store.put("baseline", "m", "sst2", "majority", 42, "h", {"accuracy": 0.5})  # not a run: kept
     assert reconcile_store(out) == {"added": 1, "updated": 0, "removed": 1}
-    assert _keys(out) == [("sst2", "lora", 1, "h1", 0.5), ("sst2", "lora", 2, "h1", 0.7)]
+    assert _keys(out) == [("sst2", "lora", 1, "h1", 0.5), ("sst2", "lora", 2, "h1", 0.7), ("sst2", "lora", 4, "h1", 0.5)]
     # A folder redone with another config: its row follows the folder.
-    _result(out, seed=1, chash="h2", acc=0.9)
+    b = _result(out, seed=1, chash="h2", acc=0.9)
     assert reconcile_store(out) == {"added": 1, "updated": 0, "removed": 1}
-    assert _keys(out) == [("sst2", "lora", 1, "h2", 0.9), ("sst2", "lora", 2, "h1", 0.7)]
+    assert _keys(out) == [("sst2", "lora", 1, "h2", 0.9), ("sst2", "lora", 2, "h1", 0.7), ("sst2", "lora", 4, "h1", 0.5)]
     assert reconcile_store(out) == {"added": 0, "updated": 0, "removed": 0}
+    store.put_run({**b, "dev": {"accuracy": 0.1}})  # a row that disagrees with its file
+    assert reconcile_store(out) == {"added": 0, "updated": 1, "removed": 0}
+    assert _keys(out)[0] == ("sst2", "lora", 1, "h2", 0.9)
     assert len(store.rows("baseline")) == 1
 
 

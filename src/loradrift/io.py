@@ -232,8 +232,8 @@ def run_metrics(result: dict) -> dict:
 def reconcile_store(out_dir: Path) -> dict[str, int]:
     """Make the `run` rows of `<out>/results.sqlite` match the run folders' `result.json` files,
     which are the record: add a missing row (a kill or a failed write between result.json and
-    the store), refresh a stale one, drop one whose folder no longer holds that run. Other row
-    kinds are left alone. Returns the counts {"added", "updated", "removed"}."""
+    the store), refresh a stale one, drop one whose folder holds another run or none (redone
+    with --force, or being redone). Rows without a folder, and other row kinds, are left alone. Returns the counts {"added", "updated", "removed"}."""
     out = Path(out_dir)
     store_path = out / "results.sqlite"
     found: dict[tuple, tuple[dict, float]] = {}
@@ -251,8 +251,11 @@ def reconcile_store(out_dir: Path) -> dict[str, int]:
         return counts  # nothing to index: do not create an empty store
     store = ResultsStore(store_path)
     indexed = {(r["model"], r["task"], r["method"], r["seed"], r["config_hash"]): r for r in store.rows("run")}
-    for key, row in indexed.items():
-        if key not in found:
+    for key in indexed:
+        model, task, method, seed, _ = key
+        # A row whose folder is absent is kept: the heavy runs/ tree may have been left behind
+        # when <out> was copied for the report. A folder that exists holds one run, or none yet.
+        if key not in found and (out / "runs" / model / task / method / f"seed{seed}").is_dir():
             store.delete("run", *key)
             counts["removed"] += 1
     for key, (r, mtime) in found.items():

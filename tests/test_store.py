@@ -31,6 +31,21 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask, mode):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
 
 
+def test_files_written_by_libraries_respect_the_umask_too(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from loradrift.io import atomic_path
+
+    old = os.umask(0o002)
+    try:
+        with atomic_path(tmp_path / "w.safetensors") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp))  # safetensors itself creates 0600 files
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o664
+
+
 def test_store_path_that_is_a_folder_is_a_clear_error(tmp_path):
     (tmp_path / "results.sqlite").mkdir()
     with pytest.raises(StoreError, match=r"results\.sqlite: is a folder, not a SQLite file"):

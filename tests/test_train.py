@@ -28,6 +28,10 @@ def test_run_writes_a_complete_run_folder(tiny_cfg, task, method):
         assert (rd / f).exists(), f
     assert (rd / ("adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors")).exists()
     assert not (rd / "checkpoints").exists()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {str(p.relative_to(rd)): oct(p.stat().st_mode & 0o777) for p in rd.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes  # a shared folder stays readable
     assert r["steps"] == cfg.train.max_steps
     assert r["snapshot_steps"] == [0, 3, 6]
     log = [json.loads(line) for line in (rd / "log.jsonl").read_text().splitlines()]

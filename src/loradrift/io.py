@@ -85,6 +85,29 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:  # read without changing it (Linux)
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def respect_umask(path: Path) -> None:
+    """Give a file, or every file under a folder, the mode an ordinary open() would: some writers
+    (safetensors, hence save_pretrained) create 0600 files, unreadable to colleagues who share
+    the output folder."""
+    path = Path(path)
+    mode = 0o666 & ~_umask()
+    for f in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
+        os.chmod(f, mode)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` (for libraries that write files themselves)."""
@@ -93,6 +116,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        if tmp.is_file():
+            respect_umask(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists() and tmp.is_file():

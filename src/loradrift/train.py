@@ -26,7 +26,7 @@ import torch
 
 from loradrift.config import RunConfig, load_run_config, save_config
 from loradrift.data import TaskData, collate, encode, length_sorted_batches, load_task, probe_examples, rows_as_squad_json
-from loradrift.io import LockBusy, ResultsStore, StoreError, atomic_path, atomic_write_json, exclusive_lock, make_dir
+from loradrift.io import LockBusy, ResultsStore, StoreError, atomic_path, atomic_write_json, exclusive_lock, make_dir, respect_umask
 from loradrift.metrics import compute_metrics, squad_v2_evaluate
 from loradrift.models import build_task_model, compute_dtype, is_decoder, load_backbone, load_tokenizer, model_key, resolve_model_dir
 from loradrift.representations import base_path, encode_probe, extract, probe_key, read_snapshot_meta, save_snapshot, snapshot_path, write_index
@@ -530,6 +530,7 @@ def export(ctx: Context, rd: Path) -> None:
     else:
         ctx.model.backbone.save_pretrained(tmp_dir)
         ctx.tokenizer.save_pretrained(tmp_dir)
+    respect_umask(tmp_dir)
     shutil.rmtree(target, ignore_errors=True)
     tmp_dir.rename(target)
 
@@ -552,5 +553,6 @@ def export_merged(run_dir: Path, out: Path | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
     load_tokenizer(model_dir, True).save_pretrained(tmp)
+    respect_umask(tmp)
     tmp.rename(out)
     return out

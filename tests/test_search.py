@@ -318,3 +318,22 @@ def test_a_trial_skips_snapshots_and_dev_and_evaluates_midway(tiny_cfg, tmp_path
     assert not (Path(r["run_dir"]) / "snapshots").exists()
     # the pruner needs an intermediate score; the final one closes the curve
     assert [c["step"] for c in r["val_curve"]] == [2, 4]
+
+
+def test_trial_folder_of_a_live_worker_is_not_stripped(tmp_path):
+    from loradrift.search import _strip_trial
+
+    rd = tmp_path / "trial_0" / "runs" / "m" / "sst2" / "lora" / "seed42"
+    (rd / "checkpoints").mkdir(parents=True)
+    (rd / "checkpoints" / "last.pt").write_bytes(b"state")
+    holder = "import sys, time\nfrom loradrift.io import exclusive_lock\nwith exclusive_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)\n"
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(rd / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        _strip_trial(tmp_path / "trial_0")
+        assert (rd / "checkpoints" / "last.pt").exists()  # the live run keeps its resume state
+    finally:
+        proc.kill()
+        proc.wait()
+    _strip_trial(tmp_path / "trial_0")
+    assert not (rd / "checkpoints").exists()

@@ -28,13 +28,13 @@ import yaml
 from pydantic import ValidationError
 
 from loradrift.config import ConfigError, ParamSpec, PrunerConfig, RunConfig, SearchConfig, _validate, deep_merge
-from loradrift.io import atomic_write_json, atomic_write_text
+from loradrift.io import LockBusy, atomic_write_json, atomic_write_text, exclusive_lock
 
 # A trial is scored on validation only: snapshots and the dev set (the final test, which a search
 # must not look at) would cost time and change none of the training numbers.
 TRIAL_ONLY = {"probe": {"enabled": False}, "train": {"eval_dev": False}}
 # Run folders keep these after a trial; weights and snapshots go unless keep_trial_weights.
-_TRIAL_KEEP = {"config.yaml", "result.json", "log.jsonl"}
+_TRIAL_KEEP = {"config.yaml", "result.json", "log.jsonl", ".lock"}
 
 
 class SearchError(RuntimeError):
@@ -423,9 +423,15 @@ def _strip_trial(trial_dir: Path) -> None:
     """Drop the bulky parts of a trial's run folder; config, log and result stay for the report.
     Only a killed worker leaves a checkpoint behind (it never gets here): its retry resumes it."""
     for run_dir in trial_dir.glob("runs/*/*/*/seed*"):
-        for child in run_dir.iterdir():
-            if child.name not in _TRIAL_KEEP:
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        try:
+            # A worker declared dead by mistake may still train here (its retry was refused
+            # with "run in progress"): its folder is not ours to strip.
+            with exclusive_lock(run_dir / ".lock"):
+                for child in run_dir.iterdir():
+                    if child.name not in _TRIAL_KEEP:
+                        shutil.rmtree(child) if child.is_dir() else child.unlink()
+        except LockBusy:
+            continue
 
 
 # ---------------------------------------------------------------------------------------------

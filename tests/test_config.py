@@ -34,7 +34,10 @@ def test_per_task_block_applies_only_to_its_task_and_cli_still_wins():
 @pytest.mark.parametrize(
     "override, key",
     [("train.lrr=1", "train.lrr"), ("train.lr=abc", "train.lr"), ("method.name=qlora", "method.name"),
-     ("model.max_length=-3", "model.max_length"), ("nonsense=1", "nonsense")],
+     ("model.max_length=-3", "model.max_length"), ("nonsense=1", "nonsense"),
+     ("train.lr=.inf", "train.lr: Input should be a finite number"),
+     ("train.epochs=.inf", "train.epochs: Input should be a finite number"),
+     ("train.max_grad_norm=.nan", "train.max_grad_norm: Input should be a finite number")],
 )
 def test_bad_overrides_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import pytest
@@ -106,3 +107,61 @@ def test_malformed_squad_json(data_dir, tmp_path):
     (d / "squad_v2/train-v2.0.first10articles.json").write_text('{"version": "v2.0", "data": [{"title": "x", "paragraphs": [{"context": "c", "qas": [{"question": "q"}]}]}]}')
     with pytest.raises(DataError, match=r"train-v2\.0\.first10articles\.json.*missing 'id'"):
         load_task(resolve_config(preset="tiny", task="squad_v2", overrides=[f"data.data_dir={d}", "data.verify_checksums=false"]))
+
+
+def _rte_folder(data_dir, tmp_path, train: bytes | None = None):
+    """A data folder with RTE only (no SHA256SUMS): train replaced by `train` when given."""
+    d = tmp_path / "data"
+    (d / "glue/RTE").mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv"):
+        (d / "glue/RTE" / name).write_bytes((data_dir / "glue/RTE" / name).read_bytes())
+    if train is not None:
+        (d / "glue/RTE/train.tsv").write_bytes(train)
+    return d
+
+
+def test_tsv_with_a_header_and_no_rows(data_dir, tmp_path, capsys):
+    from loradrift.cli import main
+
+    header = (data_dir / "glue/RTE/train.tsv").read_text().split("\n")[0] + "\n"
+    d = _rte_folder(data_dir, tmp_path, header.encode())
+    with pytest.raises(DataError, match=r"RTE/train\.tsv: a header but no data rows"):
+        load_task(_cfg("rte", d))
+    assert main(["data", "check", "--task", "rte", "--data-dir", str(d)]) == 2
+    assert main(["train", "--preset", "tiny", "--task", "rte", "--data-dir", str(d), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("a header but no data rows") == 2 and "Traceback" not in err
+
+
+def test_non_utf8_data_names_the_file(data_dir, tmp_path):
+    text = (data_dir / "glue/RTE/train.tsv").read_bytes()
+    d = _rte_folder(data_dir, tmp_path, text.replace(b"\n", b"\n\xff\xfe", 3))
+    with pytest.raises(DataError, match=r"RTE/train\.tsv: not UTF-8 text"):
+        load_task(_cfg("rte", d))
+
+
+@pytest.mark.parametrize("drop, where", [
+    ("context", r"data\[0\]\.paragraphs\[0\]: missing 'context'"),
+    ("question", r"data\[0\]\.paragraphs\[0\]\.qas\[0\]: missing 'question'"),
+])
+def test_squad_json_without_context_or_question(data_dir, tmp_path, drop, where):
+    d = tmp_path / "data/squad_v2"
+    d.mkdir(parents=True)
+    qa = {"id": "q1", "question": "Who?", "answers": [{"text": "Ann", "answer_start": 0}]}
+    para = {"context": "Ann ran.", "qas": [qa]}
+    (qa if drop == "question" else para).pop(drop)
+    (d / "train-v2.0.first10articles.json").write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": [para]}]}))
+    (d / "dev-v2.0.json").write_bytes((data_dir / "squad_v2/dev-v2.0.json").read_bytes())
+    with pytest.raises(DataError, match=r"train-v2\.0\.first10articles\.json: " + where):
+        load_task(_cfg("squad_v2", tmp_path / "data"))
+
+
+def test_loradrift_data_pointing_at_a_missing_folder_names_it(tmp_path, monkeypatch, capsys):
+    from loradrift.cli import main
+
+    missing = tmp_path / "no-such-data"
+    monkeypatch.setenv("LORADRIFT_DATA", str(missing))
+    with pytest.raises(DataError, match=f"LORADRIFT_DATA={missing}: no such folder"):
+        load_task(resolve_config(preset="tiny", task="sst2"))
+    assert main(["data", "check", "--task", "sst2"]) == 2
+    assert f"LORADRIFT_DATA={missing}: no such folder" in capsys.readouterr().err

@@ -342,3 +342,20 @@ def test_real_dev_set_always_empty_system():
     assert out["f1"] == approx(100 * 5945 / 11873)
     assert out["HasAns_exact"] == 0.0 and out["HasAns_f1"] == 0.0
     assert out["NoAns_exact"] == 100.0 and out["NoAns_f1"] == 100.0
+
+
+def test_score_files_refuse_missing_predictions_unless_allowed(tmp_path, capsys):
+    from loradrift.cli import main
+
+    data = _write(tmp_path, "data.json", {"version": "v2.0", "data": DATA})
+    half = _write(tmp_path, "half.json", {k: PREDS[k] for k in ("q1", "q2")})
+    with pytest.raises(ValueError, match=r"half\.json: no prediction for 3 of 5 questions .*--allow-missing"):
+        score_squad_v2_files(data, half)
+    assert main(["score", "squad_v2", str(data), str(half)]) == 2
+    assert "no prediction for 3 of 5 questions" in capsys.readouterr().err
+    # q1 cat/cat EM 1, q2 no-answer predicted "dog" EM 0: 50 over the 2 scored, on request only.
+    with pytest.warns(UserWarning, match="3 of 5 questions have no prediction"):
+        out = score_squad_v2_files(data, half, allow_missing=True)
+    assert out["total"] == 2 and out["exact"] == 50.0 and out["missing"] == 3
+    with pytest.warns(UserWarning):
+        assert main(["score", "squad_v2", str(data), str(half), "--allow-missing"]) == 0

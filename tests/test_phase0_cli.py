@@ -1,6 +1,7 @@
 """Phase 0 commands and the CLI's handling of bad input, through the real `loradrift` entry point."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -83,3 +84,33 @@ def test_bad_input_gives_one_clear_message_and_exit_2(args, message, tmp_path):
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("case", ["out is a file", "out is read-only", "store is a folder", "out inside a file"])
+def test_unusable_output_paths_give_one_clear_message(tmp_path, case, monkeypatch, capsys):
+    out = tmp_path / "out"
+    expect = str(out)
+    if case == "out is a file":
+        out.write_text("not a folder")
+    elif case == "out inside a file":
+        out.write_text("not a folder")
+        out = out / "sub"
+    elif case == "out is read-only":
+        out.mkdir()
+        out.chmod(0o555)
+        expect = f"output folder {out}: not writable"
+        if os.geteuid() == 0:
+            # root ignores permission bits (and this venv's python lives under /root, so the
+            # command cannot run as another user): answer as the kernel would for that user.
+            import loradrift.io
+
+            real = os.access
+            monkeypatch.setattr(loradrift.io.os, "access", lambda p, mode: False if str(p) == str(out) else real(p, mode))
+    else:
+        (out / "results.sqlite").mkdir(parents=True)
+        expect = f"results store {out / 'results.sqlite'}: is a folder"
+    assert main(["train", "--preset", "tiny", "--task", "sst2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert expect in err and "Traceback" not in err, err
+    if case in ("store is a folder", "out is read-only"):
+        assert not list(out.glob("runs/*")), "nothing is started before the output is known to work"

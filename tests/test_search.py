@@ -108,6 +108,7 @@ def test_killed_search_resumes_and_ends_with_the_requested_trials(tmp_path, data
     after = _trials(url)
     assert r["n_finished"] == 3 == sum(t.state in FINISHED for t in after)
     assert not [t for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    _assert_no_repeats(after)
     for t in before:  # what was finished before the kill is kept as it was
         if t.state in FINISHED:
             assert (after[t.number].state, after[t.number].value) == (t.state, t.value)
@@ -131,10 +132,55 @@ def test_two_workers_share_one_study(tmp_path, data_dir):
     # Only a worker that lost the race for the last trial leaves a failed record, marked surplus.
     assert all(t.user_attrs.get("surplus") for t in trials if t.state == TrialState.FAIL)
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    _assert_no_repeats(trials)
     # Both workers report the same best trial and wrote the same file.
     results = [json.loads((tmp_path / f"w{i}.log").read_text().strip().splitlines()[-1]) for i in range(2)]
     assert results[0]["best_trial"] == results[1]["best_trial"]
     assert Path(results[0]["best_config"]).exists()
+
+
+def _assert_no_repeats(trials) -> None:
+    """No two finished trials share a parameter set (a retry shares its dead trial's values,
+    but the dead one is FAIL, not finished)."""
+    sets = [tuple(sorted(t.params.items())) for t in trials if t.state in FINISHED]
+    assert len(set(sets)) == len(sets), sets
+
+
+def test_workers_and_resumed_studies_draw_new_parameters(tmp_path):
+    from loradrift.search import open_study
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    attrs = {"space": {}, "base_config": "x"}
+
+    def worker():  # each call is a new process's view: its own sampler, seeded alike
+        return open_study(url, "m-sst2-lora", attrs, seed=42, pruner_cfg=load_search_config({}).pruner)
+
+    def run_one(study):
+        t = study.ask()
+        t.suggest_float("train.lr", 1e-5, 1e-2, log=True)
+        t.suggest_categorical("train.batch_size", [4, 8, 16])
+        t.suggest_int("method.lora.alpha", 8, 64)
+        study.tell(t, t.params["train.lr"])
+
+    a, b = worker(), worker()
+    for _ in range(6):  # two workers taking turns, past TPE's 10 random start-up trials
+        run_one(a)
+        run_one(b)
+    for _ in range(3):  # a study resumed twice by a fresh process
+        run_one(worker())
+    trials = optuna.load_study(study_name="m-sst2-lora", storage=url).get_trials()
+    assert len(trials) == 15
+    _assert_no_repeats(trials)
+    assert len({t.params["train.lr"] for t in trials}) == 15
+
+    # One uninterrupted worker is still reproducible: same seed, same storage history, same draws.
+    def solo(path):
+        s = open_study(f"sqlite:///{path}", "m", attrs, seed=42, pruner_cfg=load_search_config({}).pruner)
+        for _ in range(12):
+            run_one(s)
+        return [t.params for t in s.get_trials()]
+
+    assert solo(tmp_path / "a.db") == solo(tmp_path / "b.db")
 
 
 def test_surplus_guard_keeps_the_earlier_trial(tmp_path):
@@ -289,3 +335,22 @@ def test_a_trial_skips_snapshots_and_dev_and_evaluates_midway(tiny_cfg, tmp_path
     assert not (Path(r["run_dir"]) / "snapshots").exists()
     # the pruner needs an intermediate score; the final one closes the curve
     assert [c["step"] for c in r["val_curve"]] == [2, 4]
+
+
+def test_trial_folder_of_a_live_worker_is_not_stripped(tmp_path):
+    from loradrift.search import _strip_trial
+
+    rd = tmp_path / "trial_0" / "runs" / "m" / "sst2" / "lora" / "seed42"
+    (rd / "checkpoints").mkdir(parents=True)
+    (rd / "checkpoints" / "last.pt").write_bytes(b"state")
+    holder = "import sys, time\nfrom loradrift.io import exclusive_lock\nwith exclusive_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)\n"
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(rd / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        _strip_trial(tmp_path / "trial_0")
+        assert (rd / "checkpoints" / "last.pt").exists()  # the live run keeps its resume state
+    finally:
+        proc.kill()
+        proc.wait()
+    _strip_trial(tmp_path / "trial_0")
+    assert not (rd / "checkpoints").exists()

@@ -28,6 +28,10 @@ def test_run_writes_a_complete_run_folder(tiny_cfg, task, method):
         assert (rd / f).exists(), f
     assert (rd / ("adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors")).exists()
     assert not (rd / "checkpoints").exists()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {str(p.relative_to(rd)): oct(p.stat().st_mode & 0o777) for p in rd.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes  # a shared folder stays readable
     assert r["steps"] == cfg.train.max_steps
     assert r["snapshot_steps"] == [0, 3, 6]
     log = [json.loads(line) for line in (rd / "log.jsonl").read_text().splitlines()]
@@ -212,3 +216,150 @@ def test_full_ft_seeds_torch_like_lora(tiny_cfg):
             draws[method, prior] = torch.rand(4)
     assert torch.equal(draws["full", 1], draws["full", 2])
     assert torch.equal(draws["lora", 1], draws["lora", 2])
+
+
+# ---------------------------------------------------------------------------------------------
+# the run folder is the record: nothing lost, nothing mixed
+
+
+def _folder_state(rd: Path) -> dict:
+    return {str(p.relative_to(rd)): p.read_bytes() for p in sorted(rd.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_force_with_a_config_that_fails_at_setup_keeps_the_finished_run(tiny_cfg):
+    cfg = tiny_cfg("sst2", "lora")
+    r = train_run(cfg)
+    rd = Path(r["run_dir"])
+    before = _folder_state(rd)
+    bad = tiny_cfg("sst2", "lora", overrides=["method.lora.target_modules=[no_such_proj]"])
+    with pytest.raises(ValueError, match="no_such_proj"):
+        train_run(bad, force=True)
+    assert _folder_state(rd) == before
+    rows = ResultsStore(cfg.out_dir / "results.sqlite").rows("run")
+    assert [(x["config_hash"], x["metrics"]["dev"]) for x in rows] == [(r["config_hash"], r["dev"])]
+    # --force with a good config does redo it, and the store keeps one row for the folder.
+    redo = train_run(tiny_cfg("sst2", "lora", overrides=["train.lr=0.01"]), force=True)
+    rows = ResultsStore(cfg.out_dir / "results.sqlite").rows("run")
+    assert [x["config_hash"] for x in rows] == [redo["config_hash"]] != [r["config_hash"]]
+
+
+KILL_AT_STORE = """
+import os, sys
+from loradrift.config import resolve_config
+from loradrift.io import ResultsStore
+from loradrift.train import train_run
+# Fault injection: the process dies after result.json is renamed into place, before the store commits.
+ResultsStore.put = ResultsStore.put_run = lambda self, *a, **k: os._exit(137)
+cfg = resolve_config(preset="tiny", task="sst2", overrides=["method.name=lora", "train.max_steps=4"], out_dir=sys.argv[1], seed=int(sys.argv[2]))
+train_run(cfg)
+"""
+
+
+def test_kill_between_result_and_store_commit_is_healed(tiny_cfg, tmp_path):
+    from loradrift.cli import main
+    from loradrift.hypotheses import performance_by_seed
+
+    out = tmp_path / "out"
+    for seed in (42, 1337):
+        p = subprocess.run([sys.executable, "-c", KILL_AT_STORE, str(out), str(seed)], capture_output=True, text=True)
+        assert p.returncode == 137, p.stderr
+    store = ResultsStore(out / "results.sqlite")
+    assert store.rows("run") == []
+    results = {s: json.loads(next(out.glob(f"runs/*/sst2/lora/seed{s}/result.json")).read_text()) for s in (42, 1337)}
+
+    # Phase 3's reader reconciles the store with the folders before it reads.
+    cfg = tiny_cfg("sst2", "lora", seed=42, overrides=["train.max_steps=4"])
+    cfg.out_dir = out
+    perf = performance_by_seed(cfg)
+    assert perf["lora"]["sst2"] == {s: results[s]["dev"]["accuracy"] for s in (42, 1337)}
+    assert len(store.rows("run")) == 2
+
+    # `loradrift store repair` does the same on demand.
+    for s in (42, 1337):
+        store.delete("run", results[s]["model"], "sst2", "lora", s, results[s]["config_hash"])
+    assert main(["store", "repair", "--preset", "tiny", "--out", str(out)]) == 0
+    assert sorted(r["seed"] for r in store.rows("run")) == [42, 1337]
+
+    # And a rerun of the finished run writes its missing row instead of returning without it.
+    store.delete("run", results[42]["model"], "sst2", "lora", 42, results[42]["config_hash"])
+    again = train_run(cfg)
+    assert again == results[42]
+    (row,) = store.rows("run", seed=42)
+    assert row["metrics"]["dev"] == results[42]["dev"]
+    assert not (Path(again["run_dir"]) / "checkpoints").exists()
+
+
+def test_store_that_cannot_be_written_once_is_healed_by_the_rerun(tiny_cfg, monkeypatch):
+    from loradrift.io import StoreError
+
+    cfg = tiny_cfg("sst2", "lora")
+
+    def fail(self, result, created=None):
+        raise StoreError(f"results store {self.path}: database is locked")
+
+    monkeypatch.setattr(ResultsStore, "put_run", fail)
+    with pytest.raises(StoreError, match="run itself finished and is recorded in .*result.json"):
+        train_run(cfg)
+    monkeypatch.undo()
+    store = ResultsStore(cfg.out_dir / "results.sqlite")
+    assert store.rows("run") == []
+    r = train_run(cfg)
+    (row,) = store.rows("run")
+    assert row["metrics"]["dev"] == r["dev"] and row["config_hash"] == r["config_hash"]
+
+
+def test_unfinished_folder_of_another_config_is_a_conflict_even_without_checkpoint(tiny_cfg):
+    cfg = tiny_cfg("rte", "lora")
+
+    class Killed(Exception):
+        pass
+
+    def die(step, total):
+        raise Killed  # like a kill after the step-0 snapshot, before the first checkpoint
+
+    with pytest.raises(Killed):
+        train_run(cfg, on_step=die)
+    rd = run_dir_for(cfg)
+    assert (rd / "snapshots" / "step_000000.safetensors").exists() and not (rd / "checkpoints").exists()
+    before = _folder_state(rd)
+    with pytest.raises(RunConflict, match="unfinished run with another config"):
+        train_run(tiny_cfg("rte", "lora", overrides=["probe.size=8"]))
+    assert _folder_state(rd) == before  # no snapshot of the other probe set mixed in
+    r = train_run(cfg)  # the same config finishes it
+    assert r["probe_examples"] == 16
+
+
+def test_two_processes_on_one_run_folder_one_runs_the_other_is_refused(tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen(_train_cmd(out, ["train.max_steps=400", "train.lr=0.001"]),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("runs/*/sst2/lora/seed42/config.yaml")):
+            assert first.poll() is None, first.stderr.read()
+            assert time.time() < deadline
+            time.sleep(0.05)
+        rd = next(out.glob("runs/*/sst2/lora/seed42"))
+        second = subprocess.run(_train_cmd(out, ["train.max_steps=400", "train.lr=0.002"]), capture_output=True, text=True)
+        assert second.returncode == 2
+        assert f"run in progress by pid {first.pid}" in second.stderr and str(rd) in second.stderr
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None  # the first run goes on, untouched
+        assert "lr: 0.001" in (rd / "config.yaml").read_text()
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_non_finite_loss_stops_the_run_without_a_result(tiny_cfg):
+    from loradrift.train import NonFiniteLoss
+
+    cfg = tiny_cfg("sst2", "full", overrides=["train.lr=1e30"])
+    with pytest.raises(NonFiniteLoss, match=r"training loss is (nan|inf|-inf) by step \d+ .*--force"):
+        train_run(cfg)
+    rd = run_dir_for(cfg)
+    assert not (rd / "result.json").exists()
+    # log.jsonl grows as training goes: it keeps the finite steps before the failure, never a NaN.
+    log = (rd / "log.jsonl").read_text()
+    assert "NaN" not in log and "Infinity" not in log
+    assert ResultsStore(cfg.out_dir / "results.sqlite").rows("run") == []

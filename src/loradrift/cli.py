@@ -125,7 +125,7 @@ def cmd_score(args, configs: Configs) -> int:
 
     if args.task != "squad_v2":
         raise ValueError(f"score: only squad_v2 has an official file scorer (got {args.task!r})")
-    out = score_squad_v2_files(args.data, args.preds, args.na_prob_file, args.na_prob_thresh)
+    out = score_squad_v2_files(args.data, args.preds, args.na_prob_file, args.na_prob_thresh, allow_missing=args.allow_missing)
     print(json.dumps(out, indent=2))
     return 0
 
@@ -271,6 +271,16 @@ def cmd_report(args, configs: Configs) -> int:
     return 0
 
 
+def cmd_store_repair(args, configs: Configs) -> int:
+    from loradrift.io import reconcile_store
+
+    out = Path(configs().out_dir)
+    counts = reconcile_store(out)
+    print(f"{out / 'results.sqlite'}: run rows rebuilt from {out / 'runs'}: "
+          f"{counts['added']} added, {counts['updated']} updated, {counts['removed']} removed")
+    return 0
+
+
 def cmd_study(args, configs: Configs) -> int:
     from loradrift.study import StudyStop, run_study
 
@@ -304,6 +314,7 @@ COMMANDS = {
     "stats": (cmd_stats, "Phase 3: the pre-registered hypothesis tests"),
     "report": (cmd_report, "Phase 3: the HTML and PDF report (reads artefacts only)"),
     "study": (cmd_study, "the whole study, Phase 0 to the report, resumable"),
+    "store": (cmd_store_repair, "results store commands"),
 }
 
 
@@ -342,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "extract-base":
             c.add_argument("--force", action="store_true")
         c.set_defaults(func=COMMANDS[name][0])
+
+    p = sub.add_parser("store", help=COMMANDS["store"][1])
+    ssub = p.add_subparsers(dest="store_command", metavar="SUBCOMMAND", required=True)
+    c = ssub.add_parser("repair", parents=[parent],
+                        help="rebuild the run rows of <out>/results.sqlite from the run folders' result.json files (the record)")
+    c.set_defaults(func=cmd_store_repair)
 
     c = sub.add_parser("study", parents=[parent], help=COMMANDS["study"][1])
     c.add_argument("--tasks", default=None, help="comma list of tasks for this machine (default: study.tasks)")
@@ -388,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("preds", type=Path, help="JSON object: question id -> answer text ('' = no answer)")
     c.add_argument("--na-prob-file", type=Path, default=None)
     c.add_argument("--na-prob-thresh", type=float, default=1.0)
+    c.add_argument("--allow-missing", action="store_true",
+                   help="score only the questions that have a prediction (the official script's behaviour); "
+                        "without it, missing predictions are an error")
     c.set_defaults(func=cmd_score, overrides=[], preset=None, config=[], out=None, data_dir=None, seed=None)
     return ap
 
@@ -407,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, Configs(args))
     except (ConfigError, DataError, ModelError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"loradrift {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder or file the command cannot create, read or write
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"loradrift {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished work is kept and a rerun resumes", file=sys.stderr)

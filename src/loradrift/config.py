@@ -30,8 +30,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    # extra="forbid" is what turns a typo in YAML or on the CLI into an error naming the key.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra="forbid" is what turns a typo in YAML or on the CLI into an error naming the key;
+    # allow_inf_nan=False does the same for .inf / .nan (YAML numbers), which no setting means.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TinyModelConfig(_Strict):
@@ -243,7 +244,7 @@ class SearchConfig(_Strict):
     """Phase 1 settings: trial budget, storage, and the search spaces as data."""
 
     trials: int = Field(10, gt=0, description="finished (complete + pruned) trials per study")
-    seed: int = Field(42, description="TPE sampler seed and the run seed of every trial")
+    seed: int = Field(42, description="TPE sampler seed (trial n draws from (seed, n), so workers and resumed studies never repeat a trial) and the run seed of every trial")
     storage: str | None = Field(None, description="SQLAlchemy URL; null = sqlite:///<out>/search/optuna.db")
     heartbeat_interval: int = Field(10, gt=0, description="seconds between a running trial's heartbeats")
     grace_period: int = Field(60, gt=0, description="seconds without a heartbeat before a trial counts as dead and is retried")

@@ -32,6 +32,10 @@ def default_data_dir() -> Path | None:
     """$LORADRIFT_DATA, else ../shared/data beside the repo (or the working directory)."""
     env = os.environ.get("LORADRIFT_DATA")
     if env:
+        # Set on purpose: a wrong path must be an error naming it, not a silent fall-back to
+        # another folder or the Hub.
+        if not Path(env).is_dir():
+            raise DataError(f"LORADRIFT_DATA={env}: no such folder (fix or unset the variable, or pass --data-dir)")
         return Path(env)
     here = Path(__file__).resolve()
     for base in [Path.cwd(), *here.parents]:
@@ -87,7 +91,7 @@ def read_classification_tsv(path: Path, spec: TaskSpec) -> list[dict]:
     if not path.exists():
         raise DataError(f"{path}: file not found (task {spec.name})")
     # utf-8-sig drops MRPC's byte-order mark from the header.
-    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    lines = _read_text(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     if not lines:
@@ -107,7 +111,16 @@ def read_classification_tsv(path: Path, spec: TaskSpec) -> list[dict]:
             raise DataError(f"{path}:{lineno}: field {spec.label_field!r}: unknown label {raw_label!r} (expected one of {list(spec.labels)})")
         texts = [fields[col[f]].strip() for f in spec.text_fields]
         rows.append({"idx": len(rows), "text_a": texts[0], "text_b": texts[1] if len(texts) > 1 else None, "label": label_id[raw_label]})
+    if not rows:
+        raise DataError(f"{path}: a header but no data rows (task {spec.name})")
     return rows
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
 def read_squad_json(path: Path) -> list[dict]:
@@ -122,8 +135,10 @@ def read_squad_json(path: Path) -> list[dict]:
     rows = []
     for a_i, article in enumerate(articles):
         for p_i, para in enumerate(article["paragraphs"]):
-            context = para["context"]
-            for qa in para["qas"]:
+            at_p = f"{path}: data[{a_i}].paragraphs[{p_i}]"
+            context = _need_str(para, "context", at_p)
+            for q_i, qa in enumerate(para["qas"]):
+                question = _need_str(qa, "question", f"{at_p}.qas[{q_i}]")
                 answers = qa.get("answers", [])
                 for ans in answers:
                     start = ans.get("answer_start")
@@ -135,12 +150,24 @@ def read_squad_json(path: Path) -> list[dict]:
                         "title": article.get("title", ""),
                         "paragraph": f"{a_i}:{p_i}",
                         "context": context,
-                        "question": qa["question"],
+                        "question": question,
                         "answers": {"text": [a["text"] for a in answers], "answer_start": [a["answer_start"] for a in answers]},
                         "is_impossible": bool(qa.get("is_impossible", not answers)),
                     }
                 )
+    if not rows:
+        raise DataError(f"{path}: no questions (task squad_v2)")
     return rows
+
+
+def _need_str(obj: dict, key: str, at: str) -> str:
+    """The official scorer does not read contexts or questions, so load_squad_json leaves them
+    unchecked; training does read them."""
+    if key not in obj:
+        raise DataError(f"{at}: missing {key!r}")
+    if not isinstance(obj[key], str):
+        raise DataError(f"{at}.{key}: expected a string, got {type(obj[key]).__name__}")
+    return obj[key]
 
 
 READERS = {"classification": read_classification_tsv, "extractive_qa": lambda path, spec: read_squad_json(path)}

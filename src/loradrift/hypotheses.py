@@ -2,11 +2,12 @@
 
     loradrift stats [--out DIR]
 
-Reads the results store (Phase 2 runs and Phase 0 baselines), `drift/comparison.json` and
-`serve/overhead.json`, runs `loradrift.stats` (H1, H2, H3; Bonferroni and Holm over the family of
-the three primary tests; the overall verdict H1 AND (H2 OR H3)) and writes `stats/hypotheses.json`.
-Every result there carries its estimate, interval (level and method), decision and the reason for
-it; `docs/study.md` defines the quantities.
+Reads the results store (Phase 2 runs, reconciled first with the run folders, which are the
+record, and Phase 0 baselines), `drift/comparison.json` and `serve/overhead.json`, runs
+`loradrift.stats` (H1, H2, H3; Bonferroni and Holm over the family of the three primary tests; the
+overall verdict H1 AND (H2 OR H3)) and writes `stats/hypotheses.json`. Every result there carries
+its estimate, interval (level and method), decision and the reason for it; `docs/study.md` defines
+the quantities.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from loradrift import stats
 from loradrift.config import RunConfig
-from loradrift.io import ResultsStore, atomic_write_json
+from loradrift.io import ResultsStore, atomic_write_json, reconcile_store
 from loradrift.models import model_key
 from loradrift.tasks import TASKS
 
@@ -33,6 +34,7 @@ def performance_by_seed(cfg: RunConfig, metric=h1_metric) -> dict[str, dict[str,
     """{method: {task: {seed: dev score}}} for the Phase 2 seeds of this model; `metric(task)` names
     the dev metric (None leaves the task out)."""
     out: dict[str, dict[str, dict[int, float]]] = {"full": {}, "lora": {}}
+    reconcile_store(Path(cfg.out_dir))
     rows = ResultsStore(Path(cfg.out_dir) / "results.sqlite").rows("run", model=model_key(cfg.model))
     for r in rows:
         name = metric(r["task"])

@@ -392,11 +392,23 @@ def score_squad_v2_files(
     preds_path: str | Path,
     na_prob_file: str | Path | None = None,
     na_prob_thresh: float = 1.0,
+    allow_missing: bool = False,
 ) -> collections.OrderedDict:
-    """File-level entry point behind ``loradrift score squad_v2``; see ``squad_v2_evaluate``."""
+    """File-level entry point behind ``loradrift score squad_v2``; see ``squad_v2_evaluate``.
+
+    A predictions file that leaves out questions is an error naming how many, because a
+    score over the predicted subset alone looks like a score over the whole set. With
+    ``allow_missing`` the official script's subset behaviour applies (and the result's
+    ``missing`` key gives the count)."""
     dataset = load_squad_json(data_path)
     preds = _read_json(preds_path)
     _check_preds(preds, str(preds_path))
+    if not allow_missing:
+        qids = list(make_qid_to_has_ans(dataset))
+        missing = [q for q in qids if q not in preds]
+        if missing:
+            raise ValueError(f"{preds_path}: no prediction for {len(missing)} of {len(qids)} questions in {data_path} "
+                             f"(first: {missing[0]!r}); pass --allow-missing to score only the predicted ones")
     na_probs = None
     if na_prob_file is not None:
         na_probs = _read_json(na_prob_file)

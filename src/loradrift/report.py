@@ -6,7 +6,8 @@ Reads artefacts only, never the training code paths, so a report can be rebuilt 
 from a copied `<out>` folder:
 
     study/manifest.json, study/timings.json          setup, presets, reproducibility
-    results.sqlite  kind=data|sanity|baseline|memory|run
+    results.sqlite  kind=data|sanity|baseline|memory|run (run rows first reconciled with
+                    runs/*/*/*/seed*/result.json, the record of each run: the one write it makes)
     search/report/summary.json, search/report/figures/*.png, configs/best/<model>/*.yaml
     drift/comparison.json, drift/figures/*.png
     weights/summary.json, weights/figures/*.png
@@ -40,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from loradrift.io import ResultsStore, atomic_path, atomic_write_text
+from loradrift.io import ResultsStore, atomic_path, atomic_write_text, reconcile_store
 from loradrift.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,8 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 class Artefacts:
-    """Read-only access to one `<out>` folder. Missing files are None, never created."""
+    """Read access to one `<out>` folder. Missing files are None, never created; the one write is
+    the results store's reconciliation with the run folders (`reconcile_store`)."""
 
     def __init__(self, out: Path):
         self.out = Path(out)
@@ -234,7 +236,10 @@ class Artefacts:
         return self.out / "results.sqlite"
 
     def rows(self, kind: str) -> list[dict] | None:
-        """Result rows of one kind, or None when there is no results store at all."""
+        """Result rows of one kind, or None when there is no results store at all. The run rows
+        are first reconciled with the run folders (their result.json is the record)."""
+        if self._rows is None:
+            reconcile_store(self.out)
         if not self.store_path.is_file():
             return None
         if self._rows is None:

@@ -28,13 +28,13 @@ import yaml
 from pydantic import ValidationError
 
 from loradrift.config import ConfigError, ParamSpec, PrunerConfig, RunConfig, SearchConfig, _validate, deep_merge
-from loradrift.io import atomic_write_json, atomic_write_text
+from loradrift.io import LockBusy, atomic_write_json, atomic_write_text, exclusive_lock
 
 # A trial is scored on validation only: snapshots and the dev set (the final test, which a search
 # must not look at) would cost time and change none of the training numbers.
 TRIAL_ONLY = {"probe": {"enabled": False}, "train": {"eval_dev": False}}
 # Run folders keep these after a trial; weights and snapshots go unless keep_trial_weights.
-_TRIAL_KEEP = {"config.yaml", "result.json", "log.jsonl"}
+_TRIAL_KEEP = {"config.yaml", "result.json", "log.jsonl", ".lock"}
 
 
 class SearchError(RuntimeError):
@@ -204,12 +204,34 @@ def _base_fingerprint(cfg: RunConfig, space: list[ParamSpec], fixed: dict[str, A
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _sampler(seed: int):
+    """TPE whose random draws for trial n come from a generator seeded with (seed, n).
+
+    One `TPESampler(seed)` per process would replay the same draws in every process: two
+    workers on one storage would suggest the same values in pairs, and a resumed study would
+    repeat its first trials. Trial numbers are unique in a study, so per-trial seeds give every
+    trial its own draws, and one uninterrupted worker still reproduces its run exactly. The
+    constant liar (Optuna's default) keeps concurrent TPE trials away from each other."""
+    import numpy as np
+    import optuna
+
+    class PerTrialSeedTPE(optuna.samplers.TPESampler):
+        def before_trial(self, study, trial) -> None:
+            trial_seed = int(np.random.SeedSequence([seed, trial.number]).generate_state(1)[0])
+            # TPE draws from _rng; its start-up trials come from the RandomSampler it wraps.
+            self._rng.rng.seed(trial_seed)
+            self._random_sampler._rng.rng.seed(trial_seed)
+            super().before_trial(study, trial)
+
+    return PerTrialSeedTPE(seed=seed, constant_liar=True)
+
+
 def open_study(storage, name: str, attrs: dict, seed: int, pruner_cfg: PrunerConfig):
     """Create the study, or load it and refuse (touching nothing) if it was made for another
     direction, search space or base config."""
     import optuna
 
-    sampler = optuna.samplers.TPESampler(seed=seed)
+    sampler = _sampler(seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=pruner_cfg.n_startup_trials,
                                          n_warmup_steps=pruner_cfg.n_warmup_steps)
     existing = name in optuna.study.get_all_study_names(storage)
@@ -406,9 +428,15 @@ def _strip_trial(trial_dir: Path) -> None:
     """Drop the bulky parts of a trial's run folder; config, log and result stay for the report.
     Only a killed worker leaves a checkpoint behind (it never gets here): its retry resumes it."""
     for run_dir in trial_dir.glob("runs/*/*/*/seed*"):
-        for child in run_dir.iterdir():
-            if child.name not in _TRIAL_KEEP:
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        try:
+            # A worker declared dead by mistake may still train here (its retry was refused
+            # with "run in progress"): its folder is not ours to strip.
+            with exclusive_lock(run_dir / ".lock"):
+                for child in run_dir.iterdir():
+                    if child.name not in _TRIAL_KEEP:
+                        shutil.rmtree(child) if child.is_dir() else child.unlink()
+        except LockBusy:
+            continue
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .io import atomic_path, atomic_write_json, atomic_write_text
+from .io import atomic_path, atomic_write_json, atomic_write_text, respect_umask
 
 
 class ServeError(Exception):
@@ -332,6 +332,7 @@ def ensure_merged(base_dir: Path, adapter_dir: Path, cache_dir: Path) -> Path:
     merged.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
     atomic_write_json(tmp / "merged_from.json", fp)
+    respect_umask(tmp)
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, cache_dir)

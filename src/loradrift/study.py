@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from loradrift.config import RunConfig
-from loradrift.io import ResultsStore, atomic_write_json
+from loradrift.io import ResultsStore, atomic_write_json, make_dir
 from loradrift.models import model_key
 
 console = Console(stderr=True)
@@ -170,7 +170,7 @@ def run_study(cfg_for: ConfigFor, phases: list[int], tasks: list[str] | None = N
     tasks = tasks or list(base.study.tasks)
     methods, seeds = list(base.study.methods), list(base.study.seeds)
     out = Path(base.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out folder")
     store = ResultsStore(out / "results.sqlite")
     write_manifest(base, cfg_for, tasks, command)
     timings: list[dict] = []

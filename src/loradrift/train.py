@@ -27,7 +27,7 @@ import torch
 
 from loradrift.config import EngineConfig, RunConfig, load_run_config, save_config
 from loradrift.data import TaskData, collate, encode, length_sorted_batches, load_task, probe_examples, rows_as_squad_json
-from loradrift.io import ResultsStore, atomic_path, atomic_write_json
+from loradrift.io import LockBusy, ResultsStore, StoreError, atomic_path, atomic_write_json, exclusive_lock, make_dir, respect_umask
 from loradrift.metrics import compute_metrics, squad_v2_evaluate
 from loradrift.models import build_task_model, compute_dtype, is_decoder, load_backbone, load_tokenizer, model_key, resolve_model_dir
 from loradrift.representations import base_path, encode_probe, extract, probe_key, read_snapshot_meta, save_snapshot, snapshot_path, write_index
@@ -35,7 +35,16 @@ from loradrift.tasks import TaskSpec, get_task
 
 
 class RunConflict(RuntimeError):
-    """A finished run with a different config is in the way; nothing is overwritten."""
+    """A run with a different config is in the way (finished or not), or another process is
+    running in the folder; nothing is overwritten."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite; the run stops without a result."""
+
+
+# The run folder's lock file (flock): held by the process that trains in the folder.
+LOCK_NAME = ".lock"
 
 
 def pick_device() -> torch.device:
@@ -528,26 +537,64 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
 
     `on_eval(step, score)` gets each intermediate validation score (primary metric) at the end
     of that step, after any checkpoint the step writes, so an exception it raises (a search
-    pruning the trial) leaves the run folder as consistent as a kill would."""
+    pruning the trial) leaves the run folder as consistent as a kill would.
+
+    One process at a time trains in a folder (an OS lock on `.lock`, RunConflict "run in
+    progress by pid N" for the others), and a folder holds the artefacts of one config only."""
     rd = run_dir_for(cfg)
-    result_file = rd / "result.json"
     chash = cfg.science_hash()
+    # Open the store first: a store that cannot be written fails now, not after the training.
+    store = ResultsStore(Path(cfg.out_dir) / "results.sqlite")
+    make_dir(rd, "run folder")
+    try:
+        with exclusive_lock(rd / LOCK_NAME):
+            return _train_locked(cfg, rd, chash, store, force, on_step, on_eval)
+    except LockBusy as e:
+        raise RunConflict(str(e)) from None
+
+
+def _recorded_hash(rd: Path) -> str | None:
+    """The science hash of the config the folder was created with (its config.yaml)."""
+    from loradrift.config import ConfigError
+
+    path = rd / "config.yaml"
+    if not path.exists():
+        return None
+    try:
+        return load_run_config(path).science_hash()
+    except ConfigError as e:
+        raise RunConflict(f"{rd}: holds a run whose config.yaml cannot be read ({str(e).splitlines()[0]}); "
+                          f"use --force to restart it or another --out folder") from None
+
+
+def _clear_run_dir(rd: Path) -> None:
+    for child in rd.iterdir():
+        if child.name != LOCK_NAME:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+def _train_locked(cfg: RunConfig, rd: Path, chash: str, store: ResultsStore, force: bool,
+                  on_step: Callable[[int, int], None] | None, on_eval: Callable[[int, float], None] | None) -> dict:
+    result_file = rd / "result.json"
     if result_file.exists() and not force:
         result = json.loads(result_file.read_text())
         if result["config_hash"] != chash:
             raise RunConflict(f"{rd}: a finished run with another config (hash {result['config_hash']}) is there; "
                               f"use --force to redo it or another --out folder")
+        # A kill between result.json and the store (or a failed store write) left the run
+        # unindexed: the folder is the record, so index it now; leftover resume state goes too.
+        if not store.rows("run", model=result["model"], task=cfg.task, method=cfg.method.name, seed=cfg.seed, config_hash=chash):
+            store.put_run(result)
+        shutil.rmtree(rd / "checkpoints", ignore_errors=True)
         return result
-    if force and rd.exists():
-        shutil.rmtree(rd)
-    rd.mkdir(parents=True, exist_ok=True)
-    prev_cfg = rd / "config.yaml"
-    if prev_cfg.exists() and (rd / "checkpoints").exists():
-        old = load_run_config(prev_cfg)
-        if old.science_hash() != chash:
-            raise RunConflict(f"{rd}: an unfinished run with another config is there; use --force to restart it")
-    save_config(cfg, prev_cfg)
+    if not force:
+        recorded = _recorded_hash(rd)
+        if recorded is not None and recorded != chash:
+            raise RunConflict(f"{rd}: an unfinished run with another config (hash {recorded}) is there; "
+                              f"use --force to restart it or another --out folder")
 
+    # Everything is built before anything in the folder is touched: a config that fails here
+    # (a LoRA target the model lacks, bad data) leaves a finished run as it was, even with --force.
     ctx = setup(cfg)
     t0 = time.time()
     n_train = len(ctx.feats["train"])
@@ -557,6 +604,11 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
     order = batch_order(ctx, cfg.train.batch_size, cfg.seed)
 
     probe_feats = encode_probe(ctx.spec, ctx.tokenizer, probe_examples(cfg, ctx.data), cfg.model.max_length) if cfg.probe.enabled else []
+    if force:
+        _clear_run_dir(rd)
+    # Written before any other artefact: it records which config the folder's artefacts belong to.
+    save_config(cfg, rd / "config.yaml")
+
     snap_dtype = getattr(torch, cfg.probe.dtype)
     pkey = probe_key(cfg)
     base_snap = base_path(cfg, model_key(cfg.model), cfg.task)
@@ -615,7 +667,9 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
         # checkpoint steps, never in between.
         train_time += clock.lap()
         if is_log:
-            entry = {"step": step, "loss": float(np.mean([float(x) for x in pending])), "lr": sched.get_last_lr()[0],
+            mean_loss = float(np.mean([float(x) for x in pending]))
+            _check_finite(mean_loss, step, rd, lr)
+            entry = {"step": step, "loss": mean_loss, "lr": sched.get_last_lr()[0],
                      "grad_norm": float(st.grad_norm), "tokens_per_s": tokens / max(train_time, 1e-9),
                      "padded_tokens_per_s": padded_tokens / max(train_time, 1e-9)}
             log.append(entry)
@@ -653,6 +707,8 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
             on_eval(step, evaluated)
     writer.wait()
 
+    if pending:  # stopped early between two logging steps
+        _check_finite(float(np.mean([float(x) for x in pending])), step, rd, lr)
     final_step = step
     restored_step = None
     if cfg.train.restore_best and best_ckpt.exists():
@@ -688,13 +744,20 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
         "device": str(ctx.device), "dtype": str(ctx.dtype).replace("torch.", ""), "data_source": ctx.data.source,
     }
     atomic_write_json(result_file, result)
-    ResultsStore(Path(cfg.out_dir) / "results.sqlite").put(
-        "run", result["model"], cfg.task, cfg.method.name, cfg.seed, chash,
-        {k: result[k] for k in ("val", "dev", "steps", "train_time_s", "wall_time_s", "tokens_per_s", "peak_memory_mb", "trainable_params")},
-        rd)
+    try:
+        store.put_run(result)
+    except StoreError as e:
+        raise StoreError(f"{e}\nthe run itself finished and is recorded in {result_file}; a rerun of this command "
+                         f"or `loradrift store repair --out {cfg.out_dir}` adds it to the store") from None
     # Final weights are exported; checkpoints (optimizer state included) are no longer needed.
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result
+
+
+def _check_finite(loss: float, step: int, rd: Path, lr: float) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"{rd}: the training loss is {loss} by step {step} (learning rate {lr:g}); the run is "
+                            f"stopped without a result. Lower train.lr (or check the data), then rerun with --force")
 
 
 def export(ctx: Context, rd: Path) -> None:
@@ -712,6 +775,7 @@ def export(ctx: Context, rd: Path) -> None:
     else:
         ctx.model.backbone.save_pretrained(tmp_dir)
         ctx.tokenizer.save_pretrained(tmp_dir)
+    respect_umask(tmp_dir)
     shutil.rmtree(target, ignore_errors=True)
     tmp_dir.rename(target)
 
@@ -734,5 +798,6 @@ def export_merged(run_dir: Path, out: Path | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
     load_tokenizer(model_dir, True).save_pretrained(tmp)
+    respect_umask(tmp)
     tmp.rename(out)
     return out

@@ -14,7 +14,6 @@ no evaluation, logging or saving in the timed steps.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import flops_per_step, linear_params, peak_tflops, print_table, write_rows  # noqa: E402
+from common import add_mfu, base_parser, linear_params, print_table, write_rows  # noqa: E402
 
 from loradrift.config import resolve_config  # noqa: E402
 from loradrift.data import encode, load_task  # noqa: E402
@@ -113,24 +112,12 @@ def bench(preset: str, task: str, method: str, batch: int, steps: int, warmup: i
            "batch_size": batch, "max_length": cfg.model.max_length, "steps": steps, "warmup_steps": warmup, "step_time_s": step_time,
            "tokens_per_s": counts["tokens"] / elapsed, "padded_tokens_per_s": counts["padded"] / elapsed,
            "mean_padded_length": per_step_padded / batch, "peak_memory_mb": peak_memory_mb(device), "linear_params": n_lin}
-    peak = peak_tflops(device)
-    if peak:
-        row["mfu"] = flops_per_step(n_lin, mc.num_hidden_layers, mc.hidden_size, round(per_step_padded / batch), per_step_padded, method) / step_time / (peak * 1e12)
-        row["peak_tflops"] = peak
+    add_mfu(row, device, mc, n_lin, per_step_padded, step_time, method)
     return row
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="smollm2")
-    ap.add_argument("--task", default="sst2")
-    ap.add_argument("--methods", default="full,lora")
-    ap.add_argument("--batch-sizes", default="8")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_intermixed_args()
+    args = base_parser(__doc__).parse_intermixed_args()
     out = args.out or Path(__file__).parent / "results" / f"peer_{args.preset}_{args.task}.json"
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:

@@ -14,7 +14,6 @@ model, data, batch, length and learning rate, is `bench/bench_peer.py`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Window, flops_per_step, linear_params, peak_tflops, print_table, write_rows  # noqa: E402
+from common import Window, add_mfu, base_parser, linear_params, print_table, write_rows  # noqa: E402
 
 from loradrift.config import resolve_config  # noqa: E402
 from loradrift.train import batch_order, make_optimizer, peak_memory_mb, setup, train_step  # noqa: E402
@@ -125,28 +124,16 @@ def bench(preset: str, task: str, method: str, batch: int, variant: str, steps: 
         "total_params": sum(p.numel() for p in ctx.model.parameters()), "linear_params": n_lin,
         "engine": dataclasses.asdict(ctx.engine), "warmup_step_count": len(warm), **prof,
     }
-    peak = peak_tflops(ctx.device)
-    if peak:
-        flops = flops_per_step(n_lin, mc.num_hidden_layers, mc.hidden_size, round(padded / (steps * batch)), padded / steps, method)
-        row["mfu"] = flops / step_time / (peak * 1e12)
-        row["peak_tflops"] = peak
+    add_mfu(row, ctx.device, mc, n_lin, padded / steps, step_time, method)
     return row
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="smollm2")
-    ap.add_argument("--task", default="sst2")
-    ap.add_argument("--methods", default="full,lora")
-    ap.add_argument("--batch-sizes", default="8")
+    ap = base_parser(__doc__)
     ap.add_argument("--variants", default="eager", help=f"comma list of {', '.join(VARIANTS)}")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--fixed-length", action="store_true", help="pad every batch to model.max_length")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds; configurations not started by then are skipped")
     ap.add_argument("--profile", action="store_true", help="also profile 3 steps (GPU busy time, kernel launches per step)")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args()
     out = args.out or Path(__file__).parent / "results" / f"train_{args.preset}_{args.task}.json"
     rows, start = [], time.time()

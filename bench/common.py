@@ -16,6 +16,7 @@ the same way, so their MFU columns compare:
 
 from __future__ import annotations
 
+import argparse
 import platform
 import subprocess
 import time
@@ -44,6 +45,30 @@ def linear_params(body: torch.nn.Module) -> int:
 def flops_per_step(n_linear: int, layers: int, hidden: int, length: int, padded_tokens: int, method: str) -> float:
     per_token = (6 if method == "full" else 4) * n_linear + 12 * layers * hidden * length
     return per_token * padded_tokens
+
+
+def add_mfu(row: dict, device: torch.device, model_config, n_linear: int, padded_per_step: float, step_time: float, method: str) -> None:
+    """MFU and the peak it is measured against, on a GPU whose peak is known."""
+    peak = peak_tflops(device)
+    if peak:
+        length = round(padded_per_step / row["batch_size"])
+        flops = flops_per_step(n_linear, model_config.num_hidden_layers, model_config.hidden_size, length, padded_per_step, method)
+        row["mfu"] = flops / step_time / (peak * 1e12)
+        row["peak_tflops"] = peak
+
+
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    """The options bench_train.py and bench_peer.py share (a run of each compares directly)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--preset", default="smollm2")
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--methods", default="full,lora")
+    ap.add_argument("--batch-sizes", default="8")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. data.max_train_examples=4000")
+    return ap
 
 
 def machine() -> dict:

@@ -277,6 +277,7 @@ def test_snapshots_are_extracted_without_tf32(tiny_cfg):
     inner = ctx.model.layer_states
 
     def spy(ids, mask):
+        assert not torch.is_grad_enabled()  # no autograd graph for a snapshot
         seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
         return inner(ids, mask)
 

@@ -52,7 +52,6 @@ def _in_extract_dtype(task_model):
     return copy.deepcopy(task_model).to(EXTRACT_DTYPE)
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def _full_fp32_matmuls():
     """TF32 off while extracting: the training engine turns it on for a GPU's fp32 matmuls, and its
@@ -65,6 +64,7 @@ def _full_fp32_matmuls():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+@torch.no_grad()
 def extract(task_model, probe_feats: list[dict], batch_size: int, pad_id: int, device, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """Pooled per-layer vectors of the probe set, computed in float32 with autocast disabled
     (`dtype` is only the storage dtype of the returned tensors)."""

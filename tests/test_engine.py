@@ -169,16 +169,17 @@ def test_tiny_model_can_take_a_real_vocabulary(tiny_cfg):
     assert ctx.model.backbone.get_input_embeddings().weight.shape[0] == 5000
 
 
-def test_checkpoint_writer_copies_state_and_reports_failures(tmp_path):
-    w = CheckpointWriter()
+@pytest.mark.parametrize("background", [True, False])
+def test_checkpoint_writer_copies_state_and_reports_failures(tmp_path, background):
+    w = CheckpointWriter(background=background)
     t = torch.zeros(3)
     w.submit(tmp_path / "a.pt", {"t": t})
     t += 1  # training goes on: the file must hold the state at submit time
     w.wait()
     assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["t"], torch.zeros(3))
     (tmp_path / "dir").mkdir()
-    w.submit(tmp_path / "dir", {"t": t})  # a folder in the way: the write fails
-    with pytest.raises(OSError):
+    with pytest.raises(OSError):  # a folder in the way: the write fails, at once or at the next wait
+        w.submit(tmp_path / "dir", {"t": t})
         w.wait()
 
 

@@ -464,16 +464,24 @@ def _host_copy(obj):
 
 
 class CheckpointWriter:
-    """Writes checkpoints on a background thread, one at a time, so training goes on while a
+    """Writes checkpoints on a background thread, one at a time, so a GPU goes on training while a
     large checkpoint reaches the disk. The state is copied to the host first (the only part the
-    GPU waits for); the file appears by atomic rename, so a kill leaves the previous one."""
+    GPU waits for); the file appears by atomic rename, so a kill leaves the previous one.
 
-    def __init__(self):
+    `background=False` (a CPU run) writes at once from the live tensors: there the copy and a
+    writer thread would only compete with training for the same cores and memory."""
+
+    def __init__(self, background: bool = True):
+        self.background = background
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def submit(self, path: Path, state: dict) -> None:
         self.wait()
+        if not self.background:
+            self._write(path, state)
+            self.wait()
+            return
         state = _host_copy(state)
         self._thread = threading.Thread(target=self._write, args=(path, state), daemon=True)
         self._thread.start()
@@ -645,7 +653,7 @@ def _train_locked(cfg: RunConfig, rd: Path, chash: str, store: ResultsStore, for
     # entries a killed run wrote past its last checkpoint are not doubled.
     with atomic_path(log_path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in log))
-    writer = CheckpointWriter()
+    writer = CheckpointWriter(background=ctx.device.type == "cuda")
     clock = _Clock(ctx.device)
 
     ctx.model.train()

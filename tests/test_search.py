@@ -116,7 +116,9 @@ def test_killed_search_resumes_and_ends_with_the_requested_trials(tmp_path, data
     for killed in running:
         assert after[killed.number].state == TrialState.FAIL
         (retry,) = [t for t in after if t.system_attrs.get("failed_trial") == killed.number]
-        assert retry.params == killed.params and retry.state in FINISHED
+        # A kill while the trial was still suggesting leaves only its first values: the retry
+        # keeps those and draws the rest.
+        assert killed.params.items() <= retry.params.items() and retry.state in FINISHED
         assert retry.user_attrs["trial_dir"].endswith(f"trial_{killed.number}")
 
 
@@ -140,9 +142,10 @@ def test_two_workers_share_one_study(tmp_path, data_dir):
 
 
 def _assert_no_repeats(trials) -> None:
-    """No two finished trials share a parameter set (a retry shares its dead trial's values,
-    but the dead one is FAIL, not finished)."""
-    sets = [tuple(sorted(t.params.items())) for t in trials if t.state in FINISHED]
+    """No two finished trials drew the same parameter set: the sampler never replays another
+    trial's draws. Retries are left out: a retry copies its failed trial's values by design (and
+    under heavy load a live trial can miss its heartbeat, be failed and retried, and still finish)."""
+    sets = [tuple(sorted(t.params.items())) for t in trials if t.state in FINISHED and "failed_trial" not in t.system_attrs]
     assert len(set(sets)) == len(sets), sets
 
 

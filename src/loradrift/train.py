@@ -675,10 +675,10 @@ def _train_locked(cfg: RunConfig, rd: Path, chash: str, store: ResultsStore, for
         # checkpoint steps, never in between.
         train_time += clock.lap()
         if is_log:
-            mean_loss = float(np.mean([float(x) for x in pending]))
-            _check_finite(mean_loss, step, rd, lr)
+            mean_loss, gnorm = float(np.mean([float(x) for x in pending])), float(st.grad_norm)
+            _check_finite(mean_loss, step, rd, lr, gnorm)
             entry = {"step": step, "loss": mean_loss, "lr": sched.get_last_lr()[0],
-                     "grad_norm": float(st.grad_norm), "tokens_per_s": tokens / max(train_time, 1e-9),
+                     "grad_norm": gnorm, "tokens_per_s": tokens / max(train_time, 1e-9),
                      "padded_tokens_per_s": padded_tokens / max(train_time, 1e-9)}
             log.append(entry)
             with open(log_path, "a") as f:
@@ -762,9 +762,13 @@ def _train_locked(cfg: RunConfig, rd: Path, chash: str, store: ResultsStore, for
     return result
 
 
-def _check_finite(loss: float, step: int, rd: Path, lr: float) -> None:
-    if not math.isfinite(loss):
-        raise NonFiniteLoss(f"{rd}: the training loss is {loss} by step {step} (learning rate {lr:g}); the run is "
+def _check_finite(loss: float, step: int, rd: Path, lr: float, grad_norm: float = 0.0) -> None:
+    # A non-finite gradient norm means the update just applied has already broken the weights,
+    # even while the loss of that step was still finite.
+    what = "training loss" if not math.isfinite(loss) else "gradient norm" if not math.isfinite(grad_norm) else None
+    if what:
+        value = loss if what == "training loss" else grad_norm
+        raise NonFiniteLoss(f"{rd}: the {what} is {value} by step {step} (learning rate {lr:g}); the run is "
                             f"stopped without a result. Lower train.lr (or check the data), then rerun with --force")
 
 

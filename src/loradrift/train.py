@@ -502,7 +502,7 @@ class CheckpointWriter:
             raise err
 
 
-def save_checkpoint(path: Path, ctx: Context, step: int, opt, sched, extra: dict, writer: CheckpointWriter | None = None) -> None:
+def save_checkpoint(path: Path, ctx: Context, step: int, opt, sched, extra: dict, writer: CheckpointWriter) -> None:
     state = {
         "step": step,
         "params": {n: p.detach() for n, p in trainable_parameters(ctx.model)},
@@ -512,12 +512,7 @@ def save_checkpoint(path: Path, ctx: Context, step: int, opt, sched, extra: dict
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         **extra,
     }
-    if writer is None:  # a one-off call writes before it returns
-        writer = CheckpointWriter()
-        writer.submit(path, state)
-        writer.wait()
-    else:
-        writer.submit(path, state)
+    writer.submit(path, state)
 
 
 def load_checkpoint(path: Path, ctx: Context, opt=None, sched=None) -> dict:

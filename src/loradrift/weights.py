@@ -34,6 +34,9 @@ vector's error ~1e-6 * ||W|| / gap is irrelevant against a 0.6 cosine threshold)
 top-k singular vectors of ``W_ft``, which come from the float64 Gram matrix (its eigenvalues are
 squared singular values, so float32 would lose half the digits). A LoRA update's singular
 values come exactly from two QRs of its factors (an r x r SVD), not from the dense matrix.
+Matrices up to 1,024 on a side are decomposed with one BLAS/LAPACK thread: at that size a second
+thread costs more in synchronisation than it saves, and on a shared 2-core machine OpenBLAS's
+spinning threads made the SmolLM2 analysis several times slower (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import json
 import logging
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -50,6 +54,7 @@ import numpy as np
 import scipy.linalg
 import torch
 from safetensors import safe_open
+from threadpoolctl import threadpool_limits
 
 from loradrift.io import atomic_path, atomic_write_json, write_csv
 
@@ -202,6 +207,21 @@ def delta_stats(
     }
 
 
+@contextmanager
+def _blas_threads(n: int | None):
+    """Limit numpy's and torch's BLAS/LAPACK thread pools to ``n`` (None: leave them alone)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------
 # loading weights
 # --------------------------------------------------------------------------
@@ -232,6 +252,9 @@ class _SafetensorsFolder:
 
     def get(self, key: str) -> torch.Tensor:
         return self.where[key].get_tensor(key).to(torch.float32)
+
+    def shape(self, key: str) -> list[int]:
+        return self.where[key].get_slice(key).get_shape()
 
 
 def lora_scale(config: dict, module_name: str, r: int) -> float:
@@ -414,6 +437,30 @@ def _plot(task: str, rows: list[dict], fig_path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120)
 
 
+def _analyse_keys(keys: list[str], base: _SafetensorsFolder, runs: list, **stats_kw: Any) -> list[dict]:
+    rows: list[dict] = []
+    for key in keys:  # module-major: one SVD per base matrix, shared by every run
+        W = base.get(key)
+        base_U = torch.linalg.svd(W, full_matrices=False).U
+        m = _BLOCK_KEY.search(key)
+        for task, method, seed, run in runs:
+            if key not in run.updates:
+                continue
+            delta, update = run.delta(key, W)
+            st = delta_stats(W, delta, base_U=base_U, factors=update.factors, **stats_kw)
+            sims = st["intruder_sims"]
+            rows.append({
+                "task": task, "method": method, "seed": seed, "layer": int(m.group(1)),
+                "module": m.group(2), "name": key[: -len(".weight")],
+                "out_features": W.shape[0], "in_features": W.shape[1],
+                "base_fro": st["base_fro"], "delta_fro": st["delta_fro"], "rel_norm": st["rel_norm"],
+                "effective_rank": st["effective_rank"], "intruders": st["intruders"],
+                "intruder_min_sim": float(sims.min()) if len(sims) else float("nan"),
+                **{f"sv_{i + 1}": v for i, v in enumerate(st["singular_values"])},
+            })
+    return rows
+
+
 def analyse_weights(
     out_dir: str | Path,
     model: str,
@@ -453,31 +500,13 @@ def analyse_weights(
     base = _SafetensorsFolder(Path(base_model_dir))
     keys = _sorted_keys({k for *_, run in runs for k in run.updates
                          if _BLOCK_KEY.search(k).group(2) in wanted})
-    rows: list[dict] = []
-    for key in keys:
-        if key not in base.where:
-            raise ValueError(f"{key} is updated by a run but missing from the base model {base.folder}")
-        W = base.get(key)
-        # One full SVD per base matrix, shared by every run (module-major loop).
-        base_U = torch.linalg.svd(W, full_matrices=False).U
-        m = _BLOCK_KEY.search(key)
-        for task, method, seed, run in runs:
-            if key not in run.updates:
-                continue
-            delta, update = run.delta(key, W)
-            st = delta_stats(W, delta, top_k=top_k, rank_threshold=rank_threshold,
-                             intruder_k=intruder_k, intruder_eps=intruder_eps, base_U=base_U,
-                             factors=update.factors)
-            sims = st["intruder_sims"]
-            rows.append({
-                "task": task, "method": method, "seed": seed, "layer": int(m.group(1)),
-                "module": m.group(2), "name": key[: -len(".weight")],
-                "out_features": W.shape[0], "in_features": W.shape[1],
-                "base_fro": st["base_fro"], "delta_fro": st["delta_fro"], "rel_norm": st["rel_norm"],
-                "effective_rank": st["effective_rank"], "intruders": st["intruders"],
-                "intruder_min_sim": float(sims.min()) if len(sims) else float("nan"),
-                **{f"sv_{i + 1}": v for i, v in enumerate(st["singular_values"])},
-            })
+    missing = [k for k in keys if k not in base.where]
+    if missing:
+        raise ValueError(f"{missing[0]} is updated by a run but missing from the base model {base.folder}")
+    small = max((min(base.shape(k)) for k in keys), default=0) <= 1024
+    with _blas_threads(1 if small else None):
+        rows = _analyse_keys(keys, base, runs, top_k=top_k, rank_threshold=rank_threshold,
+                             intruder_k=intruder_k, intruder_eps=intruder_eps)
     rows.sort(key=lambda r: (r["task"], r["method"], r["seed"], r["layer"], PROJECTIONS.index(r["module"])))
 
     layer_cols = ["task", "method", "seed", "layer", "module", "name", "out_features", "in_features",

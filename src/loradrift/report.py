@@ -24,7 +24,6 @@ one figure per page) so that a PDF always exists. A section whose artefacts are 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import logging
@@ -923,6 +922,8 @@ SECTIONS: list[tuple[str, str, Callable[[Artefacts], Section]]] = [
     ("limitations", "Limitations", sec_limitations),
     ("manifest", "Reproducibility manifest", sec_manifest),
 ]
+# A heading in the contents and the body before the section that opens a part of the report.
+PARTS: dict[str, str] = {}
 
 
 def build_sections(out_dir: Path) -> list[Section]:
@@ -940,108 +941,34 @@ def build_sections(out_dir: Path) -> list[Section]:
 
 
 # ---------------------------------------------------------------------------------------------
-# HTML
-
-CSS = """
-:root { --fg:#1d232b; --muted:#5b6570; --line:#d9dee3; --bg2:#f5f7f9; --ok:#1e7b34; --bad:#b3261e; --und:#6b6f75; }
-* { box-sizing: border-box; }
-body { font: 15px/1.5 -apple-system, "Segoe UI", "DejaVu Sans", Helvetica, Arial, sans-serif; color: var(--fg);
-       margin: 0 auto; max-width: 1180px; padding: 0 24px 48px; }
-header { border-bottom: 3px solid #2b4c7e; padding: 20px 0 8px; margin-bottom: 16px; }
-header h1 { margin: 0 0 4px; font-size: 28px; }
-header p { margin: 0; color: var(--muted); font-size: 13px; }
-nav.toc { background: var(--bg2); border: 1px solid var(--line); border-radius: 6px; padding: 8px 20px; }
-nav.toc h2 { font-size: 16px; margin: 6px 0; border: 0; }
-nav.toc ol { margin: 4px 0 8px; padding-left: 22px; columns: 2; }
-nav.toc a { color: #2b4c7e; text-decoration: none; }
-.status { font-size: 11px; color: var(--muted); }
-section { margin-top: 28px; }
-h2 { font-size: 21px; border-bottom: 1px solid var(--line); padding-bottom: 4px; }
-h3 { font-size: 16px; margin: 18px 0 6px; }
-.tablewrap { overflow-x: auto; margin: 8px 0 14px; }
-table { border-collapse: collapse; font-size: 13px; }
-.caption { font-size: 13px; color: var(--muted); margin: 12px 0 -4px; }
-th, td { border: 1px solid var(--line); padding: 3px 8px; vertical-align: top; }
-th { background: var(--bg2); text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-tbody tr:nth-child(even) td { background: #fbfcfd; }
-pre { background: var(--bg2); border: 1px solid var(--line); padding: 8px 10px; font-size: 12px; overflow-x: auto; }
-.precap { font-size: 13px; color: var(--muted); margin: 10px 0 -4px; font-family: monospace; }
-figure { margin: 12px 0 18px; }
-img { max-width: 100%; height: auto; display: block; border: 1px solid var(--line); }
-figcaption { font-size: 13px; color: var(--muted); }
-p.missing { background: #fff4e5; border-left: 4px solid #e8a33d; padding: 6px 10px; }
-p.note { color: var(--muted); font-size: 13px; }
-.verdicts { display: flex; flex-wrap: wrap; gap: 10px; margin: 8px 0; }
-.badge { border-radius: 6px; padding: 8px 14px; color: #fff; font-weight: 600; min-width: 150px; }
-.badge small { display: block; font-weight: 400; opacity: .9; }
-.badge.supported { background: var(--ok); } .badge.not-supported { background: var(--bad); }
-.badge.undetermined { background: var(--und); } .badge.overall { outline: 3px solid #2b4c7e; outline-offset: 2px; }
-@media print {
-  body { max-width: none; padding: 0; font-size: 11px; }
-  nav.toc ol { columns: 2; }
-  h2 { break-after: avoid; }
-  table { font-size: 9px; } th, td { padding: 2px 4px; } td.num { white-space: normal; }
-  pre { white-space: pre-wrap; word-break: break-all; font-size: 9px; }
-  figure, tr, .badge { break-inside: avoid; }
-  .caption, h3 { break-after: avoid; }
-  .tablewrap { overflow: visible; }
-  .badge { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
-}
-"""
+# HTML: the markup lives in templates/ (Jinja2); Python hands over the sections as data
 
 # Forbids every external fetch: the report must render from the file alone.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 _NUMERIC = re.compile(r"^[-+−]?[\d,]*\.?\d+(e[-+]?\d+)?%?( ± [\d.,e+-]+)?$")
 
 
-def _e(s: Any) -> str:
-    return html.escape(str(s), quote=True)
+def _unknown_block(kind: str) -> None:
+    raise ValueError(f"unknown block kind {kind!r}")
 
 
-def _block_html(b: Block) -> str:
-    if b.kind == "h3":
-        return f"<h3>{_e(b.text)}</h3>"
-    if b.kind in ("p", "note", "missing"):
-        return f'<p class="{b.kind}">{_e(b.text)}</p>'
-    if b.kind == "bullets":
-        return "<ul>" + "".join(f"<li>{_e(t)}</li>" for t, _ in b.items) + "</ul>"
-    if b.kind == "pre":
-        cap = f'<div class="precap">{_e(b.text)}</div>' if b.text else ""
-        return f"{cap}<pre>{_e(b.rows[0][0])}</pre>"
-    if b.kind == "figure":
-        data = base64.b64encode(b.png).decode("ascii")
-        return (f'<figure><img src="data:image/png;base64,{data}" alt="{_e(b.text)}">'
-                f"<figcaption>{_e(b.text)}</figcaption></figure>")
-    if b.kind == "verdict":
-        badges = []
-        for name, v in b.items:
-            word = _verdict_word(v)
-            cls = word.replace(" ", "-") + (" overall" if name == "overall" else "")
-            badges.append(f'<div class="badge {cls}">{_e(name)}<small>{_e(word)}</small></div>')
-        return f'<div class="verdicts">{"".join(badges)}</div><p class="note">Rule: {_e(b.text)}</p>'
-    if b.kind == "table":
-        # A <caption> is as narrow as its table and wraps long titles into a column; a div is not.
-        cap = f'<div class="caption">{_e(b.text)}</div>' if b.text else ""
-        head = "".join(f"<th>{_e(c)}</th>" for c in b.columns)
-        body = "".join("<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if _NUMERIC.match(c) else f"<td>{_e(c)}</td>"
-                                        for c in row) + "</tr>" for row in b.rows)
-        return f'{cap}<div class="tablewrap"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
-    raise ValueError(f"unknown block kind {b.kind!r}")
+def _environment() -> "jinja2.Environment":
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("loradrift", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    env.filters["b64"] = lambda data: base64.b64encode(data).decode("ascii")
+    env.filters["verdict_word"] = _verdict_word
+    env.tests["numeric"] = lambda cell: bool(_NUMERIC.match(cell))  # right-aligned, tabular digits
+    env.globals["raise_unknown"] = _unknown_block
+    return env
 
 
 def render_html(sections: list[Section], out_dir: Path, generated: str) -> str:
-    toc = "".join(f'<li><a href="#{s.id}">{_e(s.title)}</a>'
-                  + (f' <span class="status">({_e(s.status)})</span>' if s.status != "ok" else "") + "</li>"
-                  for s in sections)
-    body = "".join(f'<section id="{s.id}"><h2>{i}. {_e(s.title)}</h2>' + "".join(_block_html(b) for b in s.blocks)
-                   + "</section>" for i, s in enumerate(sections, 1))
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_e(TITLE)}</title><style>{CSS}</style></head>\n<body>"
-            f"<header><h1>{_e(TITLE)}</h1><p>Study folder {_e(out_dir)} · generated {_e(generated)}</p></header>"
-            f'<nav class="toc"><h2>Contents</h2><ol>{toc}</ol></nav>\n<main>{body}</main>\n</body></html>\n')
+    parts = [{"id": s.id, "title": s.title, "number": i, "status": s.status, "blocks": s.blocks,
+              "part_title": PARTS.get(s.id)} for i, s in enumerate(sections, 1)]
+    return _environment().get_template("report.html.j2").render(
+        title=TITLE, csp=CSP, out_dir=str(out_dir), generated=generated, sections=parts)
 
 
 # ---------------------------------------------------------------------------------------------

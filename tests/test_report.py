@@ -299,7 +299,8 @@ def test_summary_opens_the_report_and_appendices_close_it(tmp_path):
     # the drift section shows its other figures, not the summary's again, each with its caption
     drift = re.search(r'<section id="drift">(.*?)</section>', html, re.S).group(1)
     assert drift.count("<img") == 1 and "Compare the panels row by row" in drift
-    assert html.index(">Evidence<") < html.index('id="performance"') < html.index(">Appendices<") < html.index('id="setup"')
+    body = html[html.index("<main>"):]
+    assert body.index('part">Evidence') < body.index('id="performance"') < body.index('part">Appendices') < body.index('id="setup"')
 
 
 def test_report_py_holds_no_markup():

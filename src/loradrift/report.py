@@ -372,7 +372,6 @@ def sec_summary(art: Artefacts) -> Section:
     return sec
 
 
-
 def sec_setup(art: Artefacts) -> Section:
     sec = Section("setup", "Setup and presets")
     man = art.json("study/manifest.json")

@@ -165,3 +165,30 @@ def test_wandb_offline(tiny_cfg, monkeypatch):
             summary.update(_items(x.summary.update))
     assert summary["dev/accuracy"] == r["dev"]["accuracy"] and summary["cost/steps"] == r["steps"]
     assert any(x.WhichOneof("record_type") == "exit" and x.exit.exit_code == 0 for x in recs)
+
+
+def test_a_tracker_that_fails_costs_no_run(tmp_path, caplog, monkeypatch):
+    class Broken:
+        def __init__(self, *a):
+            raise RuntimeError("no login")
+
+    class Flaky:
+        calls: list = []
+
+        def __init__(self, *a):
+            pass
+
+        def log(self, metrics, step):
+            self.calls.append(step)
+            raise OSError("server gone")
+
+        def close(self, ok):
+            raise AssertionError("a dropped tracker is not closed")
+
+    monkeypatch.setattr(tracking, "_BACKENDS", {"mlflow": Broken, "tensorboard": Flaky})
+    monkeypatch.setattr(tracking, "check", lambda names: None)
+    with tracking.start(["mlflow", "tensorboard"], tmp_path, "runs", "x") as trk:
+        trk.log({"train": {"loss": 1.0}}, 1)
+        trk.log({"train": {"loss": 0.5}}, 2)
+    assert Flaky.calls == [1]  # dropped after its first failure
+    assert "could not start run 'x'" in caplog.text and "server gone" in caplog.text

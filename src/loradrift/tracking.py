@@ -172,8 +172,8 @@ _BACKENDS = {"mlflow": _MLflow, "tensorboard": _TensorBoard, "wandb": _WandB}
 class Tracking:
     """The trackers of one run, started at the first value logged (so a finished run that a
     rerun only returns leaves no empty run behind). With none named every call is a no-op. A
-    tracker that fails while logging is dropped with a warning: a tracking server's hiccup must not
-    cost a training run (the run folder keeps the full record)."""
+    tracker that cannot start, or fails while logging, is dropped with a warning: a tracking
+    server's hiccup must not cost a training run (the run folder keeps the full record)."""
 
     def __init__(self, names: list[str], out_dir: Path | None = None, group: str = "", name: str = "",
                  config: dict | None = None, tags: dict[str, Any] | None = None):
@@ -186,8 +186,12 @@ class Tracking:
         if self.backends is None:
             self.backends = {}
             for t in self.names:
-                self._args[0].mkdir(parents=True, exist_ok=True)
-                self.backends[t] = _BACKENDS[t](*self._args)
+                try:
+                    self._args[0].mkdir(parents=True, exist_ok=True)
+                    self.backends[t] = _BACKENDS[t](*self._args)
+                except Exception as e:  # noqa: BLE001 - a tracker that cannot start (no W&B login, say) costs no run
+                    log.warning("report_to %s: could not start run %r (%s: %s); it is not tracked there",
+                                t, self._args[2], type(e).__name__, e)
         for name, b in list(self.backends.items()):
             try:
                 getattr(b, what)(*args)

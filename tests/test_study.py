@@ -75,7 +75,7 @@ def _check_trackers(out: Path, hyp: dict) -> None:
         for t in optuna.load_study(study_name=name, storage=storage).trials:
             n_trials += 1
             run = runs[(name, f"trial-{t.number}")]
-            assert run.data.params["study"] == name and "train/loss" in run.data.metrics
+            assert run.data.tags["study"] == name and "train/loss" in run.data.metrics
             tb = _tb_scalars(out / "tensorboard" / _safe(name) / f"trial-{t.number}")
             assert tb["train/loss"]
             if t.state == optuna.trial.TrialState.COMPLETE:

@@ -306,3 +306,16 @@ def test_noise_floor_is_read_from_the_second_base_extraction(tmp_path, caplog):
     want = np.mean([abs(1 - debiased_cka(base[i].astype(np.float64), again[i].astype(np.float64)))
                     for i in range(1, N_LAYERS - 1)])
     assert c["noise_floor"] == pytest.approx(want, rel=1e-9)
+
+
+def test_primary_drift_of_a_layer_without_spread_is_undefined_not_an_error():
+    import numpy as np
+
+    from loradrift.drift import _primary_drift
+
+    rng = np.random.default_rng(0)
+    base = [rng.normal(size=(16, 8)), rng.normal(size=(16, 8))]
+    # the same vector for every probe example: the centred Gram matrix is zero
+    flat = np.repeat(rng.normal(size=(1, 8)), 16, axis=0)
+    out = _primary_drift("debiased", base, [base[0], flat], np.zeros(2), 0.5)
+    assert out[0] == 0.0 and np.isnan(out[1])

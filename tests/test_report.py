@@ -279,3 +279,30 @@ def test_report_renders_in_chromium(study, tmp_path):
     for img in res["imgs"]:
         assert img["complete"] and img["w"] > 0 and img["h"] > 0, img
     assert res["width"] <= res["viewport"] + 1, "the page scrolls sideways: an image or table is not contained"
+
+
+def test_summary_opens_the_report_and_appendices_close_it(tmp_path):
+    out = make_study(tmp_path / "out")
+    _png(out / "drift" / "figures" / "final_by_layer_sst2.png", "final by layer")
+    rep = report.build_report(out, pdf=False)
+    html = rep["html"].read_text()
+    ids = [s["id"] for s in rep["sections"]]
+    assert ids[0] == "summary" and ids[-3:] == ["setup", "search", "manifest"]
+    summary = re.search(r'<section id="summary">(.*?)</section>', html, re.S).group(1)
+    text = _text(summary).replace("&lt;", "<")
+    # the verdicts, each primary interval with the reason, the scores against the baselines, drift by layer
+    assert 'badge supported">H1<small>supported' in summary
+    assert "[1.5, 3.5] (98.33%)" in text and "upper bound 3.5 <= threshold 3" in text
+    assert "undetermined: not tested (planted)" in text
+    assert "0.83 ± 0.04968" in text and "0.8125 ± 0.03105" in text and "majority: 0.4922" in text
+    assert summary.count("<img") == 1 and "LoRA line lies below the full-FT line" in text
+    # the drift section shows its other figures, not the summary's again, each with its caption
+    drift = re.search(r'<section id="drift">(.*?)</section>', html, re.S).group(1)
+    assert drift.count("<img") == 1 and "Compare the panels row by row" in drift
+    body = html[html.index("<main>"):]
+    assert body.index('part">Evidence') < body.index('id="performance"') < body.index('part">Appendices') < body.index('id="setup"')
+
+
+def test_report_py_holds_no_markup():
+    src = (Path(report.__file__)).read_text()
+    assert not re.findall(r"</?(?:html|body|div|section|table|tr|td|th|p|h[1-6]|img|figure|ul|li|pre)\b", src)

@@ -141,3 +141,17 @@ def test_report_reads_runs_that_the_store_lost(tmp_path):
     ResultsStore(tmp_path / "results.sqlite")  # a store without the run's row
     (row,) = Artefacts(tmp_path).rows("run")
     assert (row["seed"], row["metrics"]["dev"]["accuracy"]) == (1, 0.25)
+
+
+def test_json_safe_numpy_scalars_and_non_finite():
+    import json
+
+    import numpy as np
+
+    from loradrift.io import json_safe
+
+    got = json_safe({"b": np.bool_(True), "i": np.int64(7), "f": np.float32(0.5), "nan": float("nan"),
+                     "inf": np.float64("inf"), "nested": [np.int32(1), (np.float64("-inf"), 2.5)], "s": "x"})
+    assert got == {"b": True, "i": 7, "f": 0.5, "nan": None, "inf": None, "nested": [1, [None, 2.5]], "s": "x"}
+    assert type(got["b"]) is bool and type(got["i"]) is int
+    json.dumps(got, allow_nan=False)  # strict JSON

@@ -1,5 +1,6 @@
 """The whole study on the tiny preset through the real CLI, and its resume after a kill."""
 
+import importlib.util
 import json
 import signal
 import sqlite3
@@ -15,9 +16,15 @@ def study_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "loradrift", "study", "--preset", "tiny", "--out", str(out), *extra]
 
 
+# The trackers ride along on the one tiny study the suite runs, where their extras are installed
+# (the README install step and CI install them; test_tracking.py covers each on its own).
+TRACKERS = [t for t in ("mlflow", "tensorboard") if importlib.util.find_spec(t) is not None]
+
+
 def test_tiny_study_end_to_end(tmp_path):
     out = tmp_path / "study"
-    r = subprocess.run(study_cmd(out), capture_output=True, text=True, timeout=900)
+    extra = [f"report_to=[{','.join(TRACKERS)}]"] if len(TRACKERS) == 2 else []
+    r = subprocess.run(study_cmd(out, *extra), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     # Every phase left its artefacts.
     for rel in ("study/manifest.json", "study/timings.json", "drift/comparison.json", "drift/drift_layers.csv",
@@ -46,6 +53,40 @@ def test_tiny_study_end_to_end(tmp_path):
     assert "not run —" not in html  # every section had its artefacts
     timings = json.loads((out / "study" / "timings.json").read_text())
     assert [p["phase"] for p in timings["phases"]] == ["phase0", "phase1", "phase2", "phase3"]
+    if extra:
+        _check_trackers(out, hyp)
+
+
+def _check_trackers(out: Path, hyp: dict) -> None:
+    """Every final run, every search trial and the verdicts are in MLflow and TensorBoard."""
+    import optuna
+    from test_tracking import _tb_scalars, check_run_in_trackers, mlflow_runs
+
+    from loradrift.tracking import _safe
+
+    results = [json.loads(p.read_text()) for p in out.glob("runs/*/*/*/seed*/result.json")]
+    assert len(results) == 24
+    for res in results:
+        check_run_in_trackers(out, res, "runs", f"{res['task']}-{res['method']}-seed{res['seed']}")
+    runs, _ = mlflow_runs(out)
+    storage = f"sqlite:///{out / 'search' / 'optuna.db'}"
+    n_trials = 0
+    for name in optuna.study.get_all_study_names(storage):
+        for t in optuna.load_study(study_name=name, storage=storage).trials:
+            n_trials += 1
+            run = runs[(name, f"trial-{t.number}")]
+            assert run.data.tags["study"] == name and "train/loss" in run.data.metrics
+            tb = _tb_scalars(out / "tensorboard" / _safe(name) / f"trial-{t.number}")
+            assert tb["train/loss"]
+            if t.state == optuna.trial.TrialState.COMPLETE:
+                assert run.info.status == "FINISHED"
+                primary = next(k for k in run.data.metrics if k.startswith("val/"))
+                assert run.data.metrics[primary] == pytest.approx(t.value)
+    assert n_trials == 24 and len(runs) == 24 + n_trials + 1
+    verdicts = runs[("study", "verdicts")].data
+    word = {True: 1, False: 0, None: -1}
+    assert all(verdicts.metrics[f"verdict/{h}"] == word[hyp["verdict"][h]] for h in ("H1", "H2", "H3", "overall"))
+    assert _tb_scalars(out / "tensorboard" / "study" / "verdicts")["verdict/overall"][0][1] == word[hyp["verdict"]["overall"]]
 
 
 def test_study_killed_in_phase2_resumes_without_redoing_runs(tmp_path):

@@ -26,7 +26,9 @@ def test_run_writes_a_complete_run_folder(tiny_cfg, task, method):
     assert rd == run_dir_for(cfg)
     for f in ("config.yaml", "log.jsonl", "result.json", "head.safetensors", "snapshots/index.json"):
         assert (rd / f).exists(), f
-    assert (rd / ("adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors")).exists()
+    for f in (["adapter/adapter_model.safetensors", "serve_adapter/adapter_model.safetensors"] if method == "lora" else ["model/model.safetensors"]):
+        assert (rd / f).exists(), f
+    assert (rd / ("adapter" if method == "lora" else "model") / "README.md").exists()  # the model card
     assert not (rd / "checkpoints").exists()
     umask = os.umask(0o022)
     os.umask(umask)
@@ -102,7 +104,7 @@ def test_merged_export_matches_unmerged_adapter(tiny_cfg):
     ids = torch.tensor([[5, 17, 300, 42, 9]])
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     base = AutoModelForCausalLM.from_pretrained(resolve_model_dir(cfg.model))
-    unmerged = PeftModel.from_pretrained(base, Path(r["run_dir"]) / "adapter").eval()
+    unmerged = PeftModel.from_pretrained(base, Path(r["run_dir"]) / "serve_adapter").eval()
     with torch.no_grad():
         lm, lu = merged(ids).logits, unmerged(ids).logits
         lb = AutoModelForCausalLM.from_pretrained(resolve_model_dir(cfg.model))(ids).logits

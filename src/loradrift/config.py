@@ -345,6 +345,9 @@ class RunConfig(_Strict):
     study: StudyConfig = StudyConfig()
     search: SearchConfig = SearchConfig()
     per_task: dict[str, dict[str, Any]] = Field(default_factory=dict, description="overrides applied only for one task")
+    report_to: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers that also get each run's config, curves and scores, e.g. "
+        "report_to=[mlflow,tensorboard]; each is an optional extra (loradrift[mlflow] ...), see loradrift/tracking.py")
     preset: str | None = None
 
     @field_validator("per_task")

@@ -332,7 +332,18 @@ def _primary_drift(metric: str, base: list[np.ndarray], layers: list[np.ndarray]
     if metric == "linear":
         return 1.0 - cka
     fn = debiased_cka if metric == "debiased" else (lambda x, y: rbf_cka(x, y, sigma_frac=sigma_frac))
-    return np.array([1.0 - fn(x, y) for x, y in zip(base, layers)])
+
+    def drift(x: np.ndarray, y: np.ndarray) -> float:
+        # A tuned layer with almost no spread over the probe set (full FT's embedding output under
+        # last-token pooling, where nearly every probe ends with the same token) can have a
+        # non-positive unbiased HSIC: CKA is undefined there, as it is for such a base layer.
+        try:
+            return 1.0 - fn(x, y)
+        except ValueError as e:
+            log.warning("drift: %s; that layer's drift is left undefined (NaN)", e)
+            return float("nan")
+
+    return np.array([drift(x, y) for x, y in zip(base, layers)])
 
 
 def aggregate_layers(n_layers: int) -> list[int]:

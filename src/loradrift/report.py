@@ -24,7 +24,6 @@ one figure per page) so that a PDF always exists. A section whose artefacts are 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import logging
@@ -269,14 +268,43 @@ def _method_order(m: str) -> tuple[int, str]:
     return ({"full": 0, "lora": 1}.get(m, 2), m)
 
 
-def _figures(sec: Section, art: Artefacts, rel_dir: str, what: str) -> None:
-    pngs = art.pngs(rel_dir)
+# What to see in each figure the phases draw, by file name (the first pattern that matches).
+FIGURE_CAPTIONS: list[tuple[str, str]] = [
+    (r"final_by_layer_(?P<x>.+)", "{x}: drift from the base model at the end of training, per layer (0 = the "
+     "embeddings), LoRA vs full fine-tuning, band = min–max over seeds. Where the LoRA line lies below the full-FT "
+     "line, LoRA moved the representations less; the transformer-block layers are what H2 pools."),
+    (r"heatmap_(?P<x>.+)", "{x}: drift per layer (rows) over training steps (columns), mean over seeds, one panel "
+     "per method; CKA drift in the top row, cosine drift below. Compare the panels row by row: when and in which "
+     "layers the colour darkens shows where each method moves the representations."),
+    (r"weights_by_layer_(?P<x>.+)", "{x}: relative update norm ‖ΔW‖/‖W‖ (left) and intruder dimensions (right) "
+     "per layer, band = min–max over seeds. The levels show how far each method moved the weights, and where it "
+     "added directions the base weights did not have."),
+    (r"(?P<x>.+)_history", "{x}: the validation score of each search trial in order (dots) and the best so far "
+     "(line). A line that flattens early means more trials would have changed little."),
+    (r"(?P<x>.+)_slice", "{x}: the validation score against each searched parameter, one dot per trial. A trend or "
+     "a peak in a panel marks a parameter that matters; a flat cloud, one that does not."),
+    (r"latency", "Mean request latency against batch size per serving configuration. The gap between the adapters-k "
+     "lines and the merged models is the multi-adapter overhead that H3 tests."),
+]
+
+
+def caption(stem: str) -> str:
+    for pattern, text in FIGURE_CAPTIONS:
+        m = re.fullmatch(pattern, stem)
+        if m:
+            return text.format(**m.groupdict())
+    return stem.replace("_", " ")
+
+
+def _figures(sec: Section, art: Artefacts, rel_dir: str, what: str, skip: str | None = None) -> None:
+    """Every PNG of `rel_dir` with its caption, but those whose name matches `skip` (shown elsewhere)."""
+    pngs = [p for p in art.pngs(rel_dir) if not (skip and re.fullmatch(skip, p.stem))]
     if not pngs:
-        sec.note(f"No figures: {rel_dir}/ holds no PNG files.")
+        sec.note(f"No {'other ' if skip else ''}figures: {rel_dir}/ holds no {'other ' if skip else ''}PNG files.")
         return
     sec.h3(f"{what} ({rel_dir}/)")
     for p in pngs:
-        sec.figure(p.read_bytes(), p.stem.replace("_", " "))
+        sec.figure(p.read_bytes(), caption(p.stem))
 
 
 def _primary(task: str) -> str | None:
@@ -297,6 +325,51 @@ def _rows_of(obj: Any, *keys: str) -> list[dict] | None:
 
 # ---------------------------------------------------------------------------------------------
 # sections
+
+DRIFT_BY_LAYER = r"final_by_layer_.+"  # drift.py's final drift per layer, LoRA vs FT: the summary's figure
+
+
+def sec_summary(art: Artefacts) -> Section:
+    """One screen: the verdicts with their intervals and reasons, the scores against the baselines,
+    and the drift by layer. The sections after it hold the evidence for each line."""
+    sec = Section("summary", "Summary")
+    h = art.json("stats/hypotheses.json")
+    if h is None:
+        sec.not_run("Verdicts", "stats/hypotheses.json")
+    else:
+        v = h.get("verdict") or {}
+        sec.blocks.append(Block("verdict", v.get("rule", "H1 AND (H2 OR H3)"),
+                                items=[(k, v.get(k)) for k in ("H1", "H2", "H3", "overall")]))
+        sec.table(_primary_rows(h), ["scope", "estimate", "_ci", "_h0", "decision", "reason"], labels=_RESULT_LABELS,
+                  caption="The three primary tests: estimate, interval at the corrected level, and why each is decided "
+                          "as it is (details in Hypotheses)")
+    if not art.store_path.is_file():
+        sec.not_run("Scores", "results.sqlite")
+    else:
+        rows, base, _ = performance_table(art)
+        if not rows:
+            sec.not_run("Scores", "results.sqlite", 'has no kind="run" rows')
+        else:
+            methods = sorted({r["method"] for r in rows}, key=_method_order)
+            label = {"full": "full FT", "lora": "LoRA"}
+            table = []
+            for key in sorted({(r.get("model", ""), r["task"]) for r in rows}, key=lambda k: (k[0], _task_order(k[1]))):
+                row = {"model": key[0], "task": key[1], "metric": _primary(key[1])}
+                for r in rows:
+                    if (r.get("model", ""), r["task"]) == key:
+                        row[r["method"]] = _mean_ci(r)
+                row["baselines"] = {b["method"].split(": ", 1)[-1]: b["mean"] for b in base
+                                    if (b.get("model", ""), b["task"]) == key} or None
+                table.append(row)
+            cols = (["model"] if "model" in rows[0] else []) + ["task", "metric", *methods, "baselines"]
+            sec.table(table, cols, labels={m: f"{label.get(m, m)} (mean ± 95% CI)" for m in methods},
+                      caption="Dev score per task against the baselines (details in Performance)")
+    figs = [p for p in art.pngs("drift/figures") if re.fullmatch(DRIFT_BY_LAYER, p.stem)]
+    if not figs:
+        sec.not_run("Drift by layer", "drift/figures/final_by_layer_<task>.png", "is missing")
+    for p in figs:
+        sec.figure(p.read_bytes(), caption(p.stem))
+    return sec
 
 
 def sec_setup(art: Artefacts) -> Section:
@@ -368,6 +441,12 @@ def sec_data(art: Artefacts) -> Section:
     return sec
 
 
+def _latest_metrics(rows: list[dict]) -> list[dict]:
+    """The metrics of the newest row per (model, task, method), in task then method order."""
+    rows, _ = _latest(rows, lambda r: (r["model"], r["task"], r["method"]))
+    return [r["metrics"] for r in sorted(rows, key=lambda r: (_task_order(r["task"]), _method_order(r["method"])))]
+
+
 def sec_sanity(art: Artefacts) -> Section:
     sec = Section("sanity", "Sanity checks and baselines")
     if not art.store_path.is_file():
@@ -376,8 +455,7 @@ def sec_sanity(art: Artefacts) -> Section:
     sec.h3("Sanity checks (overfit a small training sample)")
     rows = art.rows("sanity")
     if rows:
-        rows, _ = _latest(rows, lambda r: (r["model"], r["task"], r["method"]))
-        out = [r["metrics"] for r in sorted(rows, key=lambda r: (_task_order(r["task"]), _method_order(r["method"])))]
+        out = _latest_metrics(rows)
         sec.table(out, pick_columns(out, ["task", "method", "examples", "steps", "metric", "score", "threshold",
                                           "passed", "seconds"]))
         failed = [f"{r.get('task')}/{r.get('method')}" for r in out if r.get("passed") is False]
@@ -402,8 +480,7 @@ def sec_sanity(art: Artefacts) -> Section:
     sec.h3("Peak training memory")
     rows = art.rows("memory")
     if rows:
-        rows, _ = _latest(rows, lambda r: (r["model"], r["task"], r["method"]))
-        out = [r["metrics"] for r in sorted(rows, key=lambda r: (_task_order(r["task"]), _method_order(r["method"])))]
+        out = _latest_metrics(rows)
         sec.table(out, pick_columns(out, ["task", "method", "batch_size", "grad_accum", "max_length", "device",
                                           "peak_memory_mb", "seconds_per_step"]))
         if any(str(r.get("device", "")).startswith("cpu") for r in out):
@@ -503,6 +580,10 @@ def performance_table(art: Artefacts) -> tuple[list[dict], list[dict], list[str]
     return rows, base, notes
 
 
+def _mean_ci(r: dict) -> str:
+    return fmt(r["mean"]) + ("" if r["half"] is None else f" ± {fmt(r['half'])}")
+
+
 def _bar_chart(rows: list[dict], base: list[dict]) -> bytes:
     import numpy as np
     from matplotlib.figure import Figure
@@ -547,7 +628,7 @@ def sec_performance(art: Artefacts) -> Section:
         table = []
         for r in [*rows, *base]:
             table.append({**r, "_ci": ("—" if r["ci"] is None else f"[{fmt(r['ci'][0])}, {fmt(r['ci'][1])}]"),
-                          "_pm": fmt(r["mean"]) + ("" if r["half"] is None else f" ± {fmt(r['half'])}")})
+                          "_pm": _mean_ci(r)})
         table.sort(key=lambda r: (r.get("model", ""), _task_order(r["task"]), r["method"].startswith("baseline"), _method_order(r["method"])))
         cols = (["model"] if "model" in rows[0] else []) + ["task", "metric", "method", "n", "_pm", "_ci", "per_seed"]
         sec.table(table, cols, labels={"_pm": "mean ± 95% CI half-width", "_ci": "95% CI", "per_seed": "per seed"})
@@ -630,7 +711,8 @@ def sec_drift(art: Artefacts) -> Section:
                   caption="The layers outside the aggregate, and the cosine-distance drift")
         if not items:
             sec.p("The comparison lists no tasks (no task had finished runs of both methods).")
-    _figures(sec, art, "drift/figures", "Drift figures")
+    sec.p("The final drift by layer, LoRA vs full fine-tuning, is in the summary.")
+    _figures(sec, art, "drift/figures", "Drift figures", skip=DRIFT_BY_LAYER)
     return sec
 
 
@@ -757,15 +839,28 @@ def _result_row(r: dict) -> dict:
             "decision": r.get("decision") or _verdict_word(r.get("supported"))}
 
 
+def _results(h: dict) -> dict[str, list[dict]]:
+    return {name: [r for r in (h.get(name) or []) if isinstance(r, dict)] for name in ("H1", "H2", "H3")}
+
+
+def _primary_rows(h: dict) -> list[dict]:
+    """The verdict's primary tests, and a row saying why for a hypothesis that has none."""
+    results = _results(h)
+    rows = [_result_row(r) for name in ("H1", "H2", "H3") for r in results[name] if r.get("primary")]
+    reasons = (h.get("verdict") or {}).get("reasons") or {}
+    for name in ("H1", "H2", "H3"):
+        if not any(r.get("primary") for r in results[name]):
+            rows.append({"scope": name, "decision": "undetermined", "reason": reasons.get(name, "undetermined: not tested")})
+    return rows
+
+
 def sec_hypotheses(art: Artefacts) -> Section:
     sec = Section("hypotheses", "Hypotheses")
     h = art.json("stats/hypotheses.json")
     if h is None:
         sec.not_run("Hypothesis tests", "stats/hypotheses.json")
         return sec
-    v = h.get("verdict") or {}
-    sec.blocks.append(Block("verdict", v.get("rule", "H1 AND (H2 OR H3)"),
-                            items=[(k, v.get(k)) for k in ("H1", "H2", "H3", "overall")]))
+    sec.p(f"Verdict rule: {(h.get('verdict') or {}).get('rule', 'H1 AND (H2 OR H3)')}; the verdicts are in the summary.")
     fam = h.get("family") or {}
     level = _num(fam.get("primary_level"))
     sec.p("The verdict uses three primary tests, the pre-registered family: H1 pooled over tasks, H2 pooled over "
@@ -777,13 +872,8 @@ def sec_hypotheses(art: Artefacts) -> Section:
           "through H1 AND (H2 OR H3). Per-task and per-batch results are secondary: uncorrected "
           + (f"{fmt(_num(fam.get('secondary_level')) * 100)}% " if _num(fam.get("secondary_level")) else "")
           + "intervals, not part of the verdict.")
-    results = {name: [r for r in (h.get(name) or []) if isinstance(r, dict)] for name in ("H1", "H2", "H3")}
-    primary = [_result_row(r) for name in ("H1", "H2", "H3") for r in results[name] if r.get("primary")]
-    reasons = v.get("reasons") or {}
-    for name in ("H1", "H2", "H3"):
-        if not any(r.get("primary") for r in results[name]):
-            primary.append({"scope": name, "decision": "undetermined", "reason": reasons.get(name, "undetermined: not tested")})
-    sec.table(primary, _RESULT_COLUMNS, labels=_RESULT_LABELS, caption="Primary tests (the verdict)")
+    results = _results(h)
+    sec.table(_primary_rows(h), _RESULT_COLUMNS, labels=_RESULT_LABELS, caption="Primary tests (the verdict)")
     notes: list[str] = list(h.get("notes") or [])
     for name in ("H1", "H2", "H3"):
         sec.h3(f"{name}: {HYPOTHESES[name]}")
@@ -911,18 +1001,21 @@ def sec_manifest(art: Artefacts) -> Section:
 
 
 SECTIONS: list[tuple[str, str, Callable[[Artefacts], Section]]] = [
-    ("setup", "Setup and presets", sec_setup),
-    ("data", "Data and splits", sec_data),
-    ("sanity", "Sanity checks and baselines", sec_sanity),
-    ("search", "Hyperparameter search and best configs", sec_search),
+    ("summary", "Summary", sec_summary),
     ("performance", "Performance", sec_performance),
     ("drift", "Drift", sec_drift),
     ("weights", "Weight-space analysis", sec_weights),
     ("serving", "Serving benchmark", sec_serving),
     ("hypotheses", "Hypotheses", sec_hypotheses),
     ("limitations", "Limitations", sec_limitations),
+    ("data", "Data and splits", sec_data),
+    ("sanity", "Sanity checks and baselines", sec_sanity),
+    ("setup", "Setup and presets", sec_setup),
+    ("search", "Hyperparameter search and best configs", sec_search),
     ("manifest", "Reproducibility manifest", sec_manifest),
 ]
+# A heading in the contents and the body before the section that opens a part of the report.
+PARTS: dict[str, str] = {"performance": "Evidence", "setup": "Appendices"}
 
 
 def build_sections(out_dir: Path) -> list[Section]:
@@ -940,108 +1033,34 @@ def build_sections(out_dir: Path) -> list[Section]:
 
 
 # ---------------------------------------------------------------------------------------------
-# HTML
-
-CSS = """
-:root { --fg:#1d232b; --muted:#5b6570; --line:#d9dee3; --bg2:#f5f7f9; --ok:#1e7b34; --bad:#b3261e; --und:#6b6f75; }
-* { box-sizing: border-box; }
-body { font: 15px/1.5 -apple-system, "Segoe UI", "DejaVu Sans", Helvetica, Arial, sans-serif; color: var(--fg);
-       margin: 0 auto; max-width: 1180px; padding: 0 24px 48px; }
-header { border-bottom: 3px solid #2b4c7e; padding: 20px 0 8px; margin-bottom: 16px; }
-header h1 { margin: 0 0 4px; font-size: 28px; }
-header p { margin: 0; color: var(--muted); font-size: 13px; }
-nav.toc { background: var(--bg2); border: 1px solid var(--line); border-radius: 6px; padding: 8px 20px; }
-nav.toc h2 { font-size: 16px; margin: 6px 0; border: 0; }
-nav.toc ol { margin: 4px 0 8px; padding-left: 22px; columns: 2; }
-nav.toc a { color: #2b4c7e; text-decoration: none; }
-.status { font-size: 11px; color: var(--muted); }
-section { margin-top: 28px; }
-h2 { font-size: 21px; border-bottom: 1px solid var(--line); padding-bottom: 4px; }
-h3 { font-size: 16px; margin: 18px 0 6px; }
-.tablewrap { overflow-x: auto; margin: 8px 0 14px; }
-table { border-collapse: collapse; font-size: 13px; }
-.caption { font-size: 13px; color: var(--muted); margin: 12px 0 -4px; }
-th, td { border: 1px solid var(--line); padding: 3px 8px; vertical-align: top; }
-th { background: var(--bg2); text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-tbody tr:nth-child(even) td { background: #fbfcfd; }
-pre { background: var(--bg2); border: 1px solid var(--line); padding: 8px 10px; font-size: 12px; overflow-x: auto; }
-.precap { font-size: 13px; color: var(--muted); margin: 10px 0 -4px; font-family: monospace; }
-figure { margin: 12px 0 18px; }
-img { max-width: 100%; height: auto; display: block; border: 1px solid var(--line); }
-figcaption { font-size: 13px; color: var(--muted); }
-p.missing { background: #fff4e5; border-left: 4px solid #e8a33d; padding: 6px 10px; }
-p.note { color: var(--muted); font-size: 13px; }
-.verdicts { display: flex; flex-wrap: wrap; gap: 10px; margin: 8px 0; }
-.badge { border-radius: 6px; padding: 8px 14px; color: #fff; font-weight: 600; min-width: 150px; }
-.badge small { display: block; font-weight: 400; opacity: .9; }
-.badge.supported { background: var(--ok); } .badge.not-supported { background: var(--bad); }
-.badge.undetermined { background: var(--und); } .badge.overall { outline: 3px solid #2b4c7e; outline-offset: 2px; }
-@media print {
-  body { max-width: none; padding: 0; font-size: 11px; }
-  nav.toc ol { columns: 2; }
-  h2 { break-after: avoid; }
-  table { font-size: 9px; } th, td { padding: 2px 4px; } td.num { white-space: normal; }
-  pre { white-space: pre-wrap; word-break: break-all; font-size: 9px; }
-  figure, tr, .badge { break-inside: avoid; }
-  .caption, h3 { break-after: avoid; }
-  .tablewrap { overflow: visible; }
-  .badge { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
-}
-"""
+# HTML: the markup lives in templates/ (Jinja2); Python hands over the sections as data
 
 # Forbids every external fetch: the report must render from the file alone.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 _NUMERIC = re.compile(r"^[-+−]?[\d,]*\.?\d+(e[-+]?\d+)?%?( ± [\d.,e+-]+)?$")
 
 
-def _e(s: Any) -> str:
-    return html.escape(str(s), quote=True)
+def _unknown_block(kind: str) -> None:
+    raise ValueError(f"unknown block kind {kind!r}")
 
 
-def _block_html(b: Block) -> str:
-    if b.kind == "h3":
-        return f"<h3>{_e(b.text)}</h3>"
-    if b.kind in ("p", "note", "missing"):
-        return f'<p class="{b.kind}">{_e(b.text)}</p>'
-    if b.kind == "bullets":
-        return "<ul>" + "".join(f"<li>{_e(t)}</li>" for t, _ in b.items) + "</ul>"
-    if b.kind == "pre":
-        cap = f'<div class="precap">{_e(b.text)}</div>' if b.text else ""
-        return f"{cap}<pre>{_e(b.rows[0][0])}</pre>"
-    if b.kind == "figure":
-        data = base64.b64encode(b.png).decode("ascii")
-        return (f'<figure><img src="data:image/png;base64,{data}" alt="{_e(b.text)}">'
-                f"<figcaption>{_e(b.text)}</figcaption></figure>")
-    if b.kind == "verdict":
-        badges = []
-        for name, v in b.items:
-            word = _verdict_word(v)
-            cls = word.replace(" ", "-") + (" overall" if name == "overall" else "")
-            badges.append(f'<div class="badge {cls}">{_e(name)}<small>{_e(word)}</small></div>')
-        return f'<div class="verdicts">{"".join(badges)}</div><p class="note">Rule: {_e(b.text)}</p>'
-    if b.kind == "table":
-        # A <caption> is as narrow as its table and wraps long titles into a column; a div is not.
-        cap = f'<div class="caption">{_e(b.text)}</div>' if b.text else ""
-        head = "".join(f"<th>{_e(c)}</th>" for c in b.columns)
-        body = "".join("<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if _NUMERIC.match(c) else f"<td>{_e(c)}</td>"
-                                        for c in row) + "</tr>" for row in b.rows)
-        return f'{cap}<div class="tablewrap"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
-    raise ValueError(f"unknown block kind {b.kind!r}")
+def _environment() -> "jinja2.Environment":
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("loradrift", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    env.filters["b64"] = lambda data: base64.b64encode(data).decode("ascii")
+    env.filters["verdict_word"] = _verdict_word
+    env.tests["numeric"] = lambda cell: bool(_NUMERIC.match(cell))  # right-aligned, tabular digits
+    env.globals["raise_unknown"] = _unknown_block
+    return env
 
 
 def render_html(sections: list[Section], out_dir: Path, generated: str) -> str:
-    toc = "".join(f'<li><a href="#{s.id}">{_e(s.title)}</a>'
-                  + (f' <span class="status">({_e(s.status)})</span>' if s.status != "ok" else "") + "</li>"
-                  for s in sections)
-    body = "".join(f'<section id="{s.id}"><h2>{i}. {_e(s.title)}</h2>' + "".join(_block_html(b) for b in s.blocks)
-                   + "</section>" for i, s in enumerate(sections, 1))
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_e(TITLE)}</title><style>{CSS}</style></head>\n<body>"
-            f"<header><h1>{_e(TITLE)}</h1><p>Study folder {_e(out_dir)} · generated {_e(generated)}</p></header>"
-            f'<nav class="toc"><h2>Contents</h2><ol>{toc}</ol></nav>\n<main>{body}</main>\n</body></html>\n')
+    parts = [{"id": s.id, "title": s.title, "number": i, "status": s.status, "blocks": s.blocks,
+              "part_title": PARTS.get(s.id)} for i, s in enumerate(sections, 1)]
+    return _environment().get_template("report.html.j2").render(
+        title=TITLE, csp=CSP, out_dir=str(out_dir), generated=generated, sections=parts)
 
 
 # ---------------------------------------------------------------------------------------------

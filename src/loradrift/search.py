@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from loradrift import tracking
 from loradrift.config import ConfigError, ParamSpec, PrunerConfig, RunConfig, SearchConfig, _validate, deep_merge
 from loradrift.io import LockBusy, atomic_write_json, atomic_write_text, exclusive_lock
 
@@ -327,7 +328,9 @@ def run_search(cfg: RunConfig, search_cfg: SearchConfig | dict | None = None, tr
 
         t0 = time.time()
         try:
-            result = train_run(tcfg, on_eval=on_eval)
+            result = train_run(tcfg, on_eval=on_eval, tracker=tracking.start(
+                cfg.report_to, cfg.out_dir, name, f"trial-{trial.number}", tcfg.model_dump(mode="json"),
+                {"task": cfg.task, "method": method, "study": name, "trial": trial.number, "run_dir": tcfg.out_dir}))
         except optuna.TrialPruned:
             trial.set_user_attr("train_seconds", time.time() - t0)
             raise

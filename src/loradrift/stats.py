@@ -57,6 +57,8 @@ from scipy import stats as _sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 
+from loradrift.io import json_safe
+
 __all__ = [
     "HypothesisResult",
     "Part",
@@ -132,21 +134,9 @@ class HypothesisResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: NaN/inf become ``None`` (strict JSON has no NaN)."""
-        d = {k: _json_safe(v) for k, v in asdict(self).items()}
+        d = json_safe(asdict(self))
         d["role"] = self.role
         return d
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return float(v) if math.isfinite(v) else None
-    if isinstance(v, list):
-        return [_json_safe(x) for x in v]
-    return v
 
 
 def primary_level(confidence: float) -> float:

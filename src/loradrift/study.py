@@ -27,8 +27,9 @@ from typing import Callable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from loradrift import tracking
 from loradrift.config import RunConfig
-from loradrift.io import ResultsStore, atomic_write_json, make_dir
+from loradrift.io import ResultsStore, atomic_write_json, make_dir, serve_adapter_dir
 from loradrift.models import model_key
 
 console = Console(stderr=True)
@@ -150,7 +151,9 @@ def phase3(cfg: RunConfig, tasks: list[str], say) -> None:
     if cfg.study.serve and not (Path(cfg.out_dir) / "serve" / "overhead.json").exists():
         serve_bench(cfg, tasks)
         say("serving benchmark written")
-    v = run_stats(cfg)["verdict"]
+    hyp = run_stats(cfg)
+    tracking.log_verdicts(cfg.report_to, cfg.out_dir, hyp)
+    v = hyp["verdict"]
     words = v["decisions"]
     say(f"hypotheses: H1 {words['H1']}, H2 {words['H2']}, H3 {words['H3']} → overall {words['overall']}")
 
@@ -167,6 +170,7 @@ def run_study(cfg_for: ConfigFor, phases: list[int], tasks: list[str] | None = N
 
         import_ray()  # now, not after hours of Phase 0 and 1
     base = cfg_for()
+    tracking.check(base.report_to)  # now, not when the first run starts logging
     tasks = tasks or list(base.study.tasks)
     methods, seeds = list(base.study.methods), list(base.study.seeds)
     out = Path(base.out_dir)
@@ -273,10 +277,10 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None) ->
         rcfg = cfg.model_copy(update={"task": task, "seed": sv.seed})
         rcfg.method.name = "lora"
         rd = run_dir_for(rcfg)
-        if not (rd / "adapter" / "adapter_config.json").exists():
-            raise FileNotFoundError(f"serve-bench: no LoRA adapter for task {task} seed {sv.seed} at {rd / 'adapter'} "
+        if not (serve_adapter_dir(rd) / "adapter_config.json").exists():
+            raise FileNotFoundError(f"serve-bench: no LoRA adapter for task {task} seed {sv.seed} at {serve_adapter_dir(rd)} "
                                     f"(run Phase 2 first: loradrift train --task {task} --method lora --seed {sv.seed})")
-        adapters[task] = rd / "adapter"
+        adapters[task] = serve_adapter_dir(rd)
         merged[task] = export_merged(rd)
         spec = get_task(task)
         rows = load_task(rcfg, spec).dev[: sv.prompts_per_task]

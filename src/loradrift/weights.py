@@ -4,7 +4,7 @@ For every adapted weight matrix of a run we form the update ``dW`` and the fine-
 ``W_ft = W_base + dW``:
 
 * LoRA: ``dW = scale * B @ A`` with ``scale = lora_alpha / r`` (``lora_alpha / sqrt(r)`` when
-  ``use_rslora`` is set), read from the run's ``adapter/`` folder exactly as PEFT merges it.
+  ``use_rslora`` is set), read from the run's ``serve_adapter/`` folder exactly as PEFT merges it.
 * full FT: ``dW = W_ft - W_base`` from the run's ``model/model.safetensors``, restricted to the
   linear projections of the transformer blocks (q, k, v, o, gate, up, down_proj).
 
@@ -56,7 +56,7 @@ import torch
 from safetensors import safe_open
 from threadpoolctl import threadpool_limits
 
-from loradrift.io import atomic_path, atomic_write_json, write_csv
+from loradrift.io import atomic_path, atomic_write_json, serve_adapter_dir, write_csv
 
 __all__ = [
     "PROJECTIONS",
@@ -283,7 +283,7 @@ class _RunWeights:
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
-        adapter = self.run_dir / "adapter"
+        adapter = serve_adapter_dir(self.run_dir)
         self.updates: dict[str, _Update] = {}
         self._ft: _SafetensorsFolder | None = None
         if (adapter / "adapter_model.safetensors").exists():
@@ -296,7 +296,7 @@ class _RunWeights:
                 if _BLOCK_KEY.search(key):
                     self.updates[key] = _Update(ft_key=key)
         else:
-            raise FileNotFoundError(f"{self.run_dir}: neither adapter/adapter_model.safetensors nor model/")
+            raise FileNotFoundError(f"{self.run_dir}: neither serve_adapter/adapter_model.safetensors nor model/")
 
     def _read_adapter(self, adapter: Path) -> None:
         cfg_path = adapter / "adapter_config.json"
@@ -343,7 +343,7 @@ def load_deltas(base_model_dir: str | Path, run_dir: str | Path) -> Iterator[tup
     """Yield ``(module_name, W_base, delta)`` for every adapted block projection of a run.
 
     ``module_name`` is the base key without ``.weight`` (``model.layers.3.self_attn.q_proj``);
-    tensors are float32. The run is a LoRA run if it has ``adapter/adapter_model.safetensors``,
+    tensors are float32. The run is a LoRA run if it has ``serve_adapter/adapter_model.safetensors``,
     else a full-FT run with ``model/``.
     """
     base = _SafetensorsFolder(Path(base_model_dir))

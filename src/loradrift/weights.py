@@ -61,6 +61,7 @@ __all__ = [
     "lora_scale",
     "load_deltas",
     "analyse_weights",
+    "run_weight_summary",
 ]
 
 log = logging.getLogger(__name__)
@@ -414,6 +415,52 @@ def _plot(task: str, rows: list[dict], fig_path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120)
 
 
+def _weight_rows(base_model_dir: Path, runs: list[tuple[str, str, int, _RunWeights]], wanted: set[str], *,
+                 top_k: int, rank_threshold: float, intruder_k: int, intruder_eps: float) -> list[dict]:
+    base = _SafetensorsFolder(Path(base_model_dir))
+    keys = _sorted_keys({k for *_, run in runs for k in run.updates
+                         if _BLOCK_KEY.search(k).group(2) in wanted})
+    rows: list[dict] = []
+    for key in keys:
+        if key not in base.where:
+            raise ValueError(f"{key} is updated by a run but missing from the base model {base.folder}")
+        W = base.get(key)
+        # One full SVD per base matrix, shared by every run (module-major loop).
+        base_U = torch.linalg.svd(W, full_matrices=False).U
+        m = _BLOCK_KEY.search(key)
+        for task, method, seed, run in runs:
+            if key not in run.updates:
+                continue
+            delta, update = run.delta(key, W)
+            st = delta_stats(W, delta, top_k=top_k, rank_threshold=rank_threshold,
+                             intruder_k=intruder_k, intruder_eps=intruder_eps, base_U=base_U,
+                             factors=update.factors)
+            sims = st["intruder_sims"]
+            rows.append({
+                "task": task, "method": method, "seed": seed, "layer": int(m.group(1)),
+                "module": m.group(2), "name": key[: -len(".weight")],
+                "out_features": W.shape[0], "in_features": W.shape[1],
+                "base_fro": st["base_fro"], "delta_fro": st["delta_fro"], "rel_norm": st["rel_norm"],
+                "effective_rank": st["effective_rank"], "intruders": st["intruders"],
+                "intruder_min_sim": float(sims.min()) if len(sims) else float("nan"),
+                **{f"sv_{i + 1}": v for i, v in enumerate(st["singular_values"])},
+            })
+    rows.sort(key=lambda r: (r["task"], r["method"], r["seed"], r["layer"], PROJECTIONS.index(r["module"])))
+    return rows
+
+
+def run_weight_summary(base_model_dir: str | Path, runs: Sequence[tuple[str, str, int, str | Path]], *,
+                       modules: Sequence[str] | None = None, top_k: int = 16, rank_threshold: float = 0.9,
+                       intruder_k: int = 10, intruder_eps: float = 0.6) -> tuple[list[dict], list[dict]]:
+    """(per-module rows, per-run summary) like :func:`analyse_weights`, for named run folders
+    ``(task, label, seed, run_dir)`` outside the study's grid (the rank ablation); writes nothing."""
+    wanted = set(modules) if modules else set(PROJECTIONS)
+    found = [(t, label, seed, _RunWeights(Path(d))) for t, label, seed, d in runs]
+    rows = _weight_rows(Path(base_model_dir), found, wanted, top_k=top_k, rank_threshold=rank_threshold,
+                        intruder_k=intruder_k, intruder_eps=intruder_eps)
+    return rows, _summarise(rows)
+
+
 def analyse_weights(
     out_dir: str | Path,
     model: str,
@@ -450,35 +497,8 @@ def analyse_weights(
         log.warning("weights: no runs found for model %s, tasks %s; nothing written", model, list(tasks))
         return {"summary": [], "files": []}
 
-    base = _SafetensorsFolder(Path(base_model_dir))
-    keys = _sorted_keys({k for *_, run in runs for k in run.updates
-                         if _BLOCK_KEY.search(k).group(2) in wanted})
-    rows: list[dict] = []
-    for key in keys:
-        if key not in base.where:
-            raise ValueError(f"{key} is updated by a run but missing from the base model {base.folder}")
-        W = base.get(key)
-        # One full SVD per base matrix, shared by every run (module-major loop).
-        base_U = torch.linalg.svd(W, full_matrices=False).U
-        m = _BLOCK_KEY.search(key)
-        for task, method, seed, run in runs:
-            if key not in run.updates:
-                continue
-            delta, update = run.delta(key, W)
-            st = delta_stats(W, delta, top_k=top_k, rank_threshold=rank_threshold,
-                             intruder_k=intruder_k, intruder_eps=intruder_eps, base_U=base_U,
-                             factors=update.factors)
-            sims = st["intruder_sims"]
-            rows.append({
-                "task": task, "method": method, "seed": seed, "layer": int(m.group(1)),
-                "module": m.group(2), "name": key[: -len(".weight")],
-                "out_features": W.shape[0], "in_features": W.shape[1],
-                "base_fro": st["base_fro"], "delta_fro": st["delta_fro"], "rel_norm": st["rel_norm"],
-                "effective_rank": st["effective_rank"], "intruders": st["intruders"],
-                "intruder_min_sim": float(sims.min()) if len(sims) else float("nan"),
-                **{f"sv_{i + 1}": v for i, v in enumerate(st["singular_values"])},
-            })
-    rows.sort(key=lambda r: (r["task"], r["method"], r["seed"], r["layer"], PROJECTIONS.index(r["module"])))
+    rows = _weight_rows(Path(base_model_dir), runs, wanted, top_k=top_k, rank_threshold=rank_threshold,
+                        intruder_k=intruder_k, intruder_eps=intruder_eps)
 
     layer_cols = ["task", "method", "seed", "layer", "module", "name", "out_features", "in_features",
                   "base_fro", "delta_fro", "rel_norm", "effective_rank", "intruders",

@@ -27,7 +27,8 @@ from ``drift/comparison.json``) and Δloss: pooled, per task and per method, wit
 p-value and an explicit "undetermined" when n is too small or an input is constant.
 
 Cost and caching: one forward pass over the text per run (fp32, TF32 off) plus one for the base
-model; the base model is loaded once and each run's weights are written into it and restored.
+model; the base model is loaded once, LoRA runs are scored on it through forward hooks (no weight
+copies) and full FT runs in one second copy of it.
 Each run's loss is cached in ``<out>/forgetting/cache.json`` under a fingerprint of the text's
 tokens and the run's ``result.json``, so a rerun evaluates only new or redone runs.
 
@@ -135,8 +136,10 @@ def lm_loss(model, seqs: list[list[int]], batch_size: int, pad_id: int, device: 
 
 class Scorer:
     """The base CausalLM, loaded once with its LM head untied from the input embeddings (so a full
-    FT run's trained embeddings do not move the head), into which each run's backbone weights are
-    written for one evaluation and then restored."""
+    FT run's trained embeddings do not move the head). A LoRA run is scored on it through forward
+    hooks that add ``x A^T (scale B)^T`` to each adapted projection, PEFT's own unmerged forward,
+    so no weight is copied; a full FT run is written into a second copy of the model, all of it
+    but the LM head, which stays the base's."""
 
     def __init__(self, base_model_dir: Path, seqs: list[list[int]], batch_size: int, pad_id: int):
         from loradrift.models import load_backbone
@@ -152,41 +155,54 @@ class Scorer:
         model.config.tie_word_embeddings = False
         self.model = model.to(self.device).eval()
         self.head_key = next(n for n, p in self.model.named_parameters() if p is head.weight)
-        self.state = self.model.state_dict()
         self.seqs, self.batch_size, self.pad_id = seqs, batch_size, pad_id
-        self._saved: dict[str, torch.Tensor] = {}
+        self._full = None  # the copy full FT runs are written into, made when first needed
 
-    def loss(self) -> tuple[float, int]:
-        return lm_loss(self.model, self.seqs, self.batch_size, self.pad_id, self.device)
-
-    def _set(self, key: str, value: torch.Tensor) -> None:
-        if key not in self.state:
-            raise ValueError(f"forgetting: {key} is not a weight of the base model {self.base_dir}")
-        if key not in self._saved:
-            self._saved[key] = self.state[key].detach().to("cpu", copy=True)
-        self.state[key].copy_(value.to(self.state[key].dtype))
-
-    def _restore(self) -> None:
-        for key, value in self._saved.items():
-            self.state[key].copy_(value)
-        self._saved = {}
+    def loss(self, model=None) -> tuple[float, int]:
+        return lm_loss(model or self.model, self.seqs, self.batch_size, self.pad_id, self.device)
 
     def run_loss(self, run_dir: Path) -> tuple[float, int]:
-        from loradrift.weights import _SafetensorsFolder, load_deltas
-
         run_dir = Path(run_dir)
+        return self._full_loss(run_dir) if (run_dir / "model").is_dir() else self._lora_loss(run_dir)
+
+    def _full_loss(self, run_dir: Path) -> tuple[float, int]:
+        import copy
+
+        from loradrift.weights import _SafetensorsFolder
+
+        if self._full is None:
+            self._full = copy.deepcopy(self.model)
+        state = self._full.state_dict()
+        ft = _SafetensorsFolder(run_dir / "model")
+        keys = set(ft.keys()) - {self.head_key}
+        # Every weight but the head is overwritten, so nothing of an earlier run can remain.
+        missing, unknown = set(state) - keys - {self.head_key}, keys - set(state)
+        if missing or unknown:
+            raise ValueError(f"forgetting: {run_dir / 'model'} does not match the base model {self.base_dir}: "
+                             f"missing {sorted(missing)[:3]}, unknown {sorted(unknown)[:3]}")
+        with torch.no_grad():
+            for key in keys:
+                state[key].copy_(ft.get(key))
+        return self.loss(self._full)
+
+    def _lora_loss(self, run_dir: Path) -> tuple[float, int]:
+        from loradrift.weights import load_lora_factors
+
+        modules = dict(self.model.named_modules())
+        hooks = []
+
+        def add_update(B: torch.Tensor, A: torch.Tensor):
+            return lambda mod, inputs, out: out + (inputs[0] @ A.T) @ B.T
+
         try:
-            if (run_dir / "model").is_dir():  # full FT: the whole backbone, except its LM head
-                ft = _SafetensorsFolder(run_dir / "model")
-                for key in ft.keys():
-                    if key != self.head_key:
-                        self._set(key, ft.get(key))
-            else:  # LoRA: W + scale * B @ A, as PEFT merges it (load_deltas finds the adapter)
-                for name, W, delta in load_deltas(self.base_dir, run_dir):
-                    self._set(f"{name}.weight", W + delta)
+            for name, (B, A) in load_lora_factors(run_dir).items():
+                if name not in modules:
+                    raise ValueError(f"forgetting: {run_dir}: adapted module {name} is not in the base model {self.base_dir}")
+                hooks.append(modules[name].register_forward_hook(add_update(B.to(self.device), A.to(self.device))))
             return self.loss()
         finally:
-            self._restore()
+            for h in hooks:
+                h.remove()
 
 
 # --------------------------------------------------------------------------

@@ -60,6 +60,7 @@ __all__ = [
     "delta_stats",
     "lora_scale",
     "load_deltas",
+    "load_lora_factors",
     "analyse_weights",
     "run_weight_summary",
 ]
@@ -331,6 +332,15 @@ def load_deltas(base_model_dir: str | Path, run_dir: str | Path) -> Iterator[tup
             raise ValueError(f"{run.run_dir}: {key} is not in the base model {base.folder}")
         W = base.get(key)
         yield key[: -len(".weight")], W, run.delta(key, W)[0]
+
+
+def load_lora_factors(run_dir: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module_name: (scale * B, A)}`` of a LoRA run's adapted block projections (float32), so
+    that ``dW = (scale * B) @ A``; module names as in :func:`load_deltas`."""
+    run = _RunWeights(Path(run_dir))
+    if run.kind != LORA:
+        raise ValueError(f"{run_dir}: not a LoRA run (no adapter)")
+    return {key[: -len(".weight")]: run.updates[key].factors for key in _sorted_keys(run.updates)}
 
 
 def _sorted_keys(keys: Any) -> list[str]:

@@ -40,7 +40,7 @@ def test_rank_config_reuses_phase2_only_for_the_same_config(tmp_path):
 
 
 def test_ablation_resumes_after_a_kill_without_retraining_finished_ranks(tmp_path, monkeypatch):
-    import loradrift.train as train
+    from loradrift import train
     from loradrift.ablation import run_rank_ablation
     from loradrift.drift import analyse_drift
 

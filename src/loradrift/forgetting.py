@@ -265,7 +265,7 @@ def rank_correlation(x: Sequence[float], y: Sequence[float], confidence: float =
 def interval(values: Sequence[float], confidence: float) -> dict[str, Any]:
     from loradrift.stats import t_interval
 
-    mean, lo, hi, _, df = t_interval(values, confidence)
+    mean, lo, hi, _, _ = t_interval(values, confidence)
     return {"n": len(values), "mean": mean, "ci_low": None if math.isnan(lo) else lo,
             "ci_high": None if math.isnan(hi) else hi, "ci_level": confidence,
             "interval": "Student t over seeds (loradrift.stats.t_interval)"}

@@ -697,7 +697,7 @@ def sec_rank_ablation(art: Artefacts) -> Section:
     sec = Section("rank-ablation", "LoRA rank ablation")
     paths = sorted((art.out / "ablation" / "rank").glob("*/summary.json"))
     if not paths:
-        sec.not_run("Rank ablation", "ablation/rank/<variant>/summary.json",
+        sec.not_run("Rank ablation", "ablation/rank/*/summary.json",
                     "is missing (off by default: ablation.rank.enabled=true in the study, or loradrift ablate-rank)")
         return sec
     sec.p("LoRA trained at several ranks with the task's best config (only rank, alpha and rsLoRA change), against "

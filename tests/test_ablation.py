@@ -24,6 +24,16 @@ def test_alpha_rule():
     assert lora_scale_of(scaled_alpha(16, 8, 64, "ratio"), 64, True) == pytest.approx(16 / 8 * 64 ** 0.5)
 
 
+def test_ablation_settings_are_checked():
+    from loradrift.config import ConfigError, resolve_config
+
+    for bad, word in (("ablation.rank.ranks=[8,0]", "ranks"), ("ablation.rank.ranks=[8,8]", "ranks"),
+                      ("ablation.rank.tasks=[nope]", "ablation.rank.tasks"), ("ablation.rank.alpha_rule=half", "alpha_rule")):
+        with pytest.raises(ConfigError, match=word):
+            resolve_config(preset="tiny", overrides=[bad])
+    assert resolve_config(preset="tiny", overrides=["ablation.rank.ranks=[64,4]"]).ablation.rank.ranks == [4, 64]
+
+
 def test_rank_config_reuses_phase2_only_for_the_same_config(tmp_path):
     from loradrift.ablation import rank_config
 

@@ -362,6 +362,16 @@ class RankAblationConfig(_Strict):
             raise ValueError(f"ranks must be distinct positive integers, got {v}")
         return sorted(v)
 
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, v: list[str] | None) -> list[str] | None:
+        from loradrift.tasks import TASKS
+
+        for name in v or []:
+            if name not in TASKS:
+                raise ValueError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
+        return v
+
 
 class AblationConfig(_Strict):
     rank: RankAblationConfig = RankAblationConfig()

@@ -191,6 +191,7 @@ def _band(ax, xs, g: dict, color: str) -> None:
 
 
 def _plot(task: str, res: dict, ranks: list[int], fig_dir: Path, title: str) -> list[Path]:
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     paths = []
@@ -220,7 +221,7 @@ def _plot(task: str, res: dict, ranks: list[int], fig_dir: Path, title: str) -> 
 
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
-    cmap = __import__("matplotlib").colormaps["viridis"]
+    cmap = colormaps["viridis"]
     for i, k in enumerate(ranks):
         layer = res["by_label"][f"r{k}"]["drift_per_layer"]
         if layer is not None:

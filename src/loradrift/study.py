@@ -136,7 +136,7 @@ def phase2(grid: list[RunConfig], progress: Progress, say) -> None:
 def phase3(cfg: RunConfig, tasks: list[str], say, cfg_for: ConfigFor | None = None) -> None:
     from loradrift.drift import analyse_drift
     from loradrift.hypotheses import run_stats
-    from loradrift.models import resolve_model_dir
+    from loradrift.models import is_decoder, resolve_model_dir
 
     key = model_key(cfg.model)
     d = cfg.drift
@@ -148,7 +148,9 @@ def phase3(cfg: RunConfig, tasks: list[str], say, cfg_for: ConfigFor | None = No
         analyse_weights(cfg.out_dir, key, resolve_model_dir(cfg.model), tasks, rank_threshold=d.rank_threshold,
                         intruder_k=d.intruder_k, intruder_eps=d.intruder_eps, modules=d.weight_modules)
         say("weights: tables and figures written")
-    if cfg.forgetting.enabled:
+    if cfg.forgetting.enabled and not is_decoder(resolve_model_dir(cfg.model)):
+        say("forgetting: skipped, the model is an encoder without an LM head")
+    elif cfg.forgetting.enabled:
         from loradrift.forgetting import analyse_forgetting
 
         f = analyse_forgetting(cfg, tasks)

@@ -244,7 +244,8 @@ def rank_correlation(x: Sequence[float], y: Sequence[float], confidence: float =
 
     def p_of(yy: np.ndarray) -> float:
         res = sps.permutation_test((sps.rankdata(yy),), stat, permutation_type="pairings", vectorized=True,
-                                   n_resamples=n_resamples, alternative="two-sided", rng=np.random.default_rng(seed))
+                                   n_resamples=n_resamples, alternative="two-sided",
+                                   random_state=np.random.default_rng(seed))
         return float(res.pvalue)
 
     rho = float(sps.spearmanr(x, y).statistic)

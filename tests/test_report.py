@@ -198,10 +198,11 @@ def test_empty_out_folder_says_not_run(tmp_path):
         assert f"{i}. {t}" in text
     for rel in ["study/manifest.json", "study/timings.json", "results.sqlite", "search/report/summary.json",
                 "drift/comparison.json", "weights/summary.json", "serve/overhead.json", "serve/results.json",
-                "stats/hypotheses.json"]:
+                "stats/hypotheses.json", "forgetting/summary.json", "ablation/rank/*/summary.json"]:
         assert f"not run — {rel}" in text, rel
     by_id = {s["id"]: s for s in rep["sections"]}
-    for sid in ("setup", "data", "sanity", "search", "performance", "drift", "weights", "serving", "hypotheses", "manifest"):
+    for sid in ("setup", "data", "sanity", "search", "performance", "drift", "weights", "forgetting", "rank-ablation",
+                "serving", "hypotheses", "manifest"):
         assert by_id[sid]["status"] == "not run", (sid, by_id[sid])
     assert by_id["limitations"]["status"] == "ok"  # fixed text still has something to say
     assert "<img" not in rep["html"].read_text()

@@ -24,11 +24,13 @@ TRACKERS = [t for t in ("mlflow", "tensorboard") if importlib.util.find_spec(t) 
 def test_tiny_study_end_to_end(tmp_path):
     out = tmp_path / "study"
     extra = [f"report_to=[{','.join(TRACKERS)}]"] if len(TRACKERS) == 2 else []
-    r = subprocess.run(study_cmd(out, *extra), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(study_cmd(out, *extra), capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     # Every phase left its artefacts.
     for rel in ("study/manifest.json", "study/timings.json", "drift/comparison.json", "drift/drift_layers.csv",
                 "weights/summary.json", "serve/overhead.json", "stats/hypotheses.json", "search/optuna.db",
+                "forgetting/summary.json", "forgetting/figures/forgetting.png", "ablation/rank/lora-ratio/summary.json",
+                "ablation/rank/lora-ratio/figures/rank_sst2.png",
                 "report/report.html", "report/report.pdf"):
         assert (out / rel).exists(), rel
     with sqlite3.connect(out / "results.sqlite") as con:
@@ -44,10 +46,18 @@ def test_tiny_study_end_to_end(tmp_path):
     assert all(r["p_holm"] is None for h in ("H1", "H2", "H3") for r in hyp[h] if r["role"] == "secondary")
     assert all(r["decision"] and r["reason"] for h in ("H1", "H2", "H3") for r in hyp[h])
     assert hyp["family"]["primary_level"] == pytest.approx(1 - 0.05 / 3)
+    # forgetting: a secondary analysis outside the family, over all 24 final runs
+    fg = hyp["secondary_analyses"]["forgetting"]
+    assert fg["label"] == "secondary analysis, not pre-registered"
+    assert len(fg["by_task_method"]) == 8 and fg["correlation"]["pooled"]["n"] == 24
+    abl = json.loads((out / "ablation" / "rank" / "lora-ratio" / "summary.json").read_text())["tasks"]["sst2"]
+    assert set(abl["by_label"]) == {"full", "r2", "r8", "r32"} and abl["phase2_reused"] == ["r8"]
+    assert all(abl["by_label"][k]["delta_loss"]["n"] == 3 for k in abl["by_label"])
     assert len(list((out / "base").glob("*/*.floor.safetensors"))) == 4  # the noise-floor extractions
     html = (out / "report" / "report.html").read_text()
     for title in ("Setup and presets", "Data and splits", "Sanity checks and baselines", "Hyperparameter search",
-                  "Performance", "Drift", "Weight-space analysis", "Serving benchmark", "Hypotheses", "Limitations",
+                  "Performance", "Drift", "Weight-space analysis", "Forgetting (secondary, not pre-registered)",
+                  "LoRA rank ablation", "Serving benchmark", "Hypotheses", "Limitations",
                   "Reproducibility manifest"):
         assert title in html, title
     assert "not run —" not in html  # every section had its artefacts

@@ -235,6 +235,27 @@ def cmd_drift(args, configs: Configs) -> int:
     return 0
 
 
+def cmd_ablate_rank(args, configs: Configs) -> int:
+    from loradrift.ablation import ablation_dir, run_rank_ablation
+
+    for flag, key in ((args.ranks, "ranks"), (args.seeds, "seeds")):
+        if flag:
+            try:
+                values = [int(v) for v in flag.split(",") if v.strip()]
+            except ValueError:
+                raise ValueError(f"--{key}: expected a comma list of integers, got {flag!r}") from None
+            args.overrides.append(f"ablation.rank.{key}={values}")
+    if args.rslora:
+        args.overrides.append("ablation.rank.rslora=true")
+    res = run_rank_ablation(configs, _tasks(args.task), say=print)
+    rows = [{"task": t, "run": label, **{q: g[q]["mean"] for q in ("dev_score", "drift", "total_intruders", "delta_loss")}}
+            for t, r in res["tasks"].items() for label, g in r["by_label"].items()]
+    _table(f"Rank ablation ({res['settings']['title']}): means over seeds {res['settings']['seeds']}", rows,
+           ["task", "run", "dev_score", "drift", "total_intruders", "delta_loss"])
+    print(f"written under {ablation_dir(configs().out_dir, configs().ablation.rank)}")
+    return 0
+
+
 def cmd_serve_bench(args, configs: Configs) -> int:
     from loradrift.study import serve_bench
 
@@ -310,6 +331,7 @@ COMMANDS = {
     "search": (cmd_search, "Phase 1: Optuna TPE search per task and method (resumable, multi-worker)"),
     "search-report": (cmd_search_report, "Phase 1: trial tables, importances and figures"),
     "drift": (cmd_drift, "Phase 3: CKA/cosine drift vs the base model, and weight-space analysis"),
+    "ablate-rank": (cmd_ablate_rank, "LoRA at several ranks with the task's best config: drift, intruders, forgetting vs rank"),
     "serve-bench": (cmd_serve_bench, "Phase 3: serving cost of LoRA adapters side by side vs merged weights"),
     "stats": (cmd_stats, "Phase 3: the pre-registered hypothesis tests"),
     "report": (cmd_report, "Phase 3: the HTML and PDF report (reads artefacts only)"),
@@ -385,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("drift", parents=[parent], help=COMMANDS["drift"][1])
     c.add_argument("--task", default="all")
     c.set_defaults(func=cmd_drift)
+
+    c = sub.add_parser("ablate-rank", parents=[parent], help=COMMANDS["ablate-rank"][1])
+    c.add_argument("--task", required=True, help="task name, comma list or 'all'")
+    c.add_argument("--ranks", default=None, help="comma list, e.g. 4,8,16,64,256 (default: ablation.rank.ranks)")
+    c.add_argument("--seeds", default=None, help="comma list (default: ablation.rank.seeds, else study.seeds)")
+    c.add_argument("--rslora", action="store_true", help="rank-stabilised LoRA (scale alpha / sqrt(r))")
+    c.set_defaults(func=cmd_ablate_rank)
 
     c = sub.add_parser("serve-bench", parents=[parent], help=COMMANDS["serve-bench"][1])
     c.add_argument("--backend", default=None, help="hf | vllm | hf,vllm (default: serve.backend)")

@@ -81,7 +81,9 @@ class DataConfig(_Strict):
 
 class LoraSettings(_Strict):
     r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
+    # int | float: the rank ablation scales alpha with r (ablation.rank.alpha_rule), which can give
+    # 18.5; a whole number stays an int, so the science hash of every existing config is unchanged.
+    alpha: int | float = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: list(ALL_LORA_TARGETS))
     use_rslora: bool = False
@@ -327,6 +329,54 @@ class StudyConfig(_Strict):
     serve: bool = Field(True, description="run the serving benchmark in Phase 3")
 
 
+class ForgettingConfig(_Strict):
+    """Phase 3, secondary (not pre-registered): language-modelling loss of every final run's
+    backbone, with the base model's LM head, on held-out Wikipedia text, against the base model's
+    loss on the same tokens (docs/drift.md, "Forgetting")."""
+
+    enabled: bool = Field(True, description="measure forgetting in Phase 3 (decoders only: an encoder has no LM head)")
+    n_paragraphs: int = Field(64, gt=0, description="paragraphs drawn (seeded) from the deduplicated SQuAD v2 dev contexts "
+                              "of articles outside the SQuAD v2 train split")
+    max_tokens: int = Field(128, gt=1, description="tokens per paragraph (longer paragraphs are truncated)")
+    batch_size: int = Field(8, gt=0)
+    seed: int = Field(0, description="seed of the paragraph sample: the same text for the base model and every run")
+
+
+class RankAblationConfig(_Strict):
+    """LoRA rank ablation (docs/drift.md, "Rank ablation"): `loradrift ablate-rank`, or in the
+    study's Phase 3 when `enabled`."""
+
+    enabled: bool = Field(False, description="run the rank ablation in the study's Phase 3 (it trains len(ranks) x len(seeds) runs per task)")
+    tasks: list[str] | None = Field(None, description="tasks of the study's ablation (null = study.tasks)")
+    ranks: list[int] = Field(default_factory=lambda: [4, 8, 16, 64, 256], min_length=1)
+    seeds: list[int] | None = Field(None, description="seeds per rank (null = study.seeds)")
+    rslora: bool = Field(False, description="rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r")
+    alpha_rule: Literal["ratio", "fixed"] = Field(
+        "ratio", description="ratio: alpha / r kept at the task's best config's value (alpha = alpha_best * r / r_best); "
+                             "fixed: alpha_best at every rank")
+
+    @field_validator("ranks")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(r <= 0 for r in v) or len(set(v)) != len(v):
+            raise ValueError(f"ranks must be distinct positive integers, got {v}")
+        return sorted(v)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, v: list[str] | None) -> list[str] | None:
+        from loradrift.tasks import TASKS
+
+        for name in v or []:
+            if name not in TASKS:
+                raise ValueError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
+        return v
+
+
+class AblationConfig(_Strict):
+    rank: RankAblationConfig = RankAblationConfig()
+
+
 class RunConfig(_Strict):
     """Everything one command needs. `task` and `seed` are set per run."""
 
@@ -344,6 +394,8 @@ class RunConfig(_Strict):
     stats: StatsConfig = StatsConfig()
     study: StudyConfig = StudyConfig()
     search: SearchConfig = SearchConfig()
+    forgetting: ForgettingConfig = ForgettingConfig()
+    ablation: AblationConfig = AblationConfig()
     per_task: dict[str, dict[str, Any]] = Field(default_factory=dict, description="overrides applied only for one task")
     report_to: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
         default_factory=list, description="experiment trackers that also get each run's config, curves and scores, e.g. "

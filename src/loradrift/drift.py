@@ -91,6 +91,7 @@ __all__ = [
     "load_layers",
     "permutation_test",
     "jackknife_drift",
+    "run_final_drift",
 ]
 
 log = logging.getLogger(__name__)
@@ -352,6 +353,46 @@ def aggregate_layers(n_layers: int) -> list[int]:
     return list(range(1, n_layers - 1)) if n_layers >= 3 else list(range(n_layers))
 
 
+def _defined_layers(base: list[np.ndarray], base_path: Path, task: str) -> tuple[list[int], list[int]]:
+    """(layers where CKA is defined, the layers of H2's aggregate among them).
+
+    A layer whose base vectors are identical for every probe example has no variance, and CKA
+    against it is undefined (0/0). It happens at the embedding layer with last-token pooling
+    when every probe input ends with the same token (RTE's hypotheses all end in "."). Such
+    layers get NaN CKA and are left out of every drift mean, for all runs alike."""
+    defined = [i for i, x in enumerate(base) if not np.all(x == x[:1])]
+    if not defined:
+        raise ValueError(f"task {task}: every layer of {base_path} is constant over the probe set; "
+                         f"CKA is undefined (check the probe inputs and model.pooling)")
+    agg = [i for i in aggregate_layers(len(base)) if i in defined]
+    if not agg:
+        raise ValueError(f"task {task}: every block-output layer of {base_path} is constant over the probe set")
+    return defined, agg
+
+
+def run_final_drift(base_path: Path, run_dir: Path, metric: str = "debiased", sigma_frac: float = 1.0,
+                    task: str = "") -> dict[str, Any]:
+    """The final-step drift of one run against the base file, as :func:`analyse_drift` computes it
+    for H2: ``per_layer`` (``1 - CKA`` under ``metric``, NaN where CKA is undefined), ``aggregate``
+    (the mean over the same layers H2 averages) and the final ``step``. For runs outside the
+    study's grid (the rank ablation), which ``analyse_drift`` does not walk."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    snaps = _list_snapshots(Path(run_dir))
+    if not snaps:
+        raise FileNotFoundError(f"{run_dir}: no representation snapshots (was the run trained with probe.enabled?)")
+    step, path = snaps[-1]
+    base = load_layers(base_path)
+    layers = load_layers(path)
+    _check_like_base(layers, base, path, Path(base_path))
+    defined, agg = _defined_layers(base, Path(base_path), task or str(run_dir))
+    base_d, layers_d = [base[i] for i in defined], [layers[i] for i in defined]
+    per_layer = np.full(len(base), np.nan)
+    per_layer[defined] = _primary_drift(metric, base_d, layers_d, cka_against_base(BaseSide(base_d), layers_d), sigma_frac)
+    return {"step": step, "per_layer": [float(v) for v in per_layer], "aggregate": float(per_layer[agg].mean()),
+            "aggregate_layers": agg}
+
+
 def _analyse_task(out_dir: Path, model: str, task: str, methods: Sequence[str], metric: str,
                   sigma_frac: float, ci: float, jackknife: bool) -> tuple[list[dict], dict | None]:
     runs = _find_runs(out_dir / "runs" / model / task, methods)
@@ -364,21 +405,11 @@ def _analyse_task(out_dir: Path, model: str, task: str, methods: Sequence[str], 
         raise ValueError(f"task {task}: base representation file {base_path} is missing "
                          f"but there are {len(runs)} runs to compare against it")
     base = load_layers(base_path)
-    # A layer whose base vectors are identical for every probe example has no variance, and CKA
-    # against it is undefined (0/0). It happens at the embedding layer with last-token pooling
-    # when every probe input ends with the same token (RTE's hypotheses all end in "."). Such
-    # layers get NaN CKA and are left out of every drift mean, for all runs alike.
-    defined = [i for i, x in enumerate(base) if not np.all(x == x[:1])]
+    defined, agg = _defined_layers(base, base_path, task)
     undefined = [i for i in range(len(base)) if i not in defined]
-    if not defined:
-        raise ValueError(f"task {task}: every layer of {base_path} is constant over the probe set; "
-                         f"CKA is undefined (check the probe inputs and model.pooling)")
     if undefined:
         log.warning("task %s: layer(s) %s are constant over the probe set in the base model; CKA is "
                     "undefined there, so they are left out of the drift means", task, undefined)
-    agg = [i for i in aggregate_layers(len(base)) if i in defined]
-    if not agg:
-        raise ValueError(f"task {task}: every block-output layer of {base_path} is constant over the probe set")
     base_d = [base[i] for i in defined]
     base_side = BaseSide(base_d)
     compare = {r.method for r in runs} >= {FULL, LORA}

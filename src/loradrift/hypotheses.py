@@ -131,5 +131,9 @@ def run_stats(cfg: RunConfig) -> dict:
                          "corrections": "Bonferroni (decides, via the interval level) and Holm (reported)"},
               "settings": {**cfg.stats.model_dump(), "seeds": cfg.study.seeds, "tasks": tasks,
                            "h1_metrics": {t: h1_metric(t) for t in tasks}}}
+    from loradrift.forgetting import secondary_result
+
+    # Not part of the family or the verdict: analyses the plan did not pre-register.
+    result["secondary_analyses"] = {"forgetting": secondary_result(out)}
     atomic_write_json(out / "stats" / "hypotheses.json", result)
     return result

@@ -11,6 +11,7 @@ from a copied `<out>` folder:
     search/report/summary.json, search/report/figures/*.png, configs/best/<model>/*.yaml
     drift/comparison.json, drift/figures/*.png
     weights/summary.json, weights/figures/*.png
+    forgetting/summary.json, forgetting/figures/*.png, ablation/rank/*/summary.json and figures/
     serve/overhead.json, serve/results.json, serve/correctness.json, serve/meta.json, serve/figures/*.png
     stats/hypotheses.json
 
@@ -744,6 +745,71 @@ def sec_weights(art: Artefacts) -> Section:
     return sec
 
 
+def sec_forgetting(art: Artefacts) -> Section:
+    sec = Section("forgetting", "Forgetting (secondary, not pre-registered)")
+    f = art.json("forgetting/summary.json")
+    if f is None:
+        sec.not_run("Forgetting", "forgetting/summary.json", "is missing (forgetting.enabled=false, or Phase 3 did not run)")
+        return sec
+    text, st, base = f.get("text") or {}, f.get("settings") or {}, f.get("base") or {}
+    sec.p(f"{str(f.get('label', '')).capitalize()}: not one of the plan's hypotheses and not in the verdict. "
+          f"{f.get('definition', '')}. Text: {fmt(text.get('paragraphs'))} paragraphs of {fmt(text.get('articles'))} "
+          f"Wikipedia articles ({fmt(text.get('tokens'))} predicted tokens, at most {fmt(st.get('max_tokens'))} tokens each), "
+          f"a seeded sample (seed {fmt(st.get('seed'))}) of the {fmt(text.get('pool_paragraphs'))} deduplicated SQuAD v2 dev "
+          f"contexts outside the SQuAD v2 train articles ({text.get('source', '')}). No run trains on them; the squad_v2 "
+          f"runs read some of them only in forward passes (dev score, probe set). Base model loss: "
+          f"{fmt(base.get('loss'))} nats/token. Interval: Student t over seeds at {fmt(100 * st.get('confidence', 0.95))}%.")
+    rows = [{**g, "_ci": "—" if g.get("ci_low") is None else f"[{fmt(g['ci_low'])}, {fmt(g['ci_high'])}]"}
+            for g in sorted(f.get("by_task_method") or [], key=lambda g: (_task_order(g["task"]), _method_order(g["method"])))]
+    sec.table(rows, ["task", "method", "n", "mean", "_ci"], labels={"mean": "mean Δloss", "_ci": "CI of Δloss"},
+              caption="Δloss by task and method (positive: the run predicts general text worse than the base model)")
+    corr = f.get("correlation") or {}
+    crows = [{"scope": "all runs", **corr.get("pooled", {})}]
+    crows += [{"scope": f"task {t}", **c} for t, c in (corr.get("by_task") or {}).items()]
+    crows += [{"scope": f"method {m}", **c} for m, c in (corr.get("by_method") or {}).items()]
+    sec.table(crows, ["scope", "n", "rho", "p_value", "min_p", "decision", "reason"],
+              labels={"rho": "Spearman rho", "p_value": "permutation p", "min_p": "smallest attainable p"},
+              caption="Does the representation that moved more forget more? Final drift (H2's aggregate) vs Δloss, across runs")
+    sec.bullets(f.get("notes") or [])
+    _figures(sec, art, "forgetting/figures", "Forgetting figures")
+    return sec
+
+
+def sec_rank_ablation(art: Artefacts) -> Section:
+    sec = Section("rank-ablation", "LoRA rank ablation")
+    paths = sorted((art.out / "ablation" / "rank").glob("*/summary.json"))
+    if not paths:
+        sec.not_run("Rank ablation", "ablation/rank/*/summary.json",
+                    "is missing (off by default: ablation.rank.enabled=true in the study, or loradrift ablate-rank)")
+        return sec
+    sec.p("LoRA trained at several ranks with the task's best config (only rank, alpha and rsLoRA change), against "
+          "the full fine-tuning runs of the same seeds: dev score, final drift (H2's aggregate), intruder dimensions "
+          "(sum over the analysed modules) and forgetting (Δloss, nats/token). Means over seeds with Student "
+          "t-intervals. A secondary analysis, not pre-registered.")
+    for path in paths:
+        s = json.loads(path.read_text())
+        st = s.get("settings") or {}
+        rel = art.rel(path.parent)
+        sec.h3(f"{st.get('title', s.get('variant'))} ({rel}/)")
+        for task, r in sorted((s.get("tasks") or {}).items(), key=lambda kv: _task_order(kv[0])):
+            rows = []
+            for label, g in (r.get("by_label") or {}).items():
+                row: dict[str, Any] = {"run": "full FT" if label == "full" else f"LoRA r={g.get('rank')}"}
+                for q in ("dev_score", "drift", "total_intruders", "delta_loss"):
+                    v = g.get(q) or {}
+                    row["n"] = max(row.get("n", 0), v.get("n") or 0)
+                    row[q] = fmt(v.get("mean")) + ("" if v.get("ci_low") is None else f" [{fmt(v['ci_low'])}, {fmt(v['ci_high'])}]")
+                rows.append(row)
+            sec.table(rows, ["run", "n", "dev_score", "drift", "total_intruders", "delta_loss"],
+                      labels={"dev_score": "dev score", "drift": "drift", "total_intruders": "intruders", "delta_loss": "Δloss"},
+                      caption=f"{task}: mean [t-interval] over seeds {st.get('seeds')}; alpha rule {st.get('alpha_rule')}")
+            sec.bullets([*(r.get("notes") or []),
+                         *([f"LoRA ranks {', '.join(r['phase2_reused'])} are the Phase 2 runs (the best config's rank)"]
+                           if r.get("phase2_reused") else [])])
+        _figures(sec, art, f"{rel}/figures", "Rank ablation figures")
+    return sec
+
+
 def _aggregate_rounds(rows: list[dict]) -> list[dict]:
     """Mean over measurement rounds per (backend, config, batch size); strings kept when equal."""
     groups: dict[tuple, list[dict]] = {}
@@ -1005,6 +1071,8 @@ SECTIONS: list[tuple[str, str, Callable[[Artefacts], Section]]] = [
     ("performance", "Performance", sec_performance),
     ("drift", "Drift", sec_drift),
     ("weights", "Weight-space analysis", sec_weights),
+    ("forgetting", "Forgetting (secondary, not pre-registered)", sec_forgetting),
+    ("rank-ablation", "LoRA rank ablation", sec_rank_ablation),
     ("serving", "Serving benchmark", sec_serving),
     ("hypotheses", "Hypotheses", sec_hypotheses),
     ("limitations", "Limitations", sec_limitations),

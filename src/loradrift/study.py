@@ -5,7 +5,8 @@
 Phase 0  data check, sanity checks (stop if one fails), baselines, base representations, memory
 Phase 1  hyperparameter search per task and method (Optuna; budget from the preset)
 Phase 2  final runs with the best configs: every task × method × seed, with snapshots
-Phase 3  drift and weight analysis, serving benchmark, hypothesis tests, report
+Phase 3  drift and weight analysis, forgetting, the rank ablation (when enabled), serving benchmark,
+         hypothesis tests, report
 
 Every step writes an artefact and is skipped when that artefact exists, so rerunning the same
 command after a kill redoes nothing that finished (a killed training run resumes from its last
@@ -133,10 +134,10 @@ def phase2(grid: list[RunConfig], progress: Progress, say) -> None:
         progress.advance(bar)
 
 
-def phase3(cfg: RunConfig, tasks: list[str], say) -> None:
+def phase3(cfg: RunConfig, tasks: list[str], say, cfg_for: ConfigFor | None = None) -> None:
     from loradrift.drift import analyse_drift
     from loradrift.hypotheses import run_stats
-    from loradrift.models import resolve_model_dir
+    from loradrift.models import is_decoder, resolve_model_dir
 
     key = model_key(cfg.model)
     d = cfg.drift
@@ -148,6 +149,18 @@ def phase3(cfg: RunConfig, tasks: list[str], say) -> None:
         analyse_weights(cfg.out_dir, key, resolve_model_dir(cfg.model), tasks, rank_threshold=d.rank_threshold,
                         intruder_k=d.intruder_k, intruder_eps=d.intruder_eps, modules=d.weight_modules)
         say("weights: tables and figures written")
+    if cfg.forgetting.enabled and not is_decoder(resolve_model_dir(cfg.model)):
+        say("forgetting: skipped, the model is an encoder without an LM head")
+    elif cfg.forgetting.enabled:
+        from loradrift.forgetting import analyse_forgetting
+
+        f = analyse_forgetting(cfg, tasks)
+        say(f"forgetting: {len(f['runs'])} runs, {f['seconds_this_call']:.0f}s of evaluation (secondary, not pre-registered)")
+    if cfg.ablation.rank.enabled and cfg_for is not None:
+        from loradrift.ablation import run_rank_ablation
+
+        run_rank_ablation(cfg_for, cfg.ablation.rank.tasks or tasks, say)
+        say("rank ablation: tables and figures written")
     if cfg.study.serve and not (Path(cfg.out_dir) / "serve" / "overhead.json").exists():
         serve_bench(cfg, tasks)
         say("serving benchmark written")
@@ -204,7 +217,7 @@ def run_study(cfg_for: ConfigFor, phases: list[int], tasks: list[str] | None = N
                 else:
                     phase2(grid, progress, say)
             elif phase == 3:
-                phase3(base, tasks, say)
+                phase3(base, tasks, say, cfg_for)
             timings.append({"phase": f"phase{phase}", "seconds": time.time() - t0})
             result = {"phases": timings, "total_seconds": time.time() - t_start, "tasks": tasks,
                       "finished": datetime.now(timezone.utc).isoformat()}

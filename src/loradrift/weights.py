@@ -65,7 +65,9 @@ __all__ = [
     "delta_stats",
     "lora_scale",
     "load_deltas",
+    "load_lora_factors",
     "analyse_weights",
+    "run_weight_summary",
 ]
 
 log = logging.getLogger(__name__)
@@ -355,6 +357,15 @@ def load_deltas(base_model_dir: str | Path, run_dir: str | Path) -> Iterator[tup
         yield key[: -len(".weight")], W, run.delta(key, W)[0]
 
 
+def load_lora_factors(run_dir: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module_name: (scale * B, A)}`` of a LoRA run's adapted block projections (float32), so
+    that ``dW = (scale * B) @ A``; module names as in :func:`load_deltas`."""
+    run = _RunWeights(Path(run_dir))
+    if run.kind != LORA:
+        raise ValueError(f"{run_dir}: not a LoRA run (no adapter)")
+    return {key[: -len(".weight")]: run.updates[key].factors for key in _sorted_keys(run.updates)}
+
+
 def _sorted_keys(keys: Any) -> list[str]:
     def order(key: str) -> tuple[int, int, str]:
         m = _BLOCK_KEY.search(key)
@@ -461,6 +472,33 @@ def _analyse_keys(keys: list[str], base: _SafetensorsFolder, runs: list, **stats
     return rows
 
 
+def _weight_rows(base_model_dir: Path, runs: list[tuple[str, str, int, _RunWeights]], wanted: set[str],
+                 **stats_kw: Any) -> list[dict]:
+    base = _SafetensorsFolder(Path(base_model_dir))
+    keys = _sorted_keys({k for *_, run in runs for k in run.updates
+                         if _BLOCK_KEY.search(k).group(2) in wanted})
+    missing = [k for k in keys if k not in base.where]
+    if missing:
+        raise ValueError(f"{missing[0]} is updated by a run but missing from the base model {base.folder}")
+    small = max((min(base.shape(k)) for k in keys), default=0) <= 1024
+    with _blas_threads(1 if small else None):
+        rows = _analyse_keys(keys, base, runs, **stats_kw)
+    rows.sort(key=lambda r: (r["task"], r["method"], r["seed"], r["layer"], PROJECTIONS.index(r["module"])))
+    return rows
+
+
+def run_weight_summary(base_model_dir: str | Path, runs: Sequence[tuple[str, str, int, str | Path]], *,
+                       modules: Sequence[str] | None = None, top_k: int = 16, rank_threshold: float = 0.9,
+                       intruder_k: int = 10, intruder_eps: float = 0.6) -> tuple[list[dict], list[dict]]:
+    """(per-module rows, per-run summary) like :func:`analyse_weights`, for named run folders
+    ``(task, label, seed, run_dir)`` outside the study's grid (the rank ablation); writes nothing."""
+    wanted = set(modules) if modules else set(PROJECTIONS)
+    found = [(t, label, seed, _RunWeights(Path(d))) for t, label, seed, d in runs]
+    rows = _weight_rows(Path(base_model_dir), found, wanted, top_k=top_k, rank_threshold=rank_threshold,
+                        intruder_k=intruder_k, intruder_eps=intruder_eps)
+    return rows, _summarise(rows)
+
+
 def analyse_weights(
     out_dir: str | Path,
     model: str,
@@ -497,17 +535,8 @@ def analyse_weights(
         log.warning("weights: no runs found for model %s, tasks %s; nothing written", model, list(tasks))
         return {"summary": [], "files": []}
 
-    base = _SafetensorsFolder(Path(base_model_dir))
-    keys = _sorted_keys({k for *_, run in runs for k in run.updates
-                         if _BLOCK_KEY.search(k).group(2) in wanted})
-    missing = [k for k in keys if k not in base.where]
-    if missing:
-        raise ValueError(f"{missing[0]} is updated by a run but missing from the base model {base.folder}")
-    small = max((min(base.shape(k)) for k in keys), default=0) <= 1024
-    with _blas_threads(1 if small else None):
-        rows = _analyse_keys(keys, base, runs, top_k=top_k, rank_threshold=rank_threshold,
-                             intruder_k=intruder_k, intruder_eps=intruder_eps)
-    rows.sort(key=lambda r: (r["task"], r["method"], r["seed"], r["layer"], PROJECTIONS.index(r["module"])))
+    rows = _weight_rows(Path(base_model_dir), runs, wanted, top_k=top_k, rank_threshold=rank_threshold,
+                        intruder_k=intruder_k, intruder_eps=intruder_eps)
 
     layer_cols = ["task", "method", "seed", "layer", "module", "name", "out_features", "in_features",
                   "base_fro", "delta_fro", "rel_norm", "effective_rank", "intruders",

@@ -255,6 +255,11 @@ def test_engine_settings_are_fair_and_recorded():
     assert kw["max_num_seqs"] == 16 and kw["enforce_eager"] is False and kw["max_model_len"] == 300
     merged = serving.engine_settings(cfgs["merged-rte"], Path("b"), "cuda", "bfloat16", 300, 8, 16)
     assert "enable_lora" not in merged and merged["enable_prefix_caching"] is False
+    # vLLM accepts only some ranks: the adapters' largest rank is rounded up to the next one
+    from loradrift.serving.backends import vllm_lora_rank
+
+    assert [vllm_lora_rank(r) for r in (1, 4, 8, 9, 64)] == [1, 8, 8, 16, 64]
+    assert serving.engine_settings(cfgs["adapters-4"], Path("b"), "cpu", "float32", 300, 4, 16)["max_lora_rank"] == 8
     args = serving.engine_cli_args(kw)
     assert "--no-enable-prefix-caching" in args and args[args.index("--max-lora-rank") + 1] == "8"
     assert args[args.index("--dtype") + 1] == "bfloat16" and args[args.index("--max-num-seqs") + 1] == "16"

@@ -95,6 +95,18 @@ def _resolve_dtype(dtype: str, device: str) -> str:
     return "float32" if device == "cpu" else "bfloat16"
 
 
+# vLLM 0.32 accepts only these max_lora_rank values (vllm/config/lora.py, MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds ``rank`` (rank 8 stays 8; 4 becomes 8)."""
+    for r in VLLM_LORA_RANKS:
+        if r >= rank:
+            return r
+    raise ServeError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
+
+
 # A row of a mixed batch served by the base weights, without any adapter (PEFT's name for it).
 BASE_ROW = "__base__"
 
@@ -108,7 +120,8 @@ def engine_settings(
 
     Prefix caching is off: vLLM's own latency benchmark turns it off, and its cache is keyed by
     adapter, so merged rows would hit it more often than adapter rows. ``max_lora_rank`` is the
-    largest rank among the served adapters (vLLM sizes its LoRA buffers by it). ``max_num_seqs`` is
+    largest rank among the served adapters (vLLM sizes its LoRA buffers by it), rounded up to a
+    value vLLM accepts (:func:`vllm_lora_rank`). ``max_num_seqs`` is
     set (and recorded) so every configuration schedules the same number of sequences at most.
     CUDA graphs stay on on a GPU (``enforce_eager=False``, what one deploys); the CPU backend has
     none, so there the flag is recorded but changes nothing.
@@ -120,7 +133,7 @@ def engine_settings(
         disable_log_stats=False,
     )
     if config.kind == "adapters":
-        kw.update(enable_lora=True, max_loras=len(config.tasks), max_lora_rank=int(max_lora_rank))
+        kw.update(enable_lora=True, max_loras=len(config.tasks), max_lora_rank=vllm_lora_rank(int(max_lora_rank)))
     return kw
 
 

@@ -180,6 +180,11 @@ def run_rate(host: str, port: int, config: str, model_names: Sequence[str], prom
     return timings, time.perf_counter() - t0
 
 
+def _rate_label(rate: float) -> float | str:
+    # JSON has no infinity; "inf" (all requests at once) stays readable in the tables
+    return rate if np.isfinite(rate) else "inf"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -303,10 +308,11 @@ def run_online(
                     raise ServeError(f"online {cfg.name} at {rate} req/s: {len(failed)} request(s) failed, "
                                      f"first: {failed[0]} (server log {server.log_path})")
                 row = {"config": cfg.name, "adapters": "+".join(cfg.tasks) if cfg.kind == "adapters" else "",
-                       "request_rate": rate, **summarize(timings, dur, slo_ms),
+                       "request_rate": _rate_label(rate), **summarize(timings, dur, slo_ms),
                        "server_peak_rss_mb": server.peak_rss_mb()}
                 summary.append(row)
-                requests += [{**asdict(t), **{k: v for k, v in t.metrics().items() if k != "itl"}} for t in timings]
+                requests += [{**asdict(t), "rate": _rate_label(rate), **{k: v for k, v in t.metrics().items() if k != "itl"}}
+                             for t in timings]
                 log(f"[serve] online {cfg.name} @ {rate} req/s: {row['request_throughput']:.2f} req/s, "
                     f"p99 TTFT {row['ttft_p99_ms']:.0f} ms, p99 TPOT {row['tpot_p99_ms'] or float('nan'):.0f} ms")
             server_meta[cfg.name] = {"command": server.cmd, "log": str(server.log_path), "engine_settings": settings}

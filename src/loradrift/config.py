@@ -308,6 +308,7 @@ class ServeBenchConfig(_Strict):
     max_prompt_tokens: int = Field(256, gt=0)
     check_prompts: int = Field(32, gt=0, description="prompts of the correctness checks (adapter vs merged, adapter vs base)")
     check_tokens: int = Field(32, gt=0, description="greedy tokens per correctness prompt")
+    include_base: bool = Field(True, description="time the base model as a control (H3 does not use it)")
     engine_restarts: int | None = Field(None, gt=0, description="engine starts per configuration (null: 1 on hf, 2 on vllm)")
     max_num_seqs: int | None = Field(None, gt=0, description="vLLM's max running sequences (null = the largest batch size)")
     seed: int = Field(42, description="which Phase 2 seed's adapters are served")

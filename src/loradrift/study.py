@@ -148,8 +148,10 @@ def phase3(cfg: RunConfig, tasks: list[str], say) -> None:
                         intruder_k=d.intruder_k, intruder_eps=d.intruder_eps, modules=d.weight_modules)
         say("weights: tables and figures written")
     if cfg.study.serve and not (Path(cfg.out_dir) / "serve" / "overhead.json").exists():
-        serve_bench(cfg, tasks)
-        say("serving benchmark written")
+        backend = serve_backend(cfg.serve.backend)
+        serve_bench(cfg, tasks, backend=backend)
+        say(f"serving benchmark written (backend {backend}"
+            + (": PEFT backend, not vLLM; H3 is labelled so)" if backend == "hf" else ")"))
     v = run_stats(cfg)["verdict"]
     words = v["decisions"]
     say(f"hypotheses: H1 {words['H1']}, H2 {words['H2']}, H3 {words['H3']} → overall {words['overall']}")
@@ -299,7 +301,8 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
                           batch_sizes=sv.batch_sizes, max_tokens=sv.max_tokens, rounds=sv.rounds, warmup=sv.warmup,
                           out_dir=out, max_lora_rank=sv.max_lora_rank, max_prompt_tokens=sv.max_prompt_tokens,
                           check_prompts=sv.check_prompts, check_tokens=sv.check_tokens,
-                          engine_restarts=sv.engine_restarts, max_num_seqs=sv.max_num_seqs, write=False,
+                          engine_restarts=sv.engine_restarts, max_num_seqs=sv.max_num_seqs,
+                          include_base=sv.include_base, write=False,
                           log=console.log)
     write_serve_results(res, out)
     if (sv.online if online is None else online) and "vllm" in backend.split(","):

@@ -52,8 +52,13 @@ def _children_peak_rss_mb() -> float | None:
     """Sum of VmHWM (peak RSS) over live descendant processes (vLLM's engine core and workers)."""
     if not Path("/proc/self/status").exists():
         return None
+    return peak_rss_mb(_descendant_pids(os.getpid()))
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    """Sum of VmHWM (each process's peak RSS) over the live processes among ``pids``."""
     total = 0.0
-    for pid in _descendant_pids(os.getpid()):
+    for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):

@@ -234,19 +234,11 @@ class VLLMServer:
 
     def peak_rss_mb(self) -> float | None:
         """Sum of VmHWM over the server and its children (API server, engine core)."""
-        from .backends import _descendant_pids
+        from .backends import _descendant_pids, peak_rss_mb
 
         if self.proc is None:
             return None
-        total = 0.0
-        for pid in [self.proc.pid, *_descendant_pids(self.proc.pid)]:
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        total += int(line.split()[1]) / 1024
-            except (OSError, ValueError):
-                continue
-        return total or None
+        return peak_rss_mb([self.proc.pid, *_descendant_pids(self.proc.pid)]) or None
 
     def __exit__(self, *exc: Any) -> None:
         if self.proc is not None and self.proc.poll() is None:

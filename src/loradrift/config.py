@@ -300,15 +300,29 @@ class DriftConfig(_Strict):
 
 
 class ServeBenchConfig(_Strict):
-    backend: str = Field("hf", description="hf, vllm, or hf,vllm")
+    backend: str = Field("auto", description="auto (vllm when importable, else hf), hf, vllm, or hf,vllm")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
     max_tokens: int = Field(128, gt=0, description="greedy tokens generated per request (EOS ignored)")
     rounds: int = Field(10, gt=1, description="timed rounds per configuration and batch size (H3's interval needs >= 10)")
     warmup: int = Field(1, ge=0)
-    max_lora_rank: int = Field(16, gt=0)
+    max_lora_rank: int | None = Field(None, gt=0, description="vLLM's LoRA buffer rank (null = the largest adapter rank)")
     prompts_per_task: int = Field(32, gt=0)
     max_prompt_tokens: int = Field(256, gt=0)
+    check_prompts: int = Field(32, gt=0, description="prompts of the correctness checks (adapter vs merged, adapter vs base)")
+    check_tokens: int = Field(32, gt=0, description="greedy tokens per correctness prompt")
+    include_base: bool = Field(True, description="time the base model as a control (H3 does not use it)")
+    engine_restarts: int | None = Field(None, gt=0, description="engine starts per configuration (null: 1 on hf, 2 on vllm)")
+    max_num_seqs: int | None = Field(None, gt=0, description="vLLM's max running sequences (null = the largest batch size)")
     seed: int = Field(42, description="which Phase 2 seed's adapters are served")
+    online: bool = Field(True, description="also run the online benchmark (vLLM's OpenAI server) when the backend includes vllm")
+    online_rates: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0],
+                                      description="Poisson request rates (req/s) of the online sweep")
+    online_saturate: bool = Field(True, description="end the sweep with every request sent at once (saturation)")
+    online_requests: int = Field(32, gt=0, description="requests per rate")
+    online_max_tokens: int = Field(32, gt=0, description="output tokens per online request")
+    slo_ttft_ms: float = Field(2000.0, gt=0, description="goodput SLO: time to first token")
+    slo_tpot_ms: float = Field(500.0, gt=0, description="goodput SLO: time per output token")
+    slo_e2el_ms: float = Field(10000.0, gt=0, description="goodput SLO: end-to-end latency")
 
 
 class StatsConfig(_Strict):

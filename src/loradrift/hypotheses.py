@@ -55,19 +55,25 @@ def baseline_scores(cfg: RunConfig) -> dict[str, float]:
     return {t: v for t, (v, _) in out.items()}
 
 
+H3_NOT_VLLM = "PEFT backend, not vLLM"
+
+
 def _h3_inputs(cfg: RunConfig, overhead_rows: list[dict]) -> tuple[str, dict[int, dict]] | None:
-    """Per-round latencies by batch size of the primary configuration on the first backend."""
+    """Per-round latencies by batch size of the primary configuration, from vLLM when the
+    benchmark ran it (H3 is about serving engines; PEFT's mixed-batch forward is the naive
+    baseline), else from the first backend; an hf label says "PEFT backend, not vLLM"."""
     rows = [r for r in overhead_rows if r["config"].startswith("adapters-") and r.get("adapter_latency_by_round")]
     if not rows:
         return None
-    backend = rows[0]["backend"]
+    have = [r["backend"] for r in rows]
+    backend = "vllm" if "vllm" in have else have[0]
     rows = [r for r in rows if r["backend"] == backend]
     names = {r["config"] for r in rows}
     name = cfg.stats.h3_config if cfg.stats.h3_config in names else max(names, key=lambda n: int(n.split("-")[1]))
     return f"{backend}/{name}", {int(r["batch_size"]): {"adapters": r["adapter_latency_by_round"],
-                                                        "merged": r["merged_latency_by_round"],
-                                                        "paired": bool(r.get("paired"))}
-                                 for r in rows if r["config"] == name}
+                                          "merged": r["merged_latency_by_round"],
+                                          "paired": bool(r.get("paired"))}
+                   for r in rows if r["config"] == name}
 
 
 def run_stats(cfg: RunConfig) -> dict:
@@ -114,6 +120,10 @@ def run_stats(cfg: RunConfig) -> dict:
             label, by_batch = picked
             h3 = stats.h3_serving(by_batch, primary_batch=s.h3_batch, threshold=s.h3_threshold, label=label,
                                   confidence=s.confidence)
+            if label.startswith("hf/"):
+                for r in h3:
+                    r.notes.append(f"{H3_NOT_VLLM}: measured on transformers + PEFT's mixed-batch forward, which "
+                                   "loops over adapters in Python; install the serve extra to decide H3 on vLLM")
         else:
             notes.append(f"H3: no multi-adapter configuration with per-round latencies at batch {s.h3_batch} "
                          f"in {over_file}")

@@ -832,6 +832,56 @@ def _aggregate_rounds(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _serving_offline_by_batch(sec: Section, art: Artefacts) -> None:
+    """Offline benchmark: one table per batch size, each configuration's mean over rounds and its
+    overhead vs the merged models (serve/results.json, serve/overhead.json)."""
+    res = art.json("serve/results.json")
+    rows = _aggregate_rounds(_rows_of(res, "rows", "results") or []) if res is not None else []
+    if not rows:
+        return
+    over = {(r.get("backend"), r.get("config"), r.get("batch_size")): r
+            for r in (_rows_of(art.json("serve/overhead.json") or [], "rows", "overhead") or [])}
+    for b in sorted({r["batch_size"] for r in rows}):
+        sub = []
+        for r in rows:
+            if r["batch_size"] != b:
+                continue
+            o = over.get((r["backend"], r["config"], b), {})
+            sub.append({**r, "overhead_pct": o.get("overhead_pct"), "ci_low": o.get("ci_low"),
+                        "ci_high": o.get("ci_high")})
+        sec.h3(f"Offline, batch size {b}")
+        sec.table(sub, pick_columns(sub, ["backend", "config", "adapters", "n_rounds", "latency_mean_s",
+                                          "throughput_tok_s", "ttft_mean_s", "overhead_pct", "ci_low", "ci_high",
+                                          "peak_child_rss_mb", "peak_gpu_mb"]),
+                  labels={"overhead_pct": "overhead vs merged %", "ci_low": "CI low %", "ci_high": "CI high %"})
+
+
+def _serving_online(sec: Section, art: Artefacts) -> None:
+    """Online benchmark (vLLM's OpenAI server, Poisson arrivals): one table per request rate, and
+    k merged engines vs one engine + k adapters (serve/online/)."""
+    summary = art.json("serve/online/summary.json")
+    if summary is None:
+        sec.note("No online benchmark (serve/online/summary.json): it runs on vLLM only (serve-bench --online).")
+        return
+    rows = _rows_of(summary, "rows", "summary") or []
+    meta = art.json("serve/online/meta.json") or {}
+    slo = meta.get("slo_ms") or {}
+    sec.p("vLLM's OpenAI-compatible server under Poisson arrivals; per request TTFT, TPOT, ITL and end-to-end "
+          "latency with vLLM's definitions (docs/serving.md); goodput = requests meeting every SLO "
+          f"({', '.join(f'{k} ≤ {v:g} ms' for k, v in slo.items())}) per second. Rate inf: all requests at once.")
+    for rate in list(dict.fromkeys(r.get("request_rate") for r in rows)):
+        sub = [r for r in rows if r.get("request_rate") == rate]
+        sec.h3(f"Online, request rate {rate} req/s")
+        sec.table(sub, pick_columns(sub, ["config", "completed", "request_throughput", "output_throughput", "goodput",
+                                          "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p99_ms",
+                                          "e2el_p50_ms", "e2el_p99_ms", "server_peak_rss_mb"]))
+    k = art.json("serve/online/k_tasks.json")
+    if k:
+        sec.h3("k tasks: one engine + k adapters vs k merged engines")
+        sec.table(k, pick_columns(k, ["setup", "k", "memory_mb", "max_request_throughput", "max_output_throughput",
+                                      "how"]))
+
+
 def sec_serving(art: Artefacts) -> Section:
     sec = Section("serving", "Serving benchmark")
     sec.p(SERVE_NOTE)
@@ -869,12 +919,16 @@ def sec_serving(art: Artefacts) -> Section:
         sec.note("serve/correctness.json is not present: no correctness check was recorded.")
     else:
         rows = _rows_of(corr, "rows", "correctness") or []
-        sec.p("Greedy tokens of each served adapter vs its merged model (and across backends): the fraction "
-              "of tokens that match.")
-        sec.table(rows, pick_columns(rows, ["backend", "config", "task", "reference", "match_rate", "min_match_rate",
+        sec.p("Greedy tokens and per-token log-probabilities of each adapter served unmerged vs its merged model, "
+              "within the dtype's tolerance; each adapter vs the base model (it must change something); and "
+              "across backends. Match rate: the fraction of tokens in the common prefix.")
+        sec.table(rows, pick_columns(rows, ["check", "backend", "config", "task", "reference", "passed", "match_rate",
+                                            "min_match_rate", "max_abs_logprob_diff", "logprob_tolerance",
                                             "n_prompts", "n_tokens"]))
         if not rows:
             sec.p("serve/correctness.json holds no rows.")
+    _serving_offline_by_batch(sec, art)
+    _serving_online(sec, art)
     meta = art.json("serve/meta.json")
     if isinstance(meta, dict) and meta:
         sec.kv(meta, caption="Benchmark settings (serve/meta.json)")

@@ -162,8 +162,10 @@ def phase3(cfg: RunConfig, tasks: list[str], say, cfg_for: ConfigFor | None = No
         run_rank_ablation(cfg_for, cfg.ablation.rank.tasks or tasks, say)
         say("rank ablation: tables and figures written")
     if cfg.study.serve and not (Path(cfg.out_dir) / "serve" / "overhead.json").exists():
-        serve_bench(cfg, tasks)
-        say("serving benchmark written")
+        backend = serve_backend(cfg.serve.backend)
+        serve_bench(cfg, tasks, backend=backend)
+        say(f"serving benchmark written (backend {backend}"
+            + (": PEFT backend, not vLLM; H3 is labelled so)" if backend == "hf" else ")"))
     hyp = run_stats(cfg)
     tracking.log_verdicts(cfg.report_to, cfg.out_dir, hyp)
     v = hyp["verdict"]
@@ -275,9 +277,19 @@ def write_manifest(cfg: RunConfig, cfg_for: ConfigFor, tasks: list[str], command
     })
 
 
-def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None) -> dict:
+def serve_backend(name: str) -> str:
+    """`auto`: vLLM when it is importable (H3 is then decided on vLLM), else the hf (PEFT) backend."""
+    if name != "auto":
+        return name
+    from loradrift.serving import vllm_available
+
+    return "vllm" if vllm_available() else "hf"
+
+
+def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, online: bool | None = None) -> dict:
     """The serving benchmark over Phase 2's LoRA adapters of seed `serve.seed`: prompts from each
-    task's dev data with the task's template, merged copies made on demand."""
+    task's dev data with the task's template, merged copies made on demand. The online benchmark
+    follows when the backend includes vllm and `online` (default `serve.online`) is on."""
     from loradrift.data import load_task
     from loradrift.models import resolve_model_dir
     from loradrift.serving import run_serve_bench, write_serve_results
@@ -285,6 +297,7 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None) ->
     from loradrift.train import export_merged, run_dir_for
 
     sv = cfg.serve
+    backend = serve_backend(backend or sv.backend)
     adapters, merged, prompts = {}, {}, {}
     for task in tasks:
         rcfg = cfg.model_copy(update={"task": task, "seed": sv.seed})
@@ -298,9 +311,41 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None) ->
         spec = get_task(task)
         rows = load_task(rcfg, spec).dev[: sv.prompts_per_task]
         prompts[task] = [spec.prompt.format(**{k: v for k, v in r.items() if isinstance(v, str)}) for r in rows]
-    res = run_serve_bench(resolve_model_dir(cfg.model), adapters, merged, prompts, backend=backend or sv.backend,
+    out = Path(cfg.out_dir) / "serve"
+    base_dir = resolve_model_dir(cfg.model)
+    res = run_serve_bench(base_dir, adapters, merged, prompts, backend=backend,
                           batch_sizes=sv.batch_sizes, max_tokens=sv.max_tokens, rounds=sv.rounds, warmup=sv.warmup,
-                          out_dir=Path(cfg.out_dir) / "serve", max_lora_rank=sv.max_lora_rank,
-                          max_prompt_tokens=sv.max_prompt_tokens, write=False, log=console.log)
-    write_serve_results(res, Path(cfg.out_dir) / "serve")
+                          out_dir=out, max_lora_rank=sv.max_lora_rank, max_prompt_tokens=sv.max_prompt_tokens,
+                          check_prompts=sv.check_prompts, check_tokens=sv.check_tokens,
+                          engine_restarts=sv.engine_restarts, max_num_seqs=sv.max_num_seqs,
+                          include_base=sv.include_base, write=False,
+                          log=console.log)
+    write_serve_results(res, out)
+    if (sv.online if online is None else online) and "vllm" in backend.split(","):
+        res["online"] = serve_online(cfg, base_dir, adapters, merged, prompts, res["meta"])
+    return res
+
+
+def serve_online(cfg: RunConfig, base_dir: Path, adapters: dict, merged: dict, prompts: dict, meta: dict) -> dict:
+    """The online benchmark with the offline run's engine settings; writes `serve/online/`."""
+    from transformers import AutoTokenizer
+
+    from loradrift.serving import (encode_prompts, engine_settings, k_tasks_cost, online_configs, plan_configs, prompt_pool,
+                                   run_online, write_online_results)
+    
+    sv = cfg.serve
+    configs = online_configs(plan_configs(base_dir, adapters, merged, include_base=False))
+    ids = encode_prompts(AutoTokenizer.from_pretrained(base_dir), prompt_pool(prompts, list(adapters)),
+                         sv.max_prompt_tokens)
+    max_len = max(len(p) for p in ids) + max(sv.online_max_tokens, sv.max_tokens, sv.check_tokens)
+    seqs = sv.max_num_seqs or max(sv.online_requests, max(sv.batch_sizes))
+    rates = list(sv.online_rates) + ([float("inf")] if sv.online_saturate else [])
+    res = run_online(configs, lambda c: engine_settings(c, base_dir, meta["device"], meta["dtype"], max_len,
+                                                          meta["max_lora_rank"], seqs),
+                     ids, Path(cfg.out_dir) / "serve" / "online", rates=rates, requests_per_rate=sv.online_requests,
+                     max_tokens=sv.online_max_tokens,
+                     slo_ms={"ttft": sv.slo_ttft_ms, "tpot": sv.slo_tpot_ms, "e2el": sv.slo_e2el_ms}, log=console.log)
+    res["k_tasks"] = k_tasks_cost(res["summary"], configs)
+    res["meta"]["machine"] = meta.get("machine")
+    write_online_results(res, Path(cfg.out_dir) / "serve" / "online")
     return res

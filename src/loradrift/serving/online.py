@@ -1,0 +1,343 @@
+"""The online benchmark: vLLM's OpenAI-compatible server on 127.0.0.1, driven by Poisson arrivals.
+
+For each configuration (a merged model; the base with k adapters via ``--lora-modules``) the
+command starts ``python -m vllm.entrypoints.openai.api_server`` with the offline benchmark's
+engine settings, keeps its log in ``online/server-<config>.log``, sends a request-rate sweep and
+stops the server. Requests go to ``/v1/completions`` with token-id prompts, ``stream: true``,
+greedy, ``ignore_eos``; adapters-<k> assigns requests to its adapters round-robin.
+
+The client is our own (threads + ``http.client``, no extra dependency) with vLLM's definitions
+from ``vllm/benchmarks/serve.py`` (``calculate_metrics``) and
+``vllm/benchmarks/lib/endpoint_request_func.py``:
+
+* TTFT: arrival of the first streamed chunk with choices, from the request's send time;
+* ITL: the gaps between successive such chunks;
+* E2EL: arrival of the last chunk, from the send time;
+* TPOT: ``(E2EL - TTFT) / (output tokens - 1)`` per request with more than one output token;
+* request throughput: completed requests / benchmark duration; output throughput: output tokens
+  / duration; goodput: requests meeting every stated SLO / duration;
+* percentiles: ``np.percentile`` (linear), ITL pooled over all requests.
+
+``vllm bench serve`` exists in vLLM 0.32 too (with ``--lora-modules`` and round-robin
+assignment), but its datasets are text or random tokens, not the offline benchmark's token ids;
+this client reproduces its metric definitions, and a test checks them against vLLM's own
+``calculate_metrics``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .adapters import ServeConfig, ServeError
+
+DEFAULT_RATES = (1.0, 2.0, 4.0, float("inf"))
+# Stated service-level objectives for goodput, in ms (a request counts when it meets all three).
+DEFAULT_SLO_MS = {"ttft": 2000.0, "tpot": 500.0, "e2el": 10000.0}
+
+
+@dataclass
+class RequestTiming:
+    """One request as the client saw it; times are ``time.perf_counter()`` seconds."""
+
+    config: str
+    adapter: str | None
+    rate: float
+    sent: float
+    chunk_times: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    ok: bool = False
+    error: str = ""
+
+    def metrics(self) -> dict[str, Any]:
+        return request_metrics(self.sent, self.chunk_times, self.output_tokens)
+
+
+def request_metrics(sent: float, chunk_times: Sequence[float], output_tokens: int) -> dict[str, Any]:
+    """TTFT, ITLs, TPOT and E2EL (seconds) of one streamed request, vLLM's definitions."""
+    if not chunk_times:
+        return {"ttft": None, "itl": [], "tpot": None, "e2el": None}
+    ttft = chunk_times[0] - sent
+    e2el = chunk_times[-1] - sent
+    itl = [b - a for a, b in zip(chunk_times, chunk_times[1:])]
+    tpot = (e2el - ttft) / (output_tokens - 1) if output_tokens > 1 else None
+    return {"ttft": ttft, "itl": itl, "tpot": tpot, "e2el": e2el}
+
+
+def _pct(values: Sequence[float], prefix: str) -> dict[str, float | None]:
+    if not values:
+        return {f"{prefix}_{s}_ms": None for s in ("mean", "p50", "p95", "p99")}
+    x = np.asarray(values, dtype=float) * 1000.0
+    return {f"{prefix}_mean_ms": float(x.mean()), f"{prefix}_p50_ms": float(np.percentile(x, 50)),
+            f"{prefix}_p95_ms": float(np.percentile(x, 95)), f"{prefix}_p99_ms": float(np.percentile(x, 99))}
+
+
+def summarize(requests: Sequence[RequestTiming], duration_s: float, slo_ms: Mapping[str, float]) -> dict[str, Any]:
+    """One row of the sweep: percentiles, throughputs and goodput over the completed requests.
+    For goodput a request with one output token has TPOT 0, as in vLLM; its TPOT percentiles
+    leave such requests out."""
+    done = [r for r in requests if r.ok]
+    ms = [r.metrics() for r in done]
+    good = sum(all((m[k] or 0.0) * 1000.0 <= v for k, v in slo_ms.items()) for m in ms)
+    out_tokens = sum(r.output_tokens for r in done)
+    return {
+        "n_requests": len(requests), "completed": len(done), "duration_s": duration_s,
+        "request_throughput": len(done) / duration_s, "output_throughput": out_tokens / duration_s,
+        "goodput": good / duration_s, "total_output_tokens": out_tokens,
+        **_pct([m["ttft"] for m in ms], "ttft"),
+        **_pct([m["tpot"] for m in ms if m["tpot"] is not None], "tpot"),
+        **_pct([x for m in ms for x in m["itl"]], "itl"),
+        **_pct([m["e2el"] for m in ms], "e2el"),
+    }
+
+
+def arrival_offsets(n: int, rate: float, seed: int) -> list[float]:
+    """Send times (s from the start) of n requests: a Poisson process of ``rate`` requests/s
+    (exponential gaps, as vLLM's ``--request-rate`` with burstiness 1); ``inf`` sends all at 0."""
+    if rate <= 0:
+        raise ValueError(f"request rate must be > 0, got {rate}")
+    if not np.isfinite(rate):
+        return [0.0] * n
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=n)
+    gaps[0] = 0.0
+    return np.cumsum(gaps).tolist()
+
+
+def stream_completion(host: str, port: int, body: Mapping[str, Any], timing: RequestTiming,
+                      timeout: float = 600.0) -> RequestTiming:
+    """POST one streamed completion and record when each chunk with text arrives."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        timing.sent = time.perf_counter()
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            timing.error = f"HTTP {resp.status}: {resp.read()[:300]!r}"
+            return timing
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                timing.ok = True
+                break
+            now = time.perf_counter()
+            chunk = json.loads(data)
+            choices = chunk.get("choices") or []
+            # as vLLM's client: every chunk with choices is a token step, even with empty text
+            # (a special token); the usage chunk carries no choices
+            if choices:
+                timing.chunk_times.append(now)
+            elif chunk.get("usage"):
+                timing.output_tokens = int(chunk["usage"].get("completion_tokens") or 0)
+        if timing.ok and not timing.output_tokens:
+            timing.ok, timing.error = False, "the stream carried no usage (completion_tokens)"
+    except (OSError, http.client.HTTPException, json.JSONDecodeError) as e:
+        timing.error = f"{type(e).__name__}: {e}"
+    finally:
+        conn.close()
+    return timing
+
+
+def run_rate(host: str, port: int, config: str, model_names: Sequence[str], prompts: Sequence[Sequence[int]],
+             rate: float, max_tokens: int, seed: int, max_workers: int = 256) -> tuple[list[RequestTiming], float]:
+    """Send ``len(prompts)`` requests at Poisson times; request i goes to ``model_names[i % k]``.
+    Returns the timings and the benchmark duration (first send to last completion)."""
+    offsets = arrival_offsets(len(prompts), rate, seed)
+    timings: list[RequestTiming] = []
+    futures = []
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(prompts))) as pool:
+        t0 = time.perf_counter()
+        for i, (ids, off) in enumerate(zip(prompts, offsets)):
+            delay = t0 + off - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            name = model_names[i % len(model_names)]
+            t = RequestTiming(config, name, rate, 0.0)
+            timings.append(t)
+            body = {"model": name, "prompt": list(ids), "max_tokens": max_tokens, "temperature": 0.0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            futures.append(pool.submit(stream_completion, host, port, body, t))
+        for f in futures:
+            f.result()
+    return timings, time.perf_counter() - t0
+
+
+def _rate_label(rate: float) -> float | str:
+    # JSON has no infinity; "inf" (all requests at once) stays readable in the tables
+    return rate if np.isfinite(rate) else "inf"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    """``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1, in its own process group,
+    log to ``log_path``; a context manager that stops it (SIGTERM, then SIGKILL) on exit."""
+
+    def __init__(self, cli_args: Sequence[str], served_name: str, log_path: Path, lora_modules: Mapping[str, Path],
+                 startup_timeout: float = 900.0):
+        self.port = _free_port()
+        self.host = "127.0.0.1"
+        self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *cli_args,
+                    "--host", self.host, "--port", str(self.port), "--served-model-name", served_name,
+                    "--disable-uvicorn-access-log"]
+        if lora_modules:
+            self.cmd += ["--lora-modules", *[f"{n}={p}" for n, p in lora_modules.items()]]
+        self.log_path = Path(log_path)
+        self.timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "VLLMServer":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")
+        self._log.write("$ " + " ".join(self.cmd) + "\n")
+        self._log.flush()
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.__exit__(None, None, None)
+                raise ServeError(f"the vLLM server exited with code {self.proc.returncode} while starting; "
+                                 f"see {self.log_path}")
+            try:
+                c = http.client.HTTPConnection(self.host, self.port, timeout=2)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(1.0)
+        self.__exit__(None, None, None)
+        raise ServeError(f"the vLLM server did not answer /health within {self.timeout:.0f} s; see {self.log_path}")
+
+    def peak_rss_mb(self) -> float | None:
+        """Sum of VmHWM over the server and its children (API server, engine core)."""
+        from .backends import _descendant_pids, peak_rss_mb
+
+        if self.proc is None:
+            return None
+        return peak_rss_mb([self.proc.pid, *_descendant_pids(self.proc.pid)]) or None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if getattr(self, "_log", None) is not None and not self._log.closed:
+            self._log.close()
+
+
+def online_configs(configs: Sequence[ServeConfig]) -> list[ServeConfig]:
+    """The merged model of the first adapters-1 task, adapters-1, and the widest adapters-<k>."""
+    adapters = [c for c in configs if c.kind == "adapters"]
+    if not adapters:
+        raise ServeError("the online benchmark needs at least one adapter")
+    one, widest = adapters[0], max(adapters, key=lambda c: len(c.tasks))
+    merged = next(c for c in configs if c.name == f"merged-{one.tasks[0]}")
+    out: list[ServeConfig] = []
+    for c in (merged, one, widest):
+        if c.name not in {o.name for o in out}:
+            out.append(c)
+    return out
+
+
+def run_online(
+    configs: Sequence[ServeConfig], settings_for: Callable[[ServeConfig], dict[str, Any]],
+    prompts: Sequence[Sequence[int]], out_dir: Path, *, rates: Sequence[float] = DEFAULT_RATES,
+    requests_per_rate: int = 32, max_tokens: int = 32, seed: int = 0, slo_ms: Mapping[str, float] = DEFAULT_SLO_MS,
+    log: Callable[..., Any] = print,
+) -> dict[str, Any]:
+    """Start one server per configuration, sweep the request rates (the same prompts and Poisson
+    send times for every configuration), stop it. Returns ``{"summary", "requests", "meta"}``."""
+    from .backends import engine_cli_args
+
+    out_dir = Path(out_dir)
+    if requests_per_rate < 1:
+        raise ServeError("online: requests_per_rate must be >= 1")
+    unknown = set(slo_ms) - {"ttft", "tpot", "e2el"}
+    if unknown:
+        raise ServeError(f"online: unknown SLO metric(s) {sorted(unknown)} (ttft | tpot | e2el)")
+    stream = [prompts[i % len(prompts)] for i in range(requests_per_rate)]
+    summary, requests, server_meta = [], [], {}
+    for cfg in configs:
+        settings = settings_for(cfg)
+        names = list(cfg.tasks) if cfg.kind == "adapters" else [cfg.name]
+        loras = {t: cfg.adapter_dirs[t] for t in cfg.tasks} if cfg.kind == "adapters" else {}
+        server = VLLMServer(engine_cli_args(settings), cfg.name, out_dir / f"server-{cfg.name}.log", loras)
+        log(f"[serve] online: starting the vLLM server for {cfg.name} (log {server.log_path})")
+        with server:
+            # one untimed request per model name: the first request of a LoRA loads its weights
+            run_rate(server.host, server.port, cfg.name, names, stream[: len(names)], float("inf"), max_tokens, seed)
+            for i, rate in enumerate(rates):
+                timings, dur = run_rate(server.host, server.port, cfg.name, names, stream, rate, max_tokens, seed + i)
+                failed = [t.error for t in timings if not t.ok]
+                if failed:
+                    raise ServeError(f"online {cfg.name} at {rate} req/s: {len(failed)} request(s) failed, "
+                                     f"first: {failed[0]} (server log {server.log_path})")
+                row = {"config": cfg.name, "adapters": "+".join(cfg.tasks) if cfg.kind == "adapters" else "",
+                       "request_rate": _rate_label(rate), **summarize(timings, dur, slo_ms),
+                       "server_peak_rss_mb": server.peak_rss_mb()}
+                summary.append(row)
+                requests += [{**asdict(t), "rate": _rate_label(rate), **{k: v for k, v in t.metrics().items() if k != "itl"}}
+                             for t in timings]
+                log(f"[serve] online {cfg.name} @ {rate} req/s: {row['request_throughput']:.2f} req/s, "
+                    f"p99 TTFT {row['ttft_p99_ms']:.0f} ms, p99 TPOT {row['tpot_p99_ms'] or float('nan'):.0f} ms")
+            server_meta[cfg.name] = {"command": server.cmd, "log": str(server.log_path), "engine_settings": settings}
+    meta = {"client": "loradrift.serving.online (threads + http.client), vLLM's metric definitions",
+            "endpoint": "/v1/completions, stream, token-id prompts, temperature 0, ignore_eos",
+            "rates": list(rates), "requests_per_rate": requests_per_rate, "max_tokens": max_tokens,
+            "arrivals": "Poisson (exponential gaps), seed + rate index", "seed": seed, "slo_ms": dict(slo_ms),
+            "goodput": "requests meeting every SLO / duration", "servers": server_meta}
+    return {"summary": summary, "requests": requests, "meta": meta}
+
+
+def k_tasks_cost(summary: Sequence[Mapping[str, Any]], configs: Sequence[ServeConfig]) -> list[dict[str, Any]]:
+    """Serving k tasks: one engine + k adapters (measured) vs k merged engines, whose memory is k
+    times one merged server's measured peak RSS and whose throughput on this one machine is at
+    most one merged engine's saturation throughput (k engines share the same cores/GPU). The
+    second row is derived from the first measurement, not measured with k servers running."""
+    sat: dict[str, Mapping[str, Any]] = {}
+    for r in summary:
+        if r["config"] not in sat or r["request_throughput"] > sat[r["config"]]["request_throughput"]:
+            sat[r["config"]] = r
+    widest = max((c for c in configs if c.kind == "adapters" and c.name in sat), key=lambda c: len(c.tasks), default=None)
+    merged = next((c for c in configs if c.kind == "merged" and c.name in sat), None)
+    if widest is None or merged is None:
+        return []
+    k = len(widest.tasks)
+    m, a = sat[merged.name], sat[widest.name]
+    mem = m.get("server_peak_rss_mb")
+    return [
+        {"setup": f"one engine + {k} adapters ({widest.name})", "k": k, "how": "measured",
+         "memory_mb": a.get("server_peak_rss_mb"), "max_request_throughput": a["request_throughput"],
+         "max_output_throughput": a["output_throughput"]},
+        {"setup": f"{k} merged engines ({k} x {merged.name})", "k": k,
+         "how": f"derived: {k} x one merged server's peak RSS; throughput of one merged engine at saturation, "
+                "which k engines on the same device share",
+         "memory_mb": None if mem is None else k * mem, "max_request_throughput": m["request_throughput"],
+         "max_output_throughput": m["output_throughput"]},
+    ]

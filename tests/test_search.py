@@ -357,3 +357,26 @@ def test_trial_folder_of_a_live_worker_is_not_stripped(tmp_path):
         proc.wait()
     _strip_trial(tmp_path / "trial_0")
     assert not (rd / "checkpoints").exists()
+
+
+def test_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_path):
+    import optuna
+
+    from loradrift.config import SearchConfig
+    from loradrift.search import _fail_stale, open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}",
+                           SearchConfig(heartbeat_interval=1, grace_period=1))
+    study = optuna.create_study(storage=storage, study_name="s")
+    orphan = study.ask()  # RUNNING, and no heartbeat thread ever beats for it
+    beating = study.ask()
+    storage.record_heartbeat(beating._trial_id)
+    time.sleep(1.5)
+    storage.record_heartbeat(beating._trial_id)  # alive
+    young = study.ask()  # within its grace period: its worker may be about to beat
+    _fail_stale(study)
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states[orphan.number] == TrialState.FAIL
+    assert states[beating.number] == TrialState.RUNNING and states[young.number] == TrialState.RUNNING
+    (retry,) = [t for t in study.get_trials(deepcopy=False) if t.system_attrs.get("failed_trial") == orphan.number]
+    assert retry.state == TrialState.WAITING

@@ -21,6 +21,7 @@ import shutil
 import time
 import warnings
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -408,6 +409,37 @@ def _fail_stale(study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+        _fail_unstarted(study)
+
+
+def _fail_unstarted(study) -> None:
+    """Fail (and retry) RUNNING trials that never recorded a heartbeat and are older than the
+    grace period. Optuna only fails trials whose heartbeat went stale, so a worker killed between
+    creating a trial and its heartbeat thread's first beat left a trial RUNNING for ever, and the
+    other workers waited on it for ever."""
+    import sqlalchemy.orm
+    from optuna.storages import RDBStorage
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+
+    storage = study._storage  # the study's cache in front of the RDBStorage, which holds the sessions
+    rdb = getattr(storage, "_backend", storage)
+    if not isinstance(rdb, RDBStorage) or rdb.heartbeat_interval is None:
+        return
+    grace = rdb.grace_period or 2 * rdb.heartbeat_interval
+    now = datetime.now()  # datetime_start is the local naive time of the worker that started it
+    with _create_scoped_session(rdb.scoped_session) as session:
+        ids = [t.trial_id for t in session.query(models.TrialModel)
+               .options(sqlalchemy.orm.selectinload(models.TrialModel.heartbeats))
+               .filter(models.TrialModel.state == TrialState.RUNNING,
+                       models.TrialModel.study_id == study._study_id)
+               if not t.heartbeats and t.datetime_start is not None
+               and (now - t.datetime_start).total_seconds() > grace]
+    callback = storage.get_heartbeat_stale_trial_callback()
+    for trial_id in ids:
+        if storage.set_trial_state_values(trial_id, state=TrialState.FAIL) and callback is not None:
+            callback(study, storage.get_trial(trial_id))
 
 
 def _is_surplus(study, me, n_target: int) -> bool:

@@ -29,6 +29,7 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from loradrift import weights as W
+from loradrift.models import cache_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    base_dir = Path(a.base_dir or Path(os.environ.get("LORADRIFT_CACHE", Path.home() / ".cache/loradrift"))
-                    / "models" / a.model)
+    base_dir = Path(a.base_dir or cache_dir() / "models" / a.model)
     runs = W._discover_runs(Path(a.out), a.model, a.tasks.split(","), [W.FULL, W.LORA])
     if not runs:
         raise SystemExit(f"--out {a.out}: no runs of {a.model} for tasks {a.tasks}")

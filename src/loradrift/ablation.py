@@ -66,7 +66,10 @@ def scaled_alpha(alpha_best: float, r_best: int, r: int, rule: str) -> int | flo
 
 
 def lora_scale_of(alpha: float, r: int, rslora: bool) -> float:
-    return alpha / math.sqrt(r) if rslora else alpha / r
+    """PEFT's scale for these settings: the one rule in :func:`loradrift.weights.lora_scale`."""
+    from loradrift.weights import lora_scale
+
+    return lora_scale({"lora_alpha": alpha, "use_rslora": rslora}, "", r)
 
 
 def _best_files(cfg_for: Callable[..., RunConfig], task: str, method: str) -> list[Path]:
@@ -114,13 +117,12 @@ def train_grid(cfg_for: Callable[..., RunConfig], task: str, acfg: RankAblationC
 
 
 def _interval(values: list[float], level: float) -> dict:
-    from loradrift.stats import t_interval
+    from loradrift.forgetting import interval
 
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
         return {"n": 0, "mean": None, "ci_low": None, "ci_high": None}
-    mean, lo, hi, _, _ = t_interval(vals, level)
-    return {"n": len(vals), "mean": mean, "ci_low": None if math.isnan(lo) else lo, "ci_high": None if math.isnan(hi) else hi}
+    return interval(vals, level)
 
 
 def analyse_task(cfg_for: Callable[..., RunConfig], task: str, runs: list[dict], acfg: RankAblationConfig) -> dict:

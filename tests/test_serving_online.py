@@ -63,6 +63,7 @@ class FakeCompletions(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     seen: list = []
+    ports: list = []  # the port that answered each request
 
     def log_message(self, *a):
         pass
@@ -74,6 +75,7 @@ class FakeCompletions(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeCompletions.seen.append(body)
+        FakeCompletions.ports.append(self.server.server_address[1])
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
@@ -100,7 +102,7 @@ def fake_server():
 
 def test_client_on_a_stream_with_known_timings(fake_server):
     FakeCompletions.seen.clear()
-    timings, dur = online.run_rate("127.0.0.1", fake_server, "adapters-2", ["sst2", "rte"], [[1, 2, 3]] * 4,
+    timings, dur = online.run_rate([("127.0.0.1", fake_server, n) for n in ("sst2", "rte")], "adapters-2", [[1, 2, 3]] * 4,
                                    rate=float("inf"), max_tokens=TOKENS, seed=0)
     assert [t.adapter for t in timings] == ["sst2", "rte", "sst2", "rte"]
     assert {b["model"] for b in FakeCompletions.seen} == {"sst2", "rte"}
@@ -117,6 +119,26 @@ def test_client_on_a_stream_with_known_timings(fake_server):
     assert dur >= FIRST_S + (TOKENS - 1) * GAP_S
     s = online.summarize(timings, dur, {"ttft": 1000.0})
     assert s["goodput"] == pytest.approx(s["request_throughput"])
+
+
+def test_requests_round_robin_over_k_servers(fake_server):
+    """merged-engines-k: request i goes to the server of task i mod k, with that server's model name."""
+    other = ThreadingHTTPServer(("127.0.0.1", 0), FakeCompletions)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    FakeCompletions.seen.clear()
+    FakeCompletions.ports.clear()
+    try:
+        targets = [("127.0.0.1", fake_server, "merged-sst2"), ("127.0.0.1", other.server_address[1], "merged-rte")]
+        timings, _ = online.run_rate(targets, "merged-engines-2", [[1], [2], [3], [4]], rate=float("inf"),
+                                     max_tokens=TOKENS, seed=0)
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert all(t.ok for t in timings)
+    assert [t.adapter for t in timings] == ["merged-sst2", "merged-rte"] * 2
+    by_prompt = {b["prompt"][0]: (port, b["model"]) for b, port in zip(FakeCompletions.seen, FakeCompletions.ports)}
+    assert by_prompt == {1: (fake_server, "merged-sst2"), 2: (other.server_address[1], "merged-rte"),
+                         3: (fake_server, "merged-sst2"), 4: (other.server_address[1], "merged-rte")}
 
 
 def test_client_reports_http_errors():
@@ -160,6 +182,24 @@ def test_k_tasks_cost_rows():
     assert rows[0]["how"] == "measured" and rows[0]["memory_mb"] == 1200.0 and rows[0]["max_request_throughput"] == 2.5
     assert rows[1]["k"] == 2 and rows[1]["memory_mb"] == 2200.0 and rows[1]["max_request_throughput"] == 3.0
     assert rows[1]["how"].startswith("derived")
+    # the k merged servers run at once: their row is measured, not derived
+    group = {"config": "merged-engines-2", "request_throughput": 4.0, "output_throughput": 120.0,
+             "server_peak_rss_mb": 2300.0}
+    rows = serving.k_tasks_cost(summary + [group], cfgs)
+    assert rows[1]["how"].startswith("measured") and rows[1]["memory_mb"] == 2300.0
+    assert rows[1]["max_request_throughput"] == 4.0 and rows[1]["max_output_throughput"] == 120.0
+
+
+def test_merged_engines_are_the_widest_adapter_configs_tasks():
+    from pathlib import Path
+
+    from loradrift import serving
+
+    tasks = ("mrpc", "sst2", "rte", "squad_v2")
+    cfgs = serving.plan_configs(Path("b"), {t: Path(t) for t in tasks}, {t: Path(t) for t in tasks}, include_base=False)
+    assert [c.name for c in serving.merged_engines(cfgs)] == [f"merged-{t}" for t in tasks]
+    one = serving.plan_configs(Path("b"), {"sst2": Path("a")}, {"sst2": Path("m")}, include_base=False)
+    assert serving.merged_engines(one) == []  # one task: nothing to compare
 
 
 def test_report_shows_offline_per_batch_and_online_per_rate(tmp_path):
@@ -187,3 +227,64 @@ def test_report_shows_offline_per_batch_and_online_per_rate(tmp_path):
     for text in ("Offline, batch size 1", "Offline, batch size 8", "22.1", "Online, request rate 2.0 req/s",
                  "Online, request rate inf req/s", "777.5", "ttft ≤ 2000 ms", "one engine + 4 adapters"):
         assert text in html, text
+
+
+def test_run_online_starts_k_merged_servers_at_once(monkeypatch, tmp_path):
+    """run_online without vLLM: a stand-in server class (the fake completions endpoint) records how
+    it was started. The k merged servers run together as one configuration, their RSS is summed,
+    and on a GPU they split vLLM's default memory share."""
+    from pathlib import Path
+
+    from loradrift import serving
+
+    live, started = [], []
+
+    class StandIn:
+        def __init__(self, cli_args, served_name, log_path, lora_modules, startup_timeout=900.0):
+            self.srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeCompletions)
+            self.host, self.port = "127.0.0.1", self.srv.server_address[1]
+            self.served_name, self.log_path, self.cmd = served_name, Path(log_path), list(cli_args)
+
+        def start(self):
+            threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+            live.append(self.served_name)
+            started.append((self.served_name, tuple(live)))
+            return self
+
+        def wait_ready(self):
+            return self
+
+        def __enter__(self):
+            return self.start().wait_ready()
+
+        def __exit__(self, *exc):
+            if self.served_name in live:
+                live.remove(self.served_name)
+                self.srv.shutdown()
+                self.srv.server_close()
+
+        def peak_rss_mb(self):
+            return 100.0
+
+    monkeypatch.setattr(online, "VLLMServer", StandIn)
+    tasks = ("sst2", "rte")
+    cfgs = serving.plan_configs(Path("b"), {t: Path(t) for t in tasks}, {t: Path(t) for t in tasks}, include_base=False)
+    settings = lambda c: {"model": str(c.model_dir), "tokenizer": "b", "dtype": "bfloat16", "max_model_len": 64,  # noqa: E731
+                          "seed": 0, "max_num_seqs": 4, "enable_prefix_caching": False, "enforce_eager": False}
+    res = online.run_online(online.online_configs(cfgs), settings, [[1, 2]], tmp_path, rates=[float("inf")],
+                            requests_per_rate=4, max_tokens=TOKENS, merged_group=serving.merged_engines(cfgs),
+                            device="cuda", log=lambda *_: None)
+    rows = {r["config"]: r for r in res["summary"]}
+    assert set(rows) == {"merged-sst2", "adapters-1", "adapters-2", "merged-engines-2"}
+    g = rows["merged-engines-2"]
+    assert g["engines"] == 2 and g["completed"] == 4 and g["server_peak_rss_mb"] == 200.0
+    assert rows["adapters-2"]["engines"] == 1 and rows["adapters-2"]["server_peak_rss_mb"] == 100.0
+    # both merged servers were up together; the single configurations ran one at a time
+    assert ("merged-rte", ("merged-sst2", "merged-rte")) in started
+    assert all(len(up) == 1 for name, up in started[:3])
+    group_cmds = [s["command"] for s in res["meta"]["servers"]["merged-engines-2"]["servers"]]
+    assert all(c[c.index("--gpu-memory-utilization") + 1] == "0.45" for c in group_cmds)
+    assert "--gpu-memory-utilization" not in res["meta"]["servers"]["adapters-2"]["command"]
+    assert {q["adapter"] for q in res["requests"] if q["config"] == "merged-engines-2"} == {"merged-sst2", "merged-rte"}
+    k = serving.k_tasks_cost(res["summary"], cfgs)
+    assert k[1]["how"].startswith("measured") and k[1]["memory_mb"] == 200.0

@@ -74,14 +74,16 @@ def test_vllm_online_server_sweep(tiny_vllm, tmp_path, monkeypatch):
     cfgs = {c.name: c for c in serving.plan_configs(base, adapters, {**merged, "squad_v2": base}, include_base=False)}
     ids = serving.encode_prompts(AutoTokenizer.from_pretrained(base), serving.prompt_pool(make_prompts(4), ["sst2"]), 64)
     out = tmp_path / "online"
+    group = serving.merged_engines(list(cfgs.values()))
+    assert [c.name for c in group] == ["merged-sst2", "merged-squad_v2"]
     res = serving.run_online(
         [cfgs["merged-sst2"], cfgs["adapters-2"]],
         lambda c: serving.engine_settings(c, base, "cpu", "float32", 128, 4, 8), ids, out,
         rates=[20.0, float("inf")], requests_per_rate=8, max_tokens=6, seed=0,
-        slo_ms={"ttft": 60000.0, "tpot": 60000.0}, log=lambda *_: None)
+        slo_ms={"ttft": 60000.0, "tpot": 60000.0}, merged_group=group, log=lambda *_: None)
     serving.write_online_results(res, out)
     assert {(r["config"], r["request_rate"]) for r in res["summary"]} == {
-        (c, r) for c in ("merged-sst2", "adapters-2") for r in (20.0, "inf")}
+        (c, r) for c in ("merged-sst2", "adapters-2", "merged-engines-2") for r in (20.0, "inf")}
     for r in res["summary"]:
         assert r["completed"] == 8 and r["total_output_tokens"] == 8 * 6
         assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] <= r["e2el_p99_ms"]
@@ -93,6 +95,12 @@ def test_vllm_online_server_sweep(tiny_vllm, tmp_path, monkeypatch):
         log = (out / f"server-{name}.log").read_text()
         assert "--no-enable-prefix-caching" in log.splitlines()[0]
     assert "--lora-modules" in (out / "server-adapters-2.log").read_text().splitlines()[0]
+    # two merged servers ran at once, each served its own model
+    assert {q["adapter"] for q in res["requests"] if q["config"] == "merged-engines-2"} == {"merged-sst2", "merged-squad_v2"}
+    for c in group:
+        assert "--served-model-name " + c.name in (out / f"server-merged-engines-2-{c.name}.log").read_text().splitlines()[0]
+    k = serving.k_tasks_cost(res["summary"], list(cfgs.values()))
+    assert [r["how"].split(":")[0] for r in k] == ["measured", "measured"] and k[1]["memory_mb"] > 0
     for f in ("summary.csv", "summary.json", "requests.json", "meta.json"):
         assert (out / f).is_file()
 

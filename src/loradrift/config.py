@@ -320,6 +320,9 @@ class ServeBenchConfig(_Strict):
     online_saturate: bool = Field(True, description="end the sweep with every request sent at once (saturation)")
     online_requests: int = Field(32, gt=0, description="requests per rate")
     online_max_tokens: int = Field(32, gt=0, description="output tokens per online request")
+    online_merged_engines: bool = Field(True, description="also run the k merged models of the widest adapters-k as k "
+                                        "servers at once, so 'k merged engines vs one engine + k adapters' is measured "
+                                        "(needs k servers' memory)")
     slo_ttft_ms: float = Field(2000.0, gt=0, description="goodput SLO: time to first token")
     slo_tpot_ms: float = Field(500.0, gt=0, description="goodput SLO: time per output token")
     slo_e2el_ms: float = Field(10000.0, gt=0, description="goodput SLO: end-to-end latency")

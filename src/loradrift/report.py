@@ -872,7 +872,7 @@ def _serving_online(sec: Section, art: Artefacts) -> None:
     for rate in list(dict.fromkeys(r.get("request_rate") for r in rows)):
         sub = [r for r in rows if r.get("request_rate") == rate]
         sec.h3(f"Online, request rate {rate} req/s")
-        sec.table(sub, pick_columns(sub, ["config", "completed", "request_throughput", "output_throughput", "goodput",
+        sec.table(sub, pick_columns(sub, ["config", "engines", "completed", "request_throughput", "output_throughput", "goodput",
                                           "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p99_ms",
                                           "e2el_p50_ms", "e2el_p99_ms", "server_peak_rss_mb"]))
     k = art.json("serve/online/k_tasks.json")

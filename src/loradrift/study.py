@@ -330,11 +330,13 @@ def serve_online(cfg: RunConfig, base_dir: Path, adapters: dict, merged: dict, p
     """The online benchmark with the offline run's engine settings; writes `serve/online/`."""
     from transformers import AutoTokenizer
 
-    from loradrift.serving import (encode_prompts, engine_settings, k_tasks_cost, online_configs, plan_configs, prompt_pool,
-                                   run_online, write_online_results)
-    
+    from loradrift.serving import (encode_prompts, engine_settings, k_tasks_cost, merged_engines, online_configs,
+                                   plan_configs, prompt_pool, run_online, write_online_results)
+
     sv = cfg.serve
-    configs = online_configs(plan_configs(base_dir, adapters, merged, include_base=False))
+    planned = plan_configs(base_dir, adapters, merged, include_base=False)
+    configs = online_configs(planned)
+    group = merged_engines(planned) if sv.online_merged_engines else []
     ids = encode_prompts(AutoTokenizer.from_pretrained(base_dir), prompt_pool(prompts, list(adapters)),
                          sv.max_prompt_tokens)
     max_len = max(len(p) for p in ids) + max(sv.online_max_tokens, sv.max_tokens, sv.check_tokens)
@@ -344,7 +346,8 @@ def serve_online(cfg: RunConfig, base_dir: Path, adapters: dict, merged: dict, p
                                                           meta["max_lora_rank"], seqs),
                      ids, Path(cfg.out_dir) / "serve" / "online", rates=rates, requests_per_rate=sv.online_requests,
                      max_tokens=sv.online_max_tokens,
-                     slo_ms={"ttft": sv.slo_ttft_ms, "tpot": sv.slo_tpot_ms, "e2el": sv.slo_e2el_ms}, log=console.log)
+                     slo_ms={"ttft": sv.slo_ttft_ms, "tpot": sv.slo_tpot_ms, "e2el": sv.slo_e2el_ms},
+                     merged_group=group, device=meta["device"], log=console.log)
     res["k_tasks"] = k_tasks_cost(res["summary"], configs)
     res["meta"]["machine"] = meta.get("machine")
     write_online_results(res, Path(cfg.out_dir) / "serve" / "online")

@@ -63,6 +63,7 @@ from .online import (
     DEFAULT_RATES,
     DEFAULT_SLO_MS,
     k_tasks_cost,
+    merged_engines,
     online_configs,
     run_online,
 )
@@ -81,8 +82,8 @@ __all__ = [
     "DEFAULT_TEMPLATE", "GenOut", "HFBackend", "ONLINE_COLUMNS", "OVERHEAD_COLUMNS", "PAIR_TASKS", "RESULT_COLUMNS",
     "SERVE_EXTRA_HINT", "ServeConfig", "ServeError", "TOLERANCE", "VLLMBackend", "adapter_rank", "build_prompts",
     "correctness_report", "encode_prompts", "engine_cli_args", "engine_settings", "ensure_merged",
-    "interleaved_schedule", "k_tasks_cost", "latency_stats", "match_rate", "mean_ci", "online_configs",
-    "overhead_per_round", "overhead_table", "parse_backends", "plan_configs", "plot_latency", "prompt_pool",
+    "interleaved_schedule", "k_tasks_cost", "latency_stats", "match_rate", "mean_ci", "merged_engines",
+    "online_configs", "overhead_per_round", "overhead_table", "parse_backends", "plan_configs", "plot_latency", "prompt_pool",
     "read_adapter_config", "row_adapters", "run_online", "run_serve_bench", "validate_adapter", "validate_adapters",
     "vllm_available", "write_online_results", "write_serve_results",
 ]

@@ -149,6 +149,8 @@ def engine_cli_args(settings: dict[str, Any]) -> list[str]:
             "--enable-prefix-caching" if settings["enable_prefix_caching"] else "--no-enable-prefix-caching"]
     if settings["enforce_eager"]:
         args.append("--enforce-eager")
+    if "gpu_memory_utilization" in settings:
+        args += ["--gpu-memory-utilization", str(settings["gpu_memory_utilization"])]
     if settings.get("enable_lora"):
         args += ["--enable-lora", "--max-loras", str(settings["max_loras"]),
                  "--max-lora-rank", str(settings["max_lora_rank"])]

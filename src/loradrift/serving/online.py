@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -155,9 +156,10 @@ def stream_completion(host: str, port: int, body: Mapping[str, Any], timing: Req
     return timing
 
 
-def run_rate(host: str, port: int, config: str, model_names: Sequence[str], prompts: Sequence[Sequence[int]],
+def run_rate(targets: Sequence[tuple[str, int, str]], config: str, prompts: Sequence[Sequence[int]],
              rate: float, max_tokens: int, seed: int, max_workers: int = 256) -> tuple[list[RequestTiming], float]:
-    """Send ``len(prompts)`` requests at Poisson times; request i goes to ``model_names[i % k]``.
+    """Send ``len(prompts)`` requests at Poisson times; request i goes to ``targets[i % k]``, a
+    (host, port, model name): one server's k adapters, or k servers' merged models.
     Returns the timings and the benchmark duration (first send to last completion)."""
     offsets = arrival_offsets(len(prompts), rate, seed)
     timings: list[RequestTiming] = []
@@ -168,7 +170,7 @@ def run_rate(host: str, port: int, config: str, model_names: Sequence[str], prom
             delay = t0 + off - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            name = model_names[i % len(model_names)]
+            host, port, name = targets[i % len(targets)]
             t = RequestTiming(config, name, rate, 0.0)
             timings.append(t)
             body = {"model": name, "prompt": list(ids), "max_tokens": max_tokens, "temperature": 0.0,
@@ -198,6 +200,7 @@ class VLLMServer:
                  startup_timeout: float = 900.0):
         self.port = _free_port()
         self.host = "127.0.0.1"
+        self.served_name = served_name
         self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *cli_args,
                     "--host", self.host, "--port", str(self.port), "--served-model-name", served_name,
                     "--disable-uvicorn-access-log"]
@@ -207,15 +210,20 @@ class VLLMServer:
         self.timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "VLLMServer":
+    def start(self) -> "VLLMServer":
+        """Launch the server without waiting for it (k servers start side by side)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
         self._log.write("$ " + " ".join(self.cmd) + "\n")
         self._log.flush()
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
+        self._deadline = time.monotonic() + self.timeout
+        return self
+
+    def wait_ready(self) -> "VLLMServer":
+        """Poll ``/health`` until it answers 200; stop the server and raise if it exits or times out."""
+        while time.monotonic() < self._deadline:
             if self.proc.poll() is not None:
                 self.__exit__(None, None, None)
                 raise ServeError(f"the vLLM server exited with code {self.proc.returncode} while starting; "
@@ -230,6 +238,9 @@ class VLLMServer:
             time.sleep(1.0)
         self.__exit__(None, None, None)
         raise ServeError(f"the vLLM server did not answer /health within {self.timeout:.0f} s; see {self.log_path}")
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start().wait_ready()
 
     def peak_rss_mb(self) -> float | None:
         """Sum of VmHWM over the server and its children (API server, engine core)."""
@@ -265,14 +276,38 @@ def online_configs(configs: Sequence[ServeConfig]) -> list[ServeConfig]:
     return out
 
 
+def merged_engines(configs: Sequence[ServeConfig]) -> list[ServeConfig]:
+    """The merged models of the widest adapters-<k>'s tasks: serving those k tasks merged takes
+    these k engines (empty when k < 2 or a merged model is missing)."""
+    adapters = [c for c in configs if c.kind == "adapters"]
+    if not adapters:
+        return []
+    widest = max(adapters, key=lambda c: len(c.tasks))
+    by_name = {c.name: c for c in configs if c.kind == "merged"}
+    group = [by_name.get(f"merged-{t}") for t in widest.tasks]
+    return [c for c in group if c is not None] if len(widest.tasks) > 1 and all(group) else []
+
+
+def group_name(k: int) -> str:
+    return f"merged-engines-{k}"
+
+
+# vLLM's default share of GPU memory for one engine; k engines on one GPU split it.
+VLLM_GPU_MEMORY_UTILIZATION = 0.9
+
+
 def run_online(
     configs: Sequence[ServeConfig], settings_for: Callable[[ServeConfig], dict[str, Any]],
     prompts: Sequence[Sequence[int]], out_dir: Path, *, rates: Sequence[float] = DEFAULT_RATES,
     requests_per_rate: int = 32, max_tokens: int = 32, seed: int = 0, slo_ms: Mapping[str, float] = DEFAULT_SLO_MS,
-    log: Callable[..., Any] = print,
+    merged_group: Sequence[ServeConfig] = (), device: str = "cpu", log: Callable[..., Any] = print,
 ) -> dict[str, Any]:
     """Start one server per configuration, sweep the request rates (the same prompts and Poisson
-    send times for every configuration), stop it. Returns ``{"summary", "requests", "meta"}``."""
+    send times for every configuration), stop it. With ``merged_group`` (k merged models), then
+    start those k servers at once and sweep them as one configuration, ``merged-engines-<k>``:
+    request i goes to the server of task i mod k, as adapters-<k> sends it to that task's
+    adapter. On a GPU the k servers split vLLM's default memory share; on a CPU each keeps its
+    ``VLLM_CPU_KVCACHE_SPACE``. Returns ``{"summary", "requests", "meta"}``."""
     from .backends import engine_cli_args
 
     out_dir = Path(out_dir)
@@ -283,6 +318,27 @@ def run_online(
         raise ServeError(f"online: unknown SLO metric(s) {sorted(unknown)} (ttft | tpot | e2el)")
     stream = [prompts[i % len(prompts)] for i in range(requests_per_rate)]
     summary, requests, server_meta = [], [], {}
+
+    def sweep(name: str, adapters: str, targets: list[tuple[str, int, str]], servers: list[VLLMServer]) -> None:
+        logs = ", ".join(str(s.log_path) for s in servers)
+        # one untimed request per target: the first request of a LoRA loads its weights
+        run_rate(targets, name, stream[: len(targets)], float("inf"), max_tokens, seed)
+        for i, rate in enumerate(rates):
+            timings, dur = run_rate(targets, name, stream, rate, max_tokens, seed + i)
+            failed = [t.error for t in timings if not t.ok]
+            if failed:
+                raise ServeError(f"online {name} at {rate} req/s: {len(failed)} request(s) failed, "
+                                 f"first: {failed[0]} (server log {logs})")
+            rss = [s.peak_rss_mb() for s in servers]
+            row = {"config": name, "adapters": adapters, "engines": len(servers), "request_rate": _rate_label(rate),
+                   **summarize(timings, dur, slo_ms),
+                   "server_peak_rss_mb": None if any(r is None for r in rss) else float(sum(rss))}
+            summary.append(row)
+            requests.extend({**asdict(t), "rate": _rate_label(rate), **{k: v for k, v in t.metrics().items() if k != "itl"}}
+                            for t in timings)
+            log(f"[serve] online {name} @ {rate} req/s: {row['request_throughput']:.2f} req/s, "
+                f"p99 TTFT {row['ttft_p99_ms']:.0f} ms, p99 TPOT {row['tpot_p99_ms'] or float('nan'):.0f} ms")
+
     for cfg in configs:
         settings = settings_for(cfg)
         names = list(cfg.tasks) if cfg.kind == "adapters" else [cfg.name]
@@ -290,23 +346,37 @@ def run_online(
         server = VLLMServer(engine_cli_args(settings), cfg.name, out_dir / f"server-{cfg.name}.log", loras)
         log(f"[serve] online: starting the vLLM server for {cfg.name} (log {server.log_path})")
         with server:
-            # one untimed request per model name: the first request of a LoRA loads its weights
-            run_rate(server.host, server.port, cfg.name, names, stream[: len(names)], float("inf"), max_tokens, seed)
-            for i, rate in enumerate(rates):
-                timings, dur = run_rate(server.host, server.port, cfg.name, names, stream, rate, max_tokens, seed + i)
-                failed = [t.error for t in timings if not t.ok]
-                if failed:
-                    raise ServeError(f"online {cfg.name} at {rate} req/s: {len(failed)} request(s) failed, "
-                                     f"first: {failed[0]} (server log {server.log_path})")
-                row = {"config": cfg.name, "adapters": "+".join(cfg.tasks) if cfg.kind == "adapters" else "",
-                       "request_rate": _rate_label(rate), **summarize(timings, dur, slo_ms),
-                       "server_peak_rss_mb": server.peak_rss_mb()}
-                summary.append(row)
-                requests += [{**asdict(t), "rate": _rate_label(rate), **{k: v for k, v in t.metrics().items() if k != "itl"}}
-                             for t in timings]
-                log(f"[serve] online {cfg.name} @ {rate} req/s: {row['request_throughput']:.2f} req/s, "
-                    f"p99 TTFT {row['ttft_p99_ms']:.0f} ms, p99 TPOT {row['tpot_p99_ms'] or float('nan'):.0f} ms")
-            server_meta[cfg.name] = {"command": server.cmd, "log": str(server.log_path), "engine_settings": settings}
+            sweep(cfg.name, "+".join(cfg.tasks) if cfg.kind == "adapters" else "",
+                  [(server.host, server.port, n) for n in names], [server])
+        server_meta[cfg.name] = {"command": server.cmd, "log": str(server.log_path), "engine_settings": settings}
+
+    if merged_group:
+        k, name = len(merged_group), group_name(len(merged_group))
+        servers, ports = [], set()
+        for cfg in merged_group:
+            settings = dict(settings_for(cfg))
+            if device.startswith("cuda"):
+                settings["gpu_memory_utilization"] = round(VLLM_GPU_MEMORY_UTILIZATION / k, 4)
+            srv = VLLMServer(engine_cli_args(settings), cfg.name, out_dir / f"server-{name}-{cfg.name}.log", {})
+            while srv.port in ports:  # a free port is only free until a server binds it
+                srv = VLLMServer(engine_cli_args(settings), cfg.name, srv.log_path, {})
+            ports.add(srv.port)
+            servers.append((srv, settings))
+        log(f"[serve] online: starting {k} vLLM servers at once for {name} "
+            f"({', '.join(c.name for c in merged_group)})")
+        with ExitStack() as stack:
+            for srv, _ in servers:
+                srv.start()
+                stack.callback(srv.__exit__, None, None, None)
+            for srv, _ in servers:
+                srv.wait_ready()
+            sweep(name, "", [(s.host, s.port, s.served_name) for s, _ in servers],
+                  [s for s, _ in servers])
+        server_meta[name] = {"servers": [{"command": s.cmd, "log": str(s.log_path), "engine_settings": st}
+                                         for s, st in servers],
+                             "kv_cache": (f"gpu_memory_utilization {VLLM_GPU_MEMORY_UTILIZATION}/{k} each"
+                                          if device.startswith("cuda") else
+                                          f"VLLM_CPU_KVCACHE_SPACE={os.environ.get('VLLM_CPU_KVCACHE_SPACE', '1')} GiB each")}
     meta = {"client": "loradrift.serving.online (threads + http.client), vLLM's metric definitions",
             "endpoint": "/v1/completions, stream, token-id prompts, temperature 0, ignore_eos",
             "rates": list(rates), "requests_per_rate": requests_per_rate, "max_tokens": max_tokens,
@@ -316,28 +386,36 @@ def run_online(
 
 
 def k_tasks_cost(summary: Sequence[Mapping[str, Any]], configs: Sequence[ServeConfig]) -> list[dict[str, Any]]:
-    """Serving k tasks: one engine + k adapters (measured) vs k merged engines, whose memory is k
-    times one merged server's measured peak RSS and whose throughput on this one machine is at
-    most one merged engine's saturation throughput (k engines share the same cores/GPU). The
-    second row is derived from the first measurement, not measured with k servers running."""
+    """Serving k tasks: one engine + k adapters vs k merged engines, each at its best throughput
+    of the sweep, with its servers' summed peak RSS. The k-merged row is measured when the sweep
+    ran ``merged-engines-<k>`` (k servers at once); otherwise it is derived, and says so: k times
+    one merged server's peak RSS, and one merged engine's saturation throughput, which k engines
+    on the same device share."""
     sat: dict[str, Mapping[str, Any]] = {}
     for r in summary:
         if r["config"] not in sat or r["request_throughput"] > sat[r["config"]]["request_throughput"]:
             sat[r["config"]] = r
     widest = max((c for c in configs if c.kind == "adapters" and c.name in sat), key=lambda c: len(c.tasks), default=None)
-    merged = next((c for c in configs if c.kind == "merged" and c.name in sat), None)
-    if widest is None or merged is None:
+    if widest is None:
         return []
     k = len(widest.tasks)
-    m, a = sat[merged.name], sat[widest.name]
+    a = sat[widest.name]
+    rows = [{"setup": f"one engine + {k} adapters ({widest.name})", "k": k, "how": "measured",
+             "memory_mb": a.get("server_peak_rss_mb"), "max_request_throughput": a["request_throughput"],
+             "max_output_throughput": a["output_throughput"]}]
+    group = sat.get(group_name(k))
+    if group is not None:
+        return rows + [{"setup": f"{k} merged engines ({group_name(k)})", "k": k,
+                        "how": f"measured: {k} servers running at once, requests round-robin over them",
+                        "memory_mb": group.get("server_peak_rss_mb"), "max_request_throughput": group["request_throughput"],
+                        "max_output_throughput": group["output_throughput"]}]
+    merged = next((c for c in configs if c.kind == "merged" and c.name in sat), None)
+    if merged is None:
+        return rows
+    m = sat[merged.name]
     mem = m.get("server_peak_rss_mb")
-    return [
-        {"setup": f"one engine + {k} adapters ({widest.name})", "k": k, "how": "measured",
-         "memory_mb": a.get("server_peak_rss_mb"), "max_request_throughput": a["request_throughput"],
-         "max_output_throughput": a["output_throughput"]},
-        {"setup": f"{k} merged engines ({k} x {merged.name})", "k": k,
-         "how": f"derived: {k} x one merged server's peak RSS; throughput of one merged engine at saturation, "
-                "which k engines on the same device share",
-         "memory_mb": None if mem is None else k * mem, "max_request_throughput": m["request_throughput"],
-         "max_output_throughput": m["output_throughput"]},
-    ]
+    return rows + [{"setup": f"{k} merged engines ({k} x {merged.name})", "k": k,
+                    "how": f"derived: {k} x one merged server's peak RSS; throughput of one merged engine at "
+                           "saturation, which k engines on the same device share",
+                    "memory_mb": None if mem is None else k * mem, "max_request_throughput": m["request_throughput"],
+                    "max_output_throughput": m["output_throughput"]}]

@@ -23,7 +23,7 @@ CORRECTNESS_COLUMNS = [
     "max_abs_logprob_diff", "logprob_tolerance", "dtype", "n_prompts", "n_tokens",
 ]
 ONLINE_COLUMNS = [
-    "config", "adapters", "request_rate", "n_requests", "completed", "duration_s", "request_throughput",
+    "config", "adapters", "engines", "request_rate", "n_requests", "completed", "duration_s", "request_throughput",
     "output_throughput", "goodput",
     *[f"{m}_{s}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "p50", "p95", "p99")],
     "server_peak_rss_mb",

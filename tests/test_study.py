@@ -65,6 +65,29 @@ def test_tiny_study_end_to_end(tmp_path):
     assert [p["phase"] for p in timings["phases"]] == ["phase0", "phase1", "phase2", "phase3"]
     if extra:
         _check_trackers(out, hyp)
+    _check_serving_reused_only_when_current(out)
+
+
+def _check_serving_reused_only_when_current(out: Path) -> None:
+    """Phase 3 reuses serve/ only for the same backend, settings and adapters; another benchmark
+    moves the finished one aside (nothing overwritten, nothing mixed)."""
+    from loradrift import study
+    from loradrift.config import resolve_config
+
+    cfg = resolve_config(preset="tiny", out_dir=str(out))
+    tasks, backend = list(cfg.study.tasks), study.serve_backend(cfg.serve.backend)
+    assert study.serve_is_current(cfg, tasks, backend)
+    fp = json.loads((out / "serve" / "fingerprint.json").read_text())
+    assert fp["backend"] == backend and all(fp["adapter_sha256"][t] for t in tasks)
+    other = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"batch_sizes": [1], "rounds": 2})})
+    assert not study.serve_is_current(other, tasks, backend)
+    assert not study.serve_is_current(cfg, tasks, "hf,vllm") and not study.serve_is_current(cfg, tasks[:2], backend)
+    before = (out / "serve" / "overhead.json").read_bytes()
+    study.serve_bench(other, tasks[:2], backend="hf")
+    moved = list(out.glob("serve.old-*"))
+    assert len(moved) == 1 and (moved[0] / "overhead.json").read_bytes() == before
+    assert study.serve_is_current(other, tasks[:2], "hf") and not study.serve_is_current(cfg, tasks, backend)
+    assert {r["batch_size"] for r in json.loads((out / "serve" / "overhead.json").read_text())} == {1}
 
 
 def _check_trackers(out: Path, hyp: dict) -> None:

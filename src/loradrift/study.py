@@ -17,6 +17,7 @@ both), then run `--phases 3` once when both are done. See docs/study.md.
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 import sys
@@ -161,11 +162,14 @@ def phase3(cfg: RunConfig, tasks: list[str], say, cfg_for: ConfigFor | None = No
 
         run_rank_ablation(cfg_for, cfg.ablation.rank.tasks or tasks, say)
         say("rank ablation: tables and figures written")
-    if cfg.study.serve and not (Path(cfg.out_dir) / "serve" / "overhead.json").exists():
+    if cfg.study.serve:
         backend = serve_backend(cfg.serve.backend)
-        serve_bench(cfg, tasks, backend=backend)
-        say(f"serving benchmark written (backend {backend}"
-            + (": PEFT backend, not vLLM; H3 is labelled so)" if backend == "hf" else ")"))
+        if serve_is_current(cfg, tasks, backend):
+            say(f"serving benchmark: serve/ already holds this benchmark (backend {backend}, same settings and adapters)")
+        else:
+            serve_bench(cfg, tasks, backend=backend)
+            say(f"serving benchmark written (backend {backend}"
+                + (": PEFT backend, not vLLM; H3 is labelled so)" if backend == "hf" else ")"))
     hyp = run_stats(cfg)
     tracking.log_verdicts(cfg.report_to, cfg.out_dir, hyp)
     v = hyp["verdict"]
@@ -286,6 +290,42 @@ def serve_backend(name: str) -> str:
     return "vllm" if vllm_available() else "hf"
 
 
+def _serve_adapters(cfg: RunConfig, tasks: list[str]) -> dict[str, Path]:
+    from loradrift.train import run_dir_for
+
+    out = {}
+    for task in tasks:
+        rcfg = cfg.model_copy(update={"task": task, "seed": cfg.serve.seed})
+        rcfg.method.name = "lora"
+        out[task] = serve_adapter_dir(run_dir_for(rcfg))
+    return out
+
+
+def serve_fingerprint(cfg: RunConfig, tasks: list[str], backend: str, online: bool | None = None) -> dict:
+    """What a serving benchmark's numbers depend on: the resolved backend, whether the online
+    benchmark runs, the serve settings, the tasks and each adapter's weights (SHA-256)."""
+    import hashlib
+
+    sv = cfg.serve.model_dump(mode="json")
+    sv.pop("backend")
+    weights = {}
+    for t, d in _serve_adapters(cfg, tasks).items():
+        f = d / "adapter_model.safetensors"
+        weights[t] = hashlib.sha256(f.read_bytes()).hexdigest() if f.exists() else None
+    return {"backend": backend, "online": bool((sv["online"] if online is None else online) and "vllm" in backend.split(",")),
+            "tasks": list(tasks), "serve": sv, "adapter_sha256": weights}
+
+
+def serve_is_current(cfg: RunConfig, tasks: list[str], backend: str) -> bool:
+    """True when serve/ holds a finished benchmark with the same fingerprint. A benchmark of another
+    backend, other settings or other adapters (or one stopped before it finished) is not reused:
+    the study runs it again, and :func:`serve_bench` moves the old folder aside first."""
+    f = Path(cfg.out_dir) / "serve" / "fingerprint.json"
+    if not f.exists():
+        return False
+    return json.loads(f.read_text()) == json.loads(json.dumps(serve_fingerprint(cfg, tasks, backend)))
+
+
 def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, online: bool | None = None) -> dict:
     """The serving benchmark over Phase 2's LoRA adapters of seed `serve.seed`: prompts from each
     task's dev data with the task's template, merged copies made on demand. The online benchmark
@@ -294,24 +334,27 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
     from loradrift.models import resolve_model_dir
     from loradrift.serving import run_serve_bench, write_serve_results
     from loradrift.tasks import get_task
-    from loradrift.train import export_merged, run_dir_for
+    from loradrift.train import export_merged
 
     sv = cfg.serve
     backend = serve_backend(backend or sv.backend)
     adapters, merged, prompts = {}, {}, {}
-    for task in tasks:
-        rcfg = cfg.model_copy(update={"task": task, "seed": sv.seed})
-        rcfg.method.name = "lora"
-        rd = run_dir_for(rcfg)
-        if not (serve_adapter_dir(rd) / "adapter_config.json").exists():
-            raise FileNotFoundError(f"serve-bench: no LoRA adapter for task {task} seed {sv.seed} at {serve_adapter_dir(rd)} "
+    for task, adapter in _serve_adapters(cfg, tasks).items():
+        if not (adapter / "adapter_config.json").exists():
+            raise FileNotFoundError(f"serve-bench: no LoRA adapter for task {task} seed {sv.seed} at {adapter} "
                                     f"(run Phase 2 first: loradrift train --task {task} --method lora --seed {sv.seed})")
-        adapters[task] = serve_adapter_dir(rd)
-        merged[task] = export_merged(rd)
+        adapters[task] = adapter
+        merged[task] = export_merged(adapter.parent)
         spec = get_task(task)
-        rows = load_task(rcfg, spec).dev[: sv.prompts_per_task]
+        rows = load_task(cfg.model_copy(update={"task": task, "seed": sv.seed}), spec).dev[: sv.prompts_per_task]
         prompts[task] = [spec.prompt.format(**{k: v for k, v in r.items() if isinstance(v, str)}) for r in rows]
+    fingerprint = serve_fingerprint(cfg, tasks, backend, online)
     out = Path(cfg.out_dir) / "serve"
+    if out.exists():
+        # nothing computed is overwritten, and nothing of an earlier benchmark mixes with this one
+        old = out.with_name(f"serve.old-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}")
+        out.rename(old)
+        console.log(f"serve-bench: the earlier serve/ was moved to {old.name}")
     base_dir = resolve_model_dir(cfg.model)
     res = run_serve_bench(base_dir, adapters, merged, prompts, backend=backend,
                           batch_sizes=sv.batch_sizes, max_tokens=sv.max_tokens, rounds=sv.rounds, warmup=sv.warmup,
@@ -321,8 +364,10 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
                           include_base=sv.include_base, write=False,
                           log=console.log)
     write_serve_results(res, out)
-    if (sv.online if online is None else online) and "vllm" in backend.split(","):
+    if fingerprint["online"]:
         res["online"] = serve_online(cfg, base_dir, adapters, merged, prompts, res["meta"])
+    # written last: it marks the benchmark finished (serve_is_current)
+    atomic_write_json(out / "fingerprint.json", fingerprint)
     return res
 
 

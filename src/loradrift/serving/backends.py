@@ -271,6 +271,15 @@ class HFBackend:
             self.torch.cuda.empty_cache()
 
 
+# vLLM CPU otherwise reserves a large KV cache; 1 GiB holds thousands of short requests.
+CPU_KVCACHE_GIB = "1"
+
+
+def cpu_kvcache_gib() -> str:
+    """The KV-cache size (GiB) a vLLM engine on the CPU gets: ``VLLM_CPU_KVCACHE_SPACE``, else ours."""
+    return os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
+
+
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
@@ -286,8 +295,7 @@ class VLLMBackend:
         if not vllm_available():
             raise ServeError(f"backend 'vllm' needs the serve extra, which is not installed: {SERVE_EXTRA_HINT}")
         if device == "cpu":
-            # vLLM CPU otherwise reserves a large KV cache; 1 GiB holds thousands of short requests.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = cpu_kvcache_gib()
         self.base_dir = Path(base_dir)
         self.device = device
         self.dtype = dtype

@@ -38,6 +38,7 @@ from .backends import (
     GenOut,
     _resolve_device,
     _resolve_dtype,
+    cpu_kvcache_gib,
     parse_backends,
 )
 from .results import write_serve_results
@@ -395,7 +396,7 @@ def run_serve_bench(
                       "min_match_rate": corr.tolerance(resolved_dtype)[1]},
         "ci_method": ci_method, "cpu_threads": cpu_threads, "order_seed": order_seed,
         "engine_restarts": restarts_used, "engine_settings": settings,
-        "vllm_cpu_kvcache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE") if "vllm" in backends else None,
+        "vllm_cpu_kvcache_space_gib": cpu_kvcache_gib() if "vllm" in backends else None,
         "adapter_assignment": "round-robin over the request stream (batch 1 included)",
         "interleaved": [b for b in backends if b in _INTERLEAVED],
         "configs": [{"name": c.name, "tasks": list(c.tasks)} for c in configs],

@@ -43,6 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .adapters import ServeConfig, ServeError
+from .backends import _descendant_pids, cpu_kvcache_gib, engine_cli_args, peak_rss_mb
 
 DEFAULT_RATES = (1.0, 2.0, 4.0, float("inf"))
 # Stated service-level objectives for goodput, in ms (a request counts when it meets all three).
@@ -216,7 +217,7 @@ class VLLMServer:
         self._log = open(self.log_path, "w")
         self._log.write("$ " + " ".join(self.cmd) + "\n")
         self._log.flush()
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": cpu_kvcache_gib()}
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self._deadline = time.monotonic() + self.timeout
         return self
@@ -244,8 +245,6 @@ class VLLMServer:
 
     def peak_rss_mb(self) -> float | None:
         """Sum of VmHWM over the server and its children (API server, engine core)."""
-        from .backends import _descendant_pids, peak_rss_mb
-
         if self.proc is None:
             return None
         return peak_rss_mb([self.proc.pid, *_descendant_pids(self.proc.pid)]) or None
@@ -308,8 +307,6 @@ def run_online(
     request i goes to the server of task i mod k, as adapters-<k> sends it to that task's
     adapter. On a GPU the k servers split vLLM's default memory share; on a CPU each keeps its
     ``VLLM_CPU_KVCACHE_SPACE``. Returns ``{"summary", "requests", "meta"}``."""
-    from .backends import engine_cli_args
-
     out_dir = Path(out_dir)
     if requests_per_rate < 1:
         raise ServeError("online: requests_per_rate must be >= 1")
@@ -376,7 +373,7 @@ def run_online(
                                          for s, st in servers],
                              "kv_cache": (f"gpu_memory_utilization {VLLM_GPU_MEMORY_UTILIZATION}/{k} each"
                                           if device.startswith("cuda") else
-                                          f"VLLM_CPU_KVCACHE_SPACE={os.environ.get('VLLM_CPU_KVCACHE_SPACE', '1')} GiB each")}
+                                          f"VLLM_CPU_KVCACHE_SPACE={cpu_kvcache_gib()} GiB each")}
     meta = {"client": "loradrift.serving.online (threads + http.client), vLLM's metric definitions",
             "endpoint": "/v1/completions, stream, token-id prompts, temperature 0, ignore_eos",
             "rates": list(rates), "requests_per_rate": requests_per_rate, "max_tokens": max_tokens,

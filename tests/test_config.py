@@ -1,10 +1,10 @@
 import pytest
 
-from loradrift.config import ConfigError, RunConfig, parse_override, preset_names, resolve_config
+from loradrift.config import ConfigError, RunConfig, SearchConfig, parse_override, preset_names, resolve_config
 
 
 def test_presets_all_validate():
-    assert {"tiny", "smollm2", "tinyllama"} <= set(preset_names())
+    assert {"tiny", "smollm2", "smollm2-gpu", "tinyllama"} <= set(preset_names())
     for name in preset_names():
         cfg = resolve_config(preset=name)
         assert cfg.preset == name
@@ -12,8 +12,80 @@ def test_presets_all_validate():
             assert resolve_config(preset=name, task=task).task == task
 
 
-def test_default_preset_is_smollm2():
-    assert resolve_config().model.name == "smollm2-135m"
+def test_default_preset_is_smollm2_without_a_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_config().preset == "smollm2" and resolve_config().model.name == "smollm2-135m"
+
+
+def _with_gpu(monkeypatch, available: bool):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+
+
+@pytest.mark.parametrize("gpu, preset, why", [(True, "smollm2-gpu", "a CUDA GPU is present (NVIDIA H100 80GB HBM3)"),
+                                              (False, "smollm2", "no CUDA GPU is available")])
+def test_study_picks_its_preset_by_device_and_says_why_first(monkeypatch, tmp_path, capsys, gpu, preset, why):
+    import loradrift.study
+    from loradrift.cli import main
+
+    _with_gpu(monkeypatch, gpu)
+    seen = []
+
+    def fake_study(configs, phases, tasks, **kw):
+        seen.append((configs().preset, configs(task="sst2").out_dir))
+        return {"phases": [], "total_seconds": 0.0}
+
+    monkeypatch.setattr(loradrift.study, "run_study", fake_study)
+    assert main(["study", "--out", str(tmp_path)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"loradrift study: preset {preset}, because {why} (--preset names another)"
+    assert seen == [(preset, tmp_path)]
+    # A named preset wins over the device, and the first line says so.
+    assert main(["study", "--preset", "tiny", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "loradrift study: preset tiny (from --preset)"
+    assert seen[-1][0] == "tiny"
+
+
+def test_commands_without_a_preset_agree_on_the_output_folder(monkeypatch):
+    # `report` or `stats` after `study` on the same machine must find the study's folder.
+    _with_gpu(monkeypatch, True)
+    assert str(resolve_config().out_dir) == "runs/smollm2-gpu"
+    _with_gpu(monkeypatch, False)
+    assert str(resolve_config().out_dir) == "runs/smollm2"
+
+
+SMOLLM2_HIDDEN = 576  # SmolLM2-135M's hidden size (models.describe on the GGUF)
+DEV_SIZES = {"mrpc": 408, "sst2": 872, "rte": 277, "squad_v2": 11873}  # shared/data/README.md
+
+
+def test_gpu_preset_is_the_study_the_findings_need():
+    """The smollm2-gpu preset (docs/results.md, "SmolLM2 on a GPU"): full train sets (SST-2
+    capped), full dev sets, >= 6 search trials, 3 seeds, snapshots every 100 steps, a probe the
+    estimator can use, and hf serving at the plan's batch sizes."""
+    base = resolve_config(preset="smollm2-gpu")
+    assert base.model.name == "smollm2-135m" and len(base.study.seeds) == 3 and base.search.trials >= 6
+    assert base.search.trial_max_steps is not None  # short trials
+    assert base.serve.backend == "hf" and base.serve.batch_sizes == [1, 2, 4, 8, 16] and base.serve.rounds >= 10
+    for task in ("mrpc", "sst2", "rte", "squad_v2"):
+        cfg = resolve_config(preset="smollm2-gpu", task=task)
+        assert cfg.data.max_dev_examples is None, task  # full dev sets
+        assert cfg.data.max_train_examples is None or task in ("sst2", "squad_v2"), task
+        assert cfg.probe.enabled and cfg.probe.snapshot_every == 100
+        assert cfg.search.spaces == SearchConfig().spaces  # the research plan's spaces, unchanged
+        # The probe and the final-step estimator agree: debiased CKA is unbiased at any n >= 4, and
+        # the probe is >= 512 and >= 2 x hidden size (so that even biased linear CKA, n >> d, would
+        # do) wherever the dev set has that many examples; otherwise it is the whole dev set.
+        assert cfg.drift.metric == "debiased"
+        assert cfg.probe.size >= max(512, 2 * SMOLLM2_HIDDEN)
+        n_probe = min(cfg.probe.size, DEV_SIZES[task])
+        assert n_probe == DEV_SIZES[task] or n_probe >= 2 * SMOLLM2_HIDDEN
+    # The offline SQuAD v2 subset is 4,719 questions: the cap keeps a Hub download the same size.
+    assert resolve_config(preset="smollm2-gpu", task="squad_v2").data.max_train_examples == 4719
+    assert resolve_config(preset="smollm2-gpu", task="sst2").data.max_train_examples < 67349
 
 
 def test_override_types_and_precedence(tmp_path):

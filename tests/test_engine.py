@@ -127,11 +127,39 @@ def test_engine_switches_do_not_change_what_is_computed(tiny_cfg, switch, method
         assert ctx.engine.pad_to_multiple_of == 48
 
 
-def test_compiled_step_matches_eager_on_cpu(tiny_cfg):
-    eager, _ = _losses(tiny_cfg("sst2", "lora", overrides=["method.lora.dropout=0"]), steps=3)
-    compiled, ctx = _losses(tiny_cfg("sst2", "lora", overrides=["method.lora.dropout=0", "train.engine.compile=on"]), steps=3)
-    assert ctx.engine.compile and ctx.forward is not ctx.model
+@pytest.mark.parametrize("scope,extra", [("model", []), ("blocks", []), ("blocks", ["train.engine.gradient_checkpointing=true"])])
+def test_compiled_step_matches_eager_on_cpu(tiny_cfg, scope, extra):
+    base = ["method.lora.dropout=0", *extra]
+    eager, _ = _losses(tiny_cfg("sst2", "lora", overrides=base), steps=3)
+    compiled, ctx = _losses(tiny_cfg("sst2", "lora", overrides=[*base, "train.engine.compile=on", f"train.engine.compile_scope={scope}"]), steps=3)
+    assert ctx.engine.compile and ctx.engine.compile_scope == scope
+    assert (ctx.forward is not ctx.model) == (scope == "model")
     np.testing.assert_allclose(compiled, eager, rtol=1e-4)
+
+
+def test_compiled_blocks_serve_training_only(tiny_cfg):
+    from torch._dynamo.utils import counters
+
+    ctx = setup(tiny_cfg("sst2", "lora", overrides=["train.engine.compile=on", "model.tiny.num_hidden_layers=6"]))
+    blocks = ctx.compiled.blocks
+    assert len(blocks) == ctx.model.backbone.config.num_hidden_layers
+    opt, sched = make_optimizer(ctx, 1e-3, 2)
+    order = batch_order(ctx, ctx.cfg.train.batch_size, ctx.cfg.seed)
+    before = counters["frames"]["ok"]
+    train_step(ctx, order, 0, opt, sched)
+    # One compilation serves every block (their code is shared): far fewer frames than blocks.
+    assert 0 < counters["frames"]["ok"] - before < len(blocks)
+    assert all(b._compiled_call_impl is None for b in blocks)  # off again after the step
+    after_training = counters["frames"]["ok"]
+    evaluate(ctx, "val")  # evaluation (and so snapshots) run the eager model: nothing compiles
+    assert counters["frames"]["ok"] == after_training
+
+
+def test_blocks_scope_names_the_option_when_a_model_has_no_blocks():
+    from loradrift.train import repeated_blocks
+
+    with pytest.raises(ValueError, match="compile_scope=model"):
+        repeated_blocks(torch.nn.Linear(2, 2))
 
 
 def test_length_grouped_run_trains_and_logs(tiny_cfg):
@@ -154,6 +182,16 @@ def test_log_is_appended_as_training_goes(tiny_cfg):
 
     train_run(cfg, on_step=on_step)
     assert seen[1] == [] and seen[2] == [2] and seen[5] == [2, 4] and seen[6] == [2, 4, 6]
+
+
+def test_splits_are_tokenised_on_first_use(tiny_cfg):
+    from loradrift.data import encode
+
+    ctx = setup(tiny_cfg("squad_v2", "full"))
+    assert set(ctx.feats) == {"train"}  # the engine needs the run's length; nothing else yet
+    evaluate(ctx, "val")
+    assert set(ctx.feats) == {"train", "val"}  # a search trial stops here: dev is never tokenised
+    assert ctx.feats["dev"] == encode(ctx.spec, ctx.tokenizer, ctx.data.dev, ctx.cfg)
 
 
 def test_untied_lm_head_is_frozen_in_full_fine_tuning(tiny_cfg):

@@ -242,8 +242,17 @@ def test_pruner_compares_trials_at_equal_examples_seen(finished_study):
 
 
 def test_search_report_writes_tables_importances_and_figures(finished_study):
+    import matplotlib
+
     out, _, r = finished_study
+    def style():  # the backend (Agg, set for headless plotting) is not style
+        return {k: v for k, v in matplotlib.rcParams.items() if not k.startswith("backend")}
+
+    before = style()
     rep = search_report(out, storage=f"sqlite:///{out / 'search' / 'optuna.db'}")
+    # optuna's plots switch matplotlib to its ggplot style; later figures of the process (the
+    # study's report) must not inherit it.
+    assert style() == before
     rd = out / "search" / "report"
     summary = json.loads((rd / "summary.json").read_text())
     (study,) = summary["studies"]

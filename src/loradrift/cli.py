@@ -23,7 +23,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _config_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("config")
-    g.add_argument("--preset", default=None, help="tiny | smollm2 (default) | tinyllama")
+    g.add_argument("--preset", default=None, help="tiny | smollm2 | smollm2-gpu | tinyllama (default: smollm2-gpu where a CUDA GPU is "
+                   "available, else smollm2)")
     g.add_argument("--config", action="append", type=Path, default=[], metavar="FILE", help="YAML config file (repeatable, later wins)")
     g.add_argument("--out", type=Path, default=None, help="study output folder (default: the preset's out_dir)")
     g.add_argument("--data-dir", type=Path, default=None, help="task data folder (default ../shared/data or $LORADRIFT_DATA)")
@@ -297,6 +298,16 @@ def cmd_report(args, configs: Configs) -> int:
     return 0
 
 
+def cmd_bundle(args, configs: Configs) -> int:
+    from loradrift.bundle import write_bundle
+
+    out = Path(configs().out_dir)
+    b = write_bundle(out, args.dest)
+    print(f"{b['dest']}: {b['files']} files, {b['bytes'] / 1e6:.1f} MB from {out} (no weights); "
+          f"rebuild the report there with: loradrift report --out {b['dest']}")
+    return 0
+
+
 def cmd_store_repair(args, configs: Configs) -> int:
     from loradrift.io import reconcile_store
 
@@ -314,6 +325,13 @@ def cmd_study(args, configs: Configs) -> int:
     if not set(phases) <= {0, 1, 2, 3}:
         raise ValueError(f"--phases: phases are 0, 1, 2, 3 (got {args.phases})")
     tasks = _tasks(args.tasks) if args.tasks else None
+    if args.preset is None:
+        from loradrift.config import default_preset
+
+        name, why = default_preset()
+        print(f"loradrift study: preset {name}, because {why} (--preset names another)", flush=True)
+    else:
+        print(f"loradrift study: preset {args.preset} (from --preset)", flush=True)
     try:
         res = run_study(configs, phases, tasks, command="loradrift " + " ".join(sys.argv[1:]),
                         use_ray=args.ray or args.ray_address is not None, ray_address=args.ray_address)
@@ -341,6 +359,7 @@ COMMANDS = {
     "stats": (cmd_stats, "Phase 3: the pre-registered hypothesis tests"),
     "report": (cmd_report, "Phase 3: the HTML and PDF report (reads artefacts only)"),
     "study": (cmd_study, "the whole study, Phase 0 to the report, resumable"),
+    "bundle": (cmd_bundle, "copy a study's records, tables, figures and report inputs (no weights) to a new folder"),
     "store": (cmd_store_repair, "results store commands"),
 }
 
@@ -435,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("report", parents=[parent], help=COMMANDS["report"][1])
     c.add_argument("--no-pdf", action="store_true", help="HTML only")
     c.set_defaults(func=cmd_report)
+
+    c = sub.add_parser("bundle", parents=[parent], help=COMMANDS["bundle"][1])
+    c.add_argument("dest", type=Path, help="new folder (must not exist); `loradrift report --out DEST` rebuilds the report from it")
+    c.set_defaults(func=cmd_bundle)
 
     c = sub.add_parser("score", help=COMMANDS["score"][1])
     c.add_argument("task", help="squad_v2")

@@ -582,14 +582,16 @@ def _figures(study, name: str, fig_dir: Path, done: list) -> dict[str, str]:
         return out
     plots = {"history": ovm.plot_optimization_history, "slice": ovm.plot_slice}
     for kind, plot in plots.items():
-        with warnings.catch_warnings():
+        # optuna's plots call plt.style.use("ggplot"), which would restyle every later figure of
+        # the process: the study's report would differ from `loradrift report` run on its own.
+        with warnings.catch_warnings(), plt.rc_context():
             warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
             ax = plot(study)
-        fig = np.atleast_1d(ax).flat[0].figure
-        fig.suptitle(name, fontsize=9)
-        path = fig_dir / f"{name}_{kind}.png"
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
+            fig = np.atleast_1d(ax).flat[0].figure
+            fig.suptitle(name, fontsize=9)
+            path = fig_dir / f"{name}_{kind}.png"
+            fig.savefig(path, dpi=100, bbox_inches="tight")
+            plt.close(fig)
         out[kind] = str(path)
     return out
 

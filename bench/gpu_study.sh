@@ -4,6 +4,8 @@
 # stays on the machine (under WORK) while it is warm, so a run that hits the limit is resumed by
 # the same command in the next run: finished runs and phases are kept (docs/study.md).
 #   bash bench/gpu_study.sh OUT_DIR [SECONDS] [study options ...]
+# Here, once: ../shared/gpu/stage.sh, then the one wheel it does not bring:
+#   pip download -q --no-deps --only-binary=:all: -d .gpu/2/wheels threadpoolctl==3.8.0
 # On a lent machine (../shared/gpu/README.md): first run `bash .gpu/1/stash.sh` carrying .gpu/1,
 # then at once, carrying .gpu/2:
 #   source .gpu/2/setup.sh && bash bench/gpu_study.sh "$OUT" 480
@@ -22,6 +24,11 @@ PY=${PYTHON:-python3}  # the interpreter that has loradrift (setup.sh installs i
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi: $(uname -m) CPU"
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 } > "$OUT/device.txt" 2>&1
+# Every module the study imports, before minutes are spent: the GPU image lacks some (stage.sh
+# brings optuna, pydantic and gguf; threadpoolctl needs the extra wheel of docs/study.md).
+if ! "$PY" -c "import loradrift.cli, loradrift.study, loradrift.weights, loradrift.report, optuna, pydantic, gguf, statsmodels, jinja2" >> "$OUT/device.txt" 2>&1; then
+  echo "missing a module: $(tail -1 "$OUT/device.txt")"; exit 3
+fi
 t0=$(date +%s)
 # The study's own log (progress bars, phase times) comes back whole; the terminal gets its tail.
 timeout --signal=INT --kill-after=20 "$LIMIT" "$PY" -m loradrift study --out "$WORK/out" "$@" > "$OUT/study.log" 2>&1

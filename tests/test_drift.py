@@ -218,7 +218,7 @@ def test_figures_are_written(tmp_path):
     _planted(tmp_path)
     res = D.analyse_drift(tmp_path, MODEL, [TASK])
     figs = sorted((tmp_path / "drift" / "figures").iterdir())
-    assert [p.name for p in figs] == [f"final_by_layer_{TASK}.png", f"heatmap_{TASK}.png"]
+    assert [p.name for p in figs] == [f"final_by_layer_{TASK}.png", f"heatmap_{TASK}.png", f"over_training_{TASK}.png"]
     for p in figs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
         assert p in res["files"]
@@ -319,3 +319,26 @@ def test_primary_drift_of_a_layer_without_spread_is_undefined_not_an_error():
     flat = np.repeat(rng.normal(size=(1, 8)), 16, axis=0)
     out = _primary_drift("debiased", base, [base[0], flat], np.zeros(2), 0.5)
     assert out[0] == 0.0 and np.isnan(out[1])
+
+
+def test_training_curves_average_h2_layers_per_seed_then_over_seeds():
+    """Hand-made rows for 4 entries (layer 0, blocks 1 and 2, layer 3 after the final norm): the
+    curve averages layers 1-2 per seed, then takes mean, min and max over the seeds at each step;
+    NaN (undefined CKA) is left out, and a step only one seed reached counts that seed alone."""
+    nan = float("nan")
+
+    def row(seed, step, layer, cka, cos):
+        return {"task": "t", "method": "lora", "seed": seed, "step": step, "layer": layer, "drift_cka": cka, "drift_cos": cos}
+
+    rows = []
+    for seed, (a, b) in {1: (0.1, 0.3), 2: (0.5, nan)}.items():
+        rows += [row(seed, 0, layer, 0.0, 0.0) for layer in range(4)]
+        rows += [row(seed, 10, 0, 9.0, 9.0), row(seed, 10, 1, a, a / 10), row(seed, 10, 2, b, b / 10), row(seed, 10, 3, 9.0, 9.0)]
+    rows += [row(1, 20, 1, 0.2, 0.0), row(1, 20, 2, 0.4, 0.0)]  # seed 2 stopped early
+    got = {(c["drift"], c["step"]): c for c in D.training_curves(rows)}
+    assert set(got) == {(d, s) for d in ("drift_cka", "drift_cos") for s in (0, 10, 20)}
+    c = got[("drift_cka", 10)]  # seed 1: (0.1 + 0.3) / 2 = 0.2; seed 2: 0.5 (its NaN layer left out)
+    assert (c["mean"], c["min"], c["max"], c["n_seeds"]) == (pytest.approx(0.35), pytest.approx(0.2), 0.5, 2)
+    assert got[("drift_cos", 10)]["mean"] == pytest.approx((0.02 + 0.05) / 2)
+    assert got[("drift_cka", 20)]["n_seeds"] == 1 and got[("drift_cka", 20)]["mean"] == pytest.approx(0.3)
+    assert got[("drift_cka", 0)]["max"] == 0.0

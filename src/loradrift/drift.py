@@ -28,8 +28,10 @@ Outputs under ``<out>/drift/``:
   and the uncertainty statements below. A layer whose base vectors are constant over the probe
   set has undefined CKA, is NaN in ``drift_layers.csv`` and listed in ``cka_undefined_layers``.
   ``comparison.json`` maps task -> dict; ``loradrift.hypotheses`` feeds it to ``stats.h2_drift``.
-* ``figures/heatmap_<task>.png`` (layer x step drift, mean over seeds, per method) and
-  ``figures/final_by_layer_<task>.png`` (final drift per layer, LoRA vs FT, min-max band
+* ``over_training.csv`` -- drift over training (:func:`training_curves`): per task, method and
+  snapshot step, each seed's drift averaged over H2's layers, and its mean, min and max over seeds.
+* ``figures/heatmap_<task>.png`` (layer x step drift, mean over seeds, per method),
+  ``figures/over_training_<task>.png`` (``over_training.csv`` as lines with min-max bands) and ``figures/final_by_layer_<task>.png`` (final drift per layer, LoRA vs FT, min-max band
   over seeds).
 
 Which layers enter the aggregate: ``layer.0`` is the embedding output, which LoRA on the block
@@ -544,6 +546,32 @@ def _save_figure(fig: Any, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
+CURVE_DRIFTS = [("drift_cka", "1 - linear CKA"), ("drift_cos", "1 - mean cosine")]
+CURVE_COLUMNS = ["task", "method", "drift", "step", "mean", "min", "max", "n_seeds"]
+
+
+def training_curves(rows: list[dict]) -> list[dict]:
+    """Drift over training: per task, method, drift (linear CKA and cosine, the two computed at
+    every snapshot; the primary estimator is computed at the final step only) and step, the drift
+    of each seed averaged over H2's layers (the block outputs, `aggregate_layers`; undefined
+    layers left out), then its mean, min and max over the seeds that have that step."""
+    n_layers = {t: 1 + max(r["layer"] for r in rows if r["task"] == t) for t in {r["task"] for r in rows}}
+    per: dict[tuple, dict[int, list[float]]] = {}  # (task, method, drift, step) -> seed -> layer drifts
+    for r in rows:
+        if r["layer"] not in aggregate_layers(n_layers[r["task"]]):
+            continue
+        for col, _ in CURVE_DRIFTS:
+            v = r[col]
+            if v is not None and np.isfinite(v):
+                per.setdefault((r["task"], r["method"], col, r["step"]), {}).setdefault(r["seed"], []).append(float(v))
+    out = []
+    for (task, method, col, step), by_seed in sorted(per.items()):
+        runs = [float(np.mean(v)) for v in by_seed.values()]
+        out.append({"task": task, "method": method, "drift": col, "step": step, "mean": float(np.mean(runs)),
+                    "min": min(runs), "max": max(runs), "n_seeds": len(runs)})
+    return out
+
+
 def _plot_task(task: str, rows: list[dict], methods: Sequence[str], metric: str, fig_dir: Path
                ) -> list[Path]:
     # Figure (not pyplot) keeps matplotlib's global state and backend out of the library.
@@ -598,6 +626,23 @@ def _plot_task(task: str, rows: list[dict], methods: Sequence[str], metric: str,
     ax.set_title(f"{task}: final drift by layer (band = min-max over seeds)", fontsize=9)
     ax.legend()
     paths.append(fig_dir / f"final_by_layer_{task}.png")
+    _save_figure(fig, paths[-1])
+
+    # Drift over training (training_curves): line = mean over seeds, band = min-max over seeds.
+    curves = training_curves(rows)
+    fig = Figure(figsize=(4.5 * 2, 3.6), layout="constrained")
+    for ax, (col, label) in zip(fig.subplots(1, 2), CURVE_DRIFTS):
+        for m in present:
+            c = [r for r in curves if r["method"] == m and r["drift"] == col]
+            line, = ax.plot([r["step"] for r in c], [r["mean"] for r in c], marker="o", ms=3,
+                            label=f"{m} (n={max((r['n_seeds'] for r in c), default=0)} seeds)")
+            ax.fill_between([r["step"] for r in c], [r["min"] for r in c], [r["max"] for r in c], color=line.get_color(),
+                            alpha=0.25, linewidth=0)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{label}, mean over block outputs")
+        ax.set_title(f"{task}: {label} over training", fontsize=9)
+        ax.legend(fontsize=8)
+    paths.append(fig_dir / f"over_training_{task}.png")
     _save_figure(fig, paths[-1])
     return paths
 
@@ -656,9 +701,10 @@ def analyse_drift(
         return {"comparison": comparison, "files": files}
 
     write_csv(drift_dir / "drift_layers.csv", LAYER_COLUMNS, all_rows)
+    write_csv(drift_dir / "over_training.csv", CURVE_COLUMNS, training_curves(all_rows))
     write_csv(drift_dir / "comparison.csv", COMPARISON_COLUMNS,
                [_comparison_row(t, c) for t, c in comparison.items()])
     atomic_write_json(drift_dir / "comparison.json", json_safe(comparison))
-    files = [drift_dir / "drift_layers.csv", drift_dir / "comparison.csv",
+    files = [drift_dir / "drift_layers.csv", drift_dir / "over_training.csv", drift_dir / "comparison.csv",
              drift_dir / "comparison.json", *files]
     return {"comparison": comparison, "files": files}

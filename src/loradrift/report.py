@@ -277,6 +277,10 @@ FIGURE_CAPTIONS: list[tuple[str, str]] = [
     (r"heatmap_(?P<x>.+)", "{x}: drift per layer (rows) over training steps (columns), mean over seeds, one panel "
      "per method; CKA drift in the top row, cosine drift below. Compare the panels row by row: when and in which "
      "layers the colour darkens shows where each method moves the representations."),
+    (r"over_training_(?P<x>.+)", "{x}: drift from the base model over training, averaged over the transformer-block "
+     "layers that H2 pools, line = mean over seeds, band = min–max over seeds; linear CKA (left) and cosine (right), "
+     "the two computed at every snapshot. A LoRA curve under the full-FT curve all along means LoRA moved the "
+     "representations less throughout training, not only at its end."),
     (r"weights_by_layer_(?P<x>.+)", "{x}: relative update norm ‖ΔW‖/‖W‖ (left) and intruder dimensions (right) "
      "per layer, band = min–max over seeds. The levels show how far each method moved the weights, and where it "
      "added directions the base weights did not have."),

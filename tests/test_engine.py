@@ -184,6 +184,48 @@ def test_log_is_appended_as_training_goes(tiny_cfg):
     assert seen[1] == [] and seen[2] == [2] and seen[5] == [2, 4] and seen[6] == [2, 4, 6]
 
 
+def test_lora_under_bf16_autocast_copies_no_adapter_inputs(tiny_cfg):
+    """The adapters' inputs are no longer cast to fp32 and back under bf16 autocast: same loss
+    and gradients, bit for bit without dropout, with two fewer activation copies in the forward
+    pass for each adapted projection whose input is bf16 (o_proj and down_proj; q/k/v/gate/up
+    read the fp32 residual stream, which PEFT does not cast)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCopies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    cfg = tiny_cfg("sst2", "lora", overrides=["model.dtype=bfloat16", "method.lora.dropout=0"])
+    results = {}
+    for cast in (False, True):  # False: the engine's setting; True: PEFT's default
+        ctx = setup(cfg)
+        named = [(n, m) for n, m in ctx.model.named_modules() if isinstance(m, BaseTunerLayer)]
+        adapted = [m for _, m in named]
+        bf16_inputs = sum(n.endswith(("o_proj", "down_proj")) for n, _ in named)
+        assert adapted and all(m.cast_input_dtype_enabled is False for m in adapted)
+        for m in adapted:
+            m.cast_input_dtype_enabled = cast
+        order = batch_order(ctx, cfg.train.batch_size, cfg.seed)
+        from loradrift.data import collate
+        from loradrift.train import _autocast, _to_device
+
+        batch = _to_device(ctx, collate([ctx.feats["train"][i] for i in order(0)], ctx.pad_id))
+        with CountCopies() as copies, _autocast(ctx):
+            loss = ctx.model(batch)["loss"]
+        loss.backward()
+        grads = [p.grad.clone() for _, p in trainable_parameters(ctx.model)]
+        results[cast] = (float(loss), grads, copies.n, bf16_inputs)
+    (l0, g0, n0, k), (l1, g1, n1, _) = results[False], results[True]
+    assert l0 == l1 and all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert k > 0 and n1 - n0 == 2 * k
+
+
 def test_splits_are_tokenised_on_first_use(tiny_cfg):
     from loradrift.data import encode
 

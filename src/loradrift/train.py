@@ -216,6 +216,7 @@ def apply_method(ctx: Context):
             out_emb.weight.requires_grad_(False)
         return None
     from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     lc = cfg.method.lora
     present = {n.split(".")[-1] for n, _ in model.backbone.named_modules()}
@@ -225,6 +226,15 @@ def apply_method(ctx: Context):
     peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
                           use_rslora=lc.use_rslora, bias="none")
     peft_model = get_peft_model(model.backbone, peft_cfg)
+    # PEFT casts each adapted projection's input to the fp32 adapter dtype, and under bf16
+    # autocast the adapter matmul casts it straight back: two copies of the activation (and two
+    # more in the backward pass) wherever that input is bf16, i.e. o_proj and down_proj (the
+    # others read the fp32 residual stream), 60 projections in SmolLM2. The matmul casts its own
+    # inputs, so with dropout 0 the arithmetic is identical; with dropout the mask is drawn on the
+    # bf16 tensor (same distribution). In fp32 (CPU) there is no cast at all.
+    for m in peft_model.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.cast_input_dtype_enabled = False
     for p in model.head.parameters():
         p.requires_grad_(True)
     return peft_model

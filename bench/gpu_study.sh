@@ -8,7 +8,8 @@
 #   pip download -q --no-deps --only-binary=:all: -d .gpu/2/wheels threadpoolctl==3.8.0
 # On a lent machine (../shared/gpu/README.md): first run `bash .gpu/1/stash.sh` carrying .gpu/1,
 # then at once, carrying .gpu/2:
-#   source .gpu/2/setup.sh && bash bench/gpu_study.sh "$OUT" 480
+#   source .gpu/2/setup.sh && LORADRIFT_COMMIT=<the commit, typed in> bash bench/gpu_study.sh "$OUT" 480
+# (the machine gets the working tree without .git: the manifest takes the commit from LORADRIFT_COMMIT)
 # and, if it stopped at the limit, again while warm: source /root/gpu-stash/env.sh && bash bench/gpu_study.sh "$OUT" 480
 # Tried here first on the tiny preset (SECONDS is needed before study options):
 #   PYTHON=.venv/bin/python LORADRIFT_GPU_WORK=/tmp/gpu-work bash bench/gpu_study.sh /tmp/gpu-out 900 --preset tiny
@@ -20,7 +21,7 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}  # the interpreter that has loradrift (setup.sh installs it, or puts src/ on PYTHONPATH)
 {
-  echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"; date -u +"start %FT%TZ"
+  echo "commit $(git rev-parse HEAD 2>/dev/null || echo "${LORADRIFT_COMMIT:-unknown}")"; date -u +"start %FT%TZ"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi: $(uname -m) CPU"
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 } > "$OUT/device.txt" 2>&1

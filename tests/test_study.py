@@ -199,3 +199,19 @@ def test_study_killed_in_phase2_resumes_without_redoing_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(p.stat().st_mtime_ns == t for p, t in before.items()), "a finished run was redone"
     assert len(list(out.glob("runs/*/*/*/*/result.json"))) == 24
+
+
+def test_commit_comes_from_git_else_from_the_environment(monkeypatch):
+    from loradrift import study
+
+    monkeypatch.setenv("LORADRIFT_COMMIT", "abc123")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    assert study.code_commit() == (head or "abc123")
+
+    def no_git(*a, **k):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(study.subprocess, "run", no_git)
+    assert study.code_commit() == "abc123"
+    monkeypatch.delenv("LORADRIFT_COMMIT")
+    assert study.code_commit() is None

@@ -18,6 +18,7 @@ both), then run `--phases 3` once when both are done. See docs/study.md.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -240,6 +241,17 @@ def run_study(cfg_for: ConfigFor, phases: list[int], tasks: list[str] | None = N
     return result
 
 
+def code_commit() -> str | None:
+    """The git commit of this code, else $LORADRIFT_COMMIT: a copy without .git (a lent GPU
+    machine gets the working tree only) names its commit through the environment."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    return commit or os.environ.get("LORADRIFT_COMMIT") or None
+
+
 def write_manifest(cfg: RunConfig, cfg_for: ConfigFor, tasks: list[str], command: str) -> None:
     """What a reader needs to reproduce the numbers: versions, device, commit, data, configs."""
     from importlib.metadata import PackageNotFoundError, version
@@ -254,10 +266,7 @@ def write_manifest(cfg: RunConfig, cfg_for: ConfigFor, tasks: list[str], command
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        commit = None
+    commit = code_commit()
     checksums = {}
     data_dir = resolve_data_dir(cfg)
     if data_dir is not None and (data_dir / "SHA256SUMS").exists():

@@ -220,7 +220,7 @@ def test_lora_under_bf16_autocast_copies_no_adapter_inputs(tiny_cfg):
             loss = ctx.model(batch)["loss"]
         loss.backward()
         grads = [p.grad.clone() for _, p in trainable_parameters(ctx.model)]
-        results[cast] = (float(loss), grads, copies.n, bf16_inputs)
+        results[cast] = (float(loss.detach()), grads, copies.n, bf16_inputs)
     (l0, g0, n0, k), (l1, g1, n1, _) = results[False], results[True]
     assert l0 == l1 and all(torch.equal(a, b) for a, b in zip(g0, g1))
     assert k > 0 and n1 - n0 == 2 * k

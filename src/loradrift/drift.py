@@ -555,10 +555,13 @@ def training_curves(rows: list[dict]) -> list[dict]:
     every snapshot; the primary estimator is computed at the final step only) and step, the drift
     of each seed averaged over H2's layers (the block outputs, `aggregate_layers`; undefined
     layers left out), then its mean, min and max over the seeds that have that step."""
-    n_layers = {t: 1 + max(r["layer"] for r in rows if r["task"] == t) for t in {r["task"] for r in rows}}
+    n_layers: dict[str, int] = {}
+    for r in rows:
+        n_layers[r["task"]] = max(n_layers.get(r["task"], 0), r["layer"] + 1)
+    agg = {t: set(aggregate_layers(n)) for t, n in n_layers.items()}
     per: dict[tuple, dict[int, list[float]]] = {}  # (task, method, drift, step) -> seed -> layer drifts
     for r in rows:
-        if r["layer"] not in aggregate_layers(n_layers[r["task"]]):
+        if r["layer"] not in agg[r["task"]]:
             continue
         for col, _ in CURVE_DRIFTS:
             v = r[col]
@@ -572,7 +575,7 @@ def training_curves(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _plot_task(task: str, rows: list[dict], methods: Sequence[str], metric: str, fig_dir: Path
+def _plot_task(task: str, rows: list[dict], curves: list[dict], methods: Sequence[str], metric: str, fig_dir: Path
                ) -> list[Path]:
     # Figure (not pyplot) keeps matplotlib's global state and backend out of the library.
     from matplotlib.figure import Figure
@@ -628,8 +631,7 @@ def _plot_task(task: str, rows: list[dict], methods: Sequence[str], metric: str,
     paths.append(fig_dir / f"final_by_layer_{task}.png")
     _save_figure(fig, paths[-1])
 
-    # Drift over training (training_curves): line = mean over seeds, band = min-max over seeds.
-    curves = training_curves(rows)
+    # Drift over training (`curves`, from training_curves): line = mean over seeds, band = min-max.
     fig = Figure(figsize=(4.5 * 2, 3.6), layout="constrained")
     for ax, (col, label) in zip(fig.subplots(1, 2), CURVE_DRIFTS):
         for m in present:
@@ -687,21 +689,24 @@ def analyse_drift(
     drift_dir = out_dir / "drift"
 
     all_rows: list[dict] = []
+    all_curves: list[dict] = []
     comparison: dict[str, dict] = {}
     files: list[Path] = []
     for task in tasks:
         rows, comp = _analyse_task(out_dir, model, task, methods, metric, rbf_sigma_frac, ci, jackknife)
+        curves = training_curves(rows)
         all_rows.extend(rows)
+        all_curves.extend(curves)
         if comp is not None:
             comparison[task] = comp
         if rows and figures:
-            files.extend(_plot_task(task, rows, methods, metric, drift_dir / "figures"))
+            files.extend(_plot_task(task, rows, curves, methods, metric, drift_dir / "figures"))
     if not all_rows:
         log.warning("no drift rows for model %s, tasks %s; nothing written", model, list(tasks))
         return {"comparison": comparison, "files": files}
 
     write_csv(drift_dir / "drift_layers.csv", LAYER_COLUMNS, all_rows)
-    write_csv(drift_dir / "over_training.csv", CURVE_COLUMNS, training_curves(all_rows))
+    write_csv(drift_dir / "over_training.csv", CURVE_COLUMNS, all_curves)
     write_csv(drift_dir / "comparison.csv", COMPARISON_COLUMNS,
                [_comparison_row(t, c) for t, c in comparison.items()])
     atomic_write_json(drift_dir / "comparison.json", json_safe(comparison))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU training benchmark of docs/benchmarks.md in one run that fits a short lease: each step
 # has its own time limit and all share one deadline; what finished is kept. JSON goes to OUT_DIR.
-# Needs the SmolLM2 weights (on a lent machine: ../shared/gpu/README.md).
+# Needs the SmolLM2 weights (on a lent machine: docs/study.md, "Which preset, and the study on a lent GPU").
 #   bash bench/gpu_bench.sh OUT_DIR [SECONDS]
 set -u
 R=${1:-bench/results/gpu}; mkdir -p "$R"

@@ -4,9 +4,9 @@
 # stays on the machine (under WORK) while it is warm, so a run that hits the limit is resumed by
 # the same command in the next run: finished runs and phases are kept (docs/study.md).
 #   bash bench/gpu_study.sh OUT_DIR [SECONDS] [study options ...]
-# Here, once: ../shared/gpu/stage.sh, then the one wheel it does not bring:
+# Here, once: the workplace's GPU staging script (docs/study.md, "Which preset, and the study on a lent GPU"), then the one wheel it does not bring:
 #   pip download -q --no-deps --only-binary=:all: -d .gpu/2/wheels threadpoolctl==3.8.0
-# On a lent machine (../shared/gpu/README.md): first run `bash .gpu/1/stash.sh` carrying .gpu/1,
+# On a lent machine: first run `bash .gpu/1/stash.sh` carrying .gpu/1,
 # then at once, carrying .gpu/2:
 #   source .gpu/2/setup.sh && LORADRIFT_COMMIT=<the commit, typed in> bash bench/gpu_study.sh "$OUT" 480
 # (the machine gets the working tree without .git: the manifest takes the commit from LORADRIFT_COMMIT)

@@ -1,6 +1,6 @@
 """Rebuild the small byte-level BPE tokenizer shipped for the `tiny` preset (no Hub needed).
 
-    python scripts/make_tiny_tokenizer.py [--data-dir ../shared/data]
+    python scripts/make_tiny_tokenizer.py [--data-dir DIR]   (default: loradrift's own copy)
 
 It is trained on task text, so it tokenises all four tasks sensibly with a 2k vocabulary.
 """
@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from loradrift.data import PACKAGED_DATA
 
 OUT = Path(__file__).resolve().parents[1] / "src/loradrift/assets/tiny_tokenizer"
 
@@ -29,7 +31,7 @@ def corpus(data_dir: Path):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data")
+    ap.add_argument("--data-dir", type=Path, default=PACKAGED_DATA, help="task data folder (default: %(default)s)")
     args = ap.parse_args()
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -1,5 +1,6 @@
-"""Shared fixtures. Tests use the task data in ../shared/data (or $LORADRIFT_DATA) and build the
-`tiny` model in a per-session cache, so nothing is downloaded."""
+"""Shared fixtures. Tests use loradrift's own copy of the task data (src/loradrift/taskdata) and
+build the `tiny` model in a per-session cache, so nothing is downloaded and nothing outside the
+repository is read."""
 
 import os
 import tempfile
@@ -12,16 +13,17 @@ _SESSION_CACHE = tempfile.mkdtemp(prefix="loradrift-test-cache-")
 os.environ.setdefault("LORADRIFT_REAL_CACHE", os.environ.get("LORADRIFT_CACHE", str(Path.home() / ".cache" / "loradrift")))
 os.environ["LORADRIFT_CACHE"] = _SESSION_CACHE
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A user's own data folder must not leak into the tests: each test that wants one names it.
+os.environ.pop("LORADRIFT_DATA", None)
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    from loradrift.data import default_data_dir
+    from loradrift.data import PACKAGED_DATA
 
-    d = default_data_dir()
-    if d is None or not d.is_dir():
-        pytest.fail("task data folder not found: set LORADRIFT_DATA or keep ../shared/data beside the repo")
-    return d
+    if not (PACKAGED_DATA / "SHA256SUMS").is_file():
+        pytest.fail(f"loradrift's own copy of the task data is missing: {PACKAGED_DATA}")
+    return PACKAGED_DATA
 
 
 @pytest.fixture

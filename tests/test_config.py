@@ -59,7 +59,7 @@ def test_commands_without_a_preset_agree_on_the_output_folder(monkeypatch):
 
 
 SMOLLM2_HIDDEN = 576  # SmolLM2-135M's hidden size (models.describe on the GGUF)
-DEV_SIZES = {"mrpc": 408, "sst2": 872, "rte": 277, "squad_v2": 11873}  # shared/data/README.md
+DEV_SIZES = {"mrpc": 408, "sst2": 872, "rte": 277, "squad_v2": 11873}  # src/loradrift/taskdata/README.md
 
 
 def test_gpu_preset_is_the_study_the_findings_need():

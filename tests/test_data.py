@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,7 @@ EXPECTED = {  # the data README's counts: train rows, dev rows, dev label balanc
 def test_documented_counts(task, data_dir):
     s = summary(load_task(resolve_config(preset="tiny", task=task, overrides=[f"data.data_dir={data_dir}"])))
     assert (s["train_rows"], s["dev_rows"], s["dev_labels"]) == EXPECTED[task]
-    assert s["source"].startswith("local folder")
+    assert s["source"].startswith("rule 1: --data-dir")
 
 
 def test_splits_fixed_disjoint_and_subset_per_seed(data_dir):
@@ -74,7 +75,7 @@ def _cfg(task, d):
 
 
 def test_missing_data_folder(tmp_path):
-    with pytest.raises(DataError, match="data folder not found"):
+    with pytest.raises(DataError, match=r"nope: no such folder"):
         load_task(_cfg("sst2", tmp_path / "nope"))
 
 
@@ -165,3 +166,145 @@ def test_loradrift_data_pointing_at_a_missing_folder_names_it(tmp_path, monkeypa
         load_task(resolve_config(preset="tiny", task="sst2"))
     assert main(["data", "check", "--task", "sst2"]) == 2
     assert f"LORADRIFT_DATA={missing}: no such folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# where the data comes from: --data-dir > $LORADRIFT_DATA > loradrift's own copy > the Hub
+
+
+def _sst2_folder(data_dir, root):
+    (root / "glue/SST-2").mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv"):
+        (root / "glue/SST-2" / name).write_bytes((data_dir / "glue/SST-2" / name).read_bytes())
+    return root
+
+
+def test_resolution_order(data_dir, tmp_path, monkeypatch):
+    from loradrift.data import PACKAGED_DATA, locate_data
+
+    flag, env = _sst2_folder(data_dir, tmp_path / "flag"), _sst2_folder(data_dir, tmp_path / "env")
+    cfg = lambda *o: resolve_config(preset="tiny", task="sst2", overrides=list(o))  # noqa: E731
+    # 3: nothing named, so the package's own copy, inside the repository
+    where = locate_data(cfg())
+    assert (where.rule, where.path) == (3, PACKAGED_DATA)
+    assert PACKAGED_DATA == Path(__import__("loradrift").__file__).resolve().parent / "taskdata"
+    assert load_task(cfg()).source == f"rule 3: loradrift's own copy ({PACKAGED_DATA})"
+    # 2 beats 3
+    monkeypatch.setenv("LORADRIFT_DATA", str(env))
+    assert (locate_data(cfg()).rule, locate_data(cfg()).path) == (2, env)
+    assert load_task(cfg()).source == f"rule 2: $LORADRIFT_DATA ({env})"
+    # 1 beats 2
+    assert (locate_data(cfg(f"data.data_dir={flag}")).rule, locate_data(cfg(f"data.data_dir={flag}")).path) == (1, flag)
+    assert load_task(cfg(f"data.data_dir={flag}")).source == f"rule 1: --data-dir ({flag})"
+    # data.source=hub skips every local folder; a named folder that is missing is an error, not a fall-through
+    assert locate_data(cfg(f"data.data_dir={flag}", "data.source=hub")).rule == 4
+    with pytest.raises(DataError, match=r"--data-dir \(data.data_dir\)=.*nope: no such folder"):
+        locate_data(cfg(f"data.data_dir={tmp_path / 'nope'}"))
+
+
+def test_hub_only_when_no_local_copy(tmp_path, monkeypatch):
+    import loradrift.data as data
+
+    monkeypatch.setattr(data, "PACKAGED_DATA", tmp_path / "stripped")  # an install without its data
+    cfg = lambda *o: resolve_config(preset="tiny", task="sst2", overrides=list(o))  # noqa: E731
+    assert data.locate_data(cfg()).rule == 4
+    with pytest.raises(DataError, match=r"no local task data .*stripped.*data.source=local rules out the Hub\): pass --data-dir"):
+        data.locate_data(cfg("data.source=local"))
+
+
+def test_hub_without_datasets_names_both_ways_out(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import loradrift.data as data
+    from loradrift.cli import main
+
+    monkeypatch.setattr(data, "PACKAGED_DATA", tmp_path / "stripped")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    assert main(["data", "check", "--task", "sst2", "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'loradrift[hub]'" in err and "--data-dir DIR" in err and "task sst2" in err
+
+
+def _fake_datasets(calls):
+    """A stand-in for the `datasets` package: load_dataset returns Hub-shaped rows."""
+    import types
+
+    def load_dataset(path, name, split):
+        calls.append((path, name, split))
+        if path == "rajpurkar/squad_v2":
+            ctx = "Paris is the capital of France."
+            return [{"id": f"{split}-{i}", "title": "France", "context": ctx, "question": f"What is the capital? {i}",
+                     "answers": {"text": ["Paris"] if i % 2 else [], "answer_start": [0] if i % 2 else []}} for i in range(20)]
+        return [{"sentence": f"{split} sentence {i}", "label": i % 2, "idx": i} for i in range(30)]
+
+    return types.SimpleNamespace(load_dataset=load_dataset)
+
+
+def test_hub_fallback_reads_the_declared_splits(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import loradrift.data as data
+    from loradrift.cli import main
+
+    calls = []
+    monkeypatch.setattr(data, "PACKAGED_DATA", tmp_path / "stripped")
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(calls))
+    td = load_task(resolve_config(preset="tiny", task="sst2"))
+    assert calls == [("nyu-mll/glue", "sst2", "train"), ("nyu-mll/glue", "sst2", "validation")]
+    assert td.source == "rule 4: Hugging Face Hub nyu-mll/glue/sst2"
+    assert td.full_train_size == 30 and td.full_dev_size == 30
+    assert td.dev[1] == {"idx": 1, "text_a": "validation sentence 1", "text_b": None, "label": 1}
+    sq = load_task(resolve_config(preset="tiny", task="squad_v2"))
+    assert sq.full_dev_size == 20 and sum(r["is_impossible"] for r in sq.dev) == 10
+    # data check says which rule gave each task
+    assert main(["data", "check", "--task", "sst2", "--preset", "tiny"]) == 0
+    assert "rule 4: Hugging Face Hub" in capsys.readouterr().out
+
+
+def test_data_check_names_the_rule(capsys):
+    from loradrift.cli import main
+    from loradrift.data import PACKAGED_DATA
+
+    assert main(["data", "check", "--task", "all", "--preset", "tiny", "--json"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("\n[") + 1:])
+    assert [r["task"] for r in rows] == ["mrpc", "sst2", "rte", "squad_v2"]
+    assert {r["source"] for r in rows} == {f"rule 3: loradrift's own copy ({PACKAGED_DATA})"}
+
+
+def test_a_non_editable_install_carries_its_data(data_dir, tmp_path):
+    """`pip install .` then run from another folder: the wheel holds every data file, byte for
+    byte, and the installed package finds them by rule 3 with no flag or variable."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    shutil.copytree(repo / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+                   check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("loradrift-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    sums = (data_dir / "SHA256SUMS").read_text().split("\n")
+    for line in filter(None, sums):
+        digest, rel = line.split()
+        assert hashlib.sha256((site / "loradrift/taskdata" / rel).read_bytes()).hexdigest() == digest, rel
+    assert (site / "loradrift/taskdata/README.md").is_file() and (site / "loradrift/taskdata/SHA256SUMS").is_file()
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "LORADRIFT_DATA"} | {"PYTHONPATH": str(site)}
+    code = ("import loradrift, json; from loradrift.cli import main; print(loradrift.__file__); "
+            "raise SystemExit(main(['data', 'check', '--task', 'sst2,rte', '--preset', 'tiny', '--json']))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == str(site / "loradrift" / "__init__.py")  # the installed copy, not the checkout
+    rows = json.loads(r.stdout[r.stdout.index("\n[") + 1:])
+    assert [x["source"] for x in rows] == [f"rule 3: loradrift's own copy ({site / 'loradrift' / 'taskdata'})"] * 2
+    assert [x["dev_rows"] for x in rows] == [872, 277]

@@ -154,14 +154,13 @@ def test_runs_are_cached_by_their_result(tiny, monkeypatch):
 
 
 def test_general_text_is_held_out_and_fixed(tiny):
-    from loradrift.data import read_squad_json
+    from loradrift.data import read_squad_json, resolve_data_dir
     from loradrift.forgetting import general_text
 
     cfg, _, _ = tiny
     paras, info = general_text(cfg)
     assert len(paras) == len(set(paras)) == 6 and general_text(cfg)[0] == paras
-    train = read_squad_json(cfg.data.data_dir or __import__("loradrift.data").data.default_data_dir()
-                            / "squad_v2" / "train-v2.0.first10articles.json")
+    train = read_squad_json(resolve_data_dir(cfg) / "squad_v2" / "train-v2.0.first10articles.json")
     assert not set(paras) & {r["context"].strip() for r in train}
     assert info["pool_articles"] == 35 and info["pool_paragraphs"] == 1204
 

@@ -7,8 +7,6 @@ never obtained by running the code under test.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
@@ -322,18 +320,8 @@ def test_malformed_na_prob_file(tmp_path):
         score_squad_v2_files(data, preds, na_prob_file=partial)
 
 
-def _data_dir() -> Path:
-    env = os.environ.get("LORADRIFT_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def test_real_dev_set_always_empty_system():
-    dev = _data_dir() / "squad_v2" / "dev-v2.0.json"
-    if not dev.is_file():
-        pytest.skip(f"SQuAD v2 dev file not found at {dev}")
-    dataset = load_squad_json(dev)
+def test_real_dev_set_always_empty_system(data_dir):
+    dataset = load_squad_json(data_dir / "squad_v2" / "dev-v2.0.json")
     qids = [qa["id"] for a in dataset for p in a["paragraphs"] for qa in p["qas"]]
     out = squad_v2_evaluate(dataset, {qid: "" for qid in qids})
     # 11,873 questions, 5,945 unanswerable: an empty answer is right exactly on those.

@@ -74,7 +74,7 @@ def test_score_squad_matches_hand_values(tmp_path, capsys):
         (["train", "--preset", "nope", "--task", "sst2"], "unknown preset 'nope'"),
         (["train", "--preset", "tiny", "--task", "sst2", "train.lrr=1"], "train.lrr: unknown config key"),
         (["train", "--preset", "tiny", "--task", "sst2", "model.name=/no/such/model"], "/no/such/model"),
-        (["data", "check", "--preset", "tiny", "--data-dir", "/no/such/dir"], "data folder not found: /no/such/dir"),
+        (["data", "check", "--preset", "tiny", "--data-dir", "/no/such/dir"], "--data-dir (data.data_dir)=/no/such/dir: no such folder"),
         (["baselines", "--preset", "tiny", "--task", "sst2,foo"], "unknown task 'foo'"),
         (["score", "squad_v2", "/no/data.json", "/no/preds.json"], "/no/data.json"),
     ],

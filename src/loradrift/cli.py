@@ -27,7 +27,7 @@ def _config_parent() -> argparse.ArgumentParser:
                    "available, else smollm2)")
     g.add_argument("--config", action="append", type=Path, default=[], metavar="FILE", help="YAML config file (repeatable, later wins)")
     g.add_argument("--out", type=Path, default=None, help="study output folder (default: the preset's out_dir)")
-    g.add_argument("--data-dir", type=Path, default=None, help="task data folder (default ../shared/data or $LORADRIFT_DATA)")
+    g.add_argument("--data-dir", type=Path, default=None, help="task data folder (default: $LORADRIFT_DATA, else loradrift's own copy; docs/data.md)")
     g.add_argument("--seed", type=int, default=None, help="run seed (default 42)")
     g.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.lr=1e-4")
     return p

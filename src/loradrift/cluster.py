@@ -70,16 +70,9 @@ def _train_task(cfg_json: str, cpu_threads: int | None) -> dict:
 
 
 def _task_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARD_PREFIXES) or k in _FORWARD_NAMES}
-    if "LORADRIFT_DATA" not in env:
-        # Workers do not share the driver's working directory, so the ../shared/data fallback
-        # could find nothing (or something else) there: pin the folder the driver would use.
-        from loradrift.data import default_data_dir
-
-        d = default_data_dir()
-        if d is not None:
-            env["LORADRIFT_DATA"] = str(d.resolve())
-    return env
+    # --data-dir travels inside the config and workers carry loradrift's own copy of the data, so
+    # only $LORADRIFT_DATA (and the caches) need forwarding.
+    return {k: v for k, v in os.environ.items() if k.startswith(_FORWARD_PREFIXES) or k in _FORWARD_NAMES}
 
 
 def _describe(err: BaseException) -> str:

@@ -66,8 +66,8 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    data_dir: Path | None = Field(None, description="task data folder; default ../shared/data beside the repo or $LORADRIFT_DATA")
-    source: Literal["auto", "local", "hub"] = Field("auto", description="auto = local folder when present, else the HF Hub")
+    data_dir: Path | None = Field(None, description="task data folder; default $LORADRIFT_DATA, else loradrift's own copy (docs/data.md)")
+    source: Literal["auto", "local", "hub"] = Field("auto", description="auto = --data-dir, $LORADRIFT_DATA or loradrift's own copy, else the HF Hub; local = never the Hub; hub = only the Hub")
     verify_checksums: bool = True
     split_seed: int = Field(1234, description="fixed seed that carves validation from train and subsets dev: the same for every run")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train held out as the validation split")

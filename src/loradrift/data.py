@@ -28,34 +28,55 @@ class DataError(ValueError):
 # locating and checking the data folder
 
 
-def default_data_dir() -> Path | None:
-    """$LORADRIFT_DATA, else ../shared/data beside the repo (or the working directory)."""
+# The task files ship inside the package (src/loradrift/taskdata, docs/data.md): a clone, an editable
+# install and a plain `pip install .` all find them without a flag, and nothing is read from
+# outside the project unless the user names it.
+PACKAGED_DATA = Path(__file__).resolve().parent / "taskdata"
+
+
+@dataclass(frozen=True)
+class DataLocation:
+    """Where a task's files come from, and which rule of the resolution order chose it:
+    1 `--data-dir` / `data.data_dir`, 2 `$LORADRIFT_DATA`, 3 the package's own copy, 4 the Hub."""
+
+    rule: int
+    path: Path | None  # None: the Hugging Face Hub
+
+    def describe(self) -> str:
+        what = {1: "--data-dir", 2: "$LORADRIFT_DATA", 3: "loradrift's own copy", 4: "Hugging Face Hub"}[self.rule]
+        return f"rule {self.rule}: {what}" + (f" ({self.path})" if self.path is not None else "")
+
+
+def _must_be_dir(path: Path, how: str) -> Path:
+    # Named on purpose, so a wrong path is an error naming it, never a silent fall-back to another
+    # folder or the Hub.
+    if not path.is_dir():
+        raise DataError(f"{how}={path}: no such folder (fix it, or drop it to use loradrift's own copy of the data)")
+    return path
+
+
+def locate_data(cfg: RunConfig) -> DataLocation:
+    """The resolution order: `--data-dir` > `$LORADRIFT_DATA` > the package's own copy > the Hub.
+
+    `data.source=hub` goes to the Hub directly; `data.source=local` never does."""
+    if cfg.data.source == "hub":
+        return DataLocation(4, None)
+    if cfg.data.data_dir is not None:
+        return DataLocation(1, _must_be_dir(Path(cfg.data.data_dir), "--data-dir (data.data_dir)"))
     env = os.environ.get("LORADRIFT_DATA")
     if env:
-        # Set on purpose: a wrong path must be an error naming it, not a silent fall-back to
-        # another folder or the Hub.
-        if not Path(env).is_dir():
-            raise DataError(f"LORADRIFT_DATA={env}: no such folder (fix or unset the variable, or pass --data-dir)")
-        return Path(env)
-    here = Path(__file__).resolve()
-    for base in [Path.cwd(), *here.parents]:
-        cand = base.parent / "shared" / "data"
-        if cand.is_dir():
-            return cand
-    return None
+        return DataLocation(2, _must_be_dir(Path(env), "LORADRIFT_DATA"))
+    if (PACKAGED_DATA / "SHA256SUMS").is_file():
+        return DataLocation(3, PACKAGED_DATA)
+    tried = f"--data-dir not given, LORADRIFT_DATA not set, no package copy at {PACKAGED_DATA}"
+    if cfg.data.source == "local":
+        raise DataError(f"no local task data ({tried}; data.source=local rules out the Hub): pass --data-dir DIR")
+    return DataLocation(4, None)
 
 
 def resolve_data_dir(cfg: RunConfig) -> Path | None:
     """The local folder to read, or None when the Hub is to be used."""
-    if cfg.data.source == "hub":
-        return None
-    d = cfg.data.data_dir or default_data_dir()
-    if d is not None and Path(d).is_dir():
-        return Path(d)
-    if cfg.data.source == "local" or cfg.data.data_dir is not None:
-        where = cfg.data.data_dir or "$LORADRIFT_DATA / ../shared/data"
-        raise DataError(f"data folder not found: {where} (set data.data_dir, --data-dir or LORADRIFT_DATA)")
-    return None
+    return locate_data(cfg).path
 
 
 _CHECKED: set[tuple[str, str]] = set()
@@ -177,7 +198,9 @@ def _read_hub(spec: TaskSpec, split: str) -> list[dict]:
     try:
         import datasets  # noqa: F401  (optional: pip install 'loradrift[hub]')
     except ImportError:
-        raise DataError(f"no local data folder and the Hub fallback needs the 'datasets' package: pip install 'loradrift[hub]' (task {spec.name})") from None
+        raise DataError(f"task {spec.name}: no local data folder, and reading it from the Hugging Face Hub needs the "
+                        "'datasets' package. Either pip install 'loradrift[hub]', or pass --data-dir DIR "
+                        "(a folder laid out as docs/data.md describes)") from None
     from datasets import load_dataset
 
     hub = spec.hub
@@ -246,7 +269,8 @@ def load_task(cfg: RunConfig, spec: TaskSpec | None = None) -> TaskData:
     from loradrift.tasks import get_task
 
     spec = spec or get_task(cfg.task)
-    data_dir = resolve_data_dir(cfg)
+    where = locate_data(cfg)
+    data_dir = where.path
     if data_dir is not None:
         for rel in (spec.train_file, spec.dev_file):
             if not (data_dir / rel).exists():
@@ -256,10 +280,11 @@ def load_task(cfg: RunConfig, spec: TaskSpec | None = None) -> TaskData:
         read = READERS[spec.kind]
         train_all = read(data_dir / spec.train_file, spec)
         dev_all = read(data_dir / spec.dev_file, spec)
-        source = f"local folder {data_dir}"
     else:
         train_all, dev_all = _read_hub(spec, "train"), _read_hub(spec, "dev")
-        source = f"Hugging Face Hub {spec.hub.path}" + (f"/{spec.hub.name}" if spec.hub.name else "")
+    source = where.describe()
+    if data_dir is None:
+        source += f" {spec.hub.path}" + (f"/{spec.hub.name}" if spec.hub.name else "")
     train, val = _carve(train_all, cfg, "paragraph" if spec.kind == "extractive_qa" else None)
     train = _subset(train, cfg.data.max_train_examples, cfg.seed)
     dev = _subset(dev_all, cfg.data.max_dev_examples, cfg.data.split_seed + 2)

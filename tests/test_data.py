@@ -223,6 +223,7 @@ def test_hub_without_datasets_names_both_ways_out(tmp_path, monkeypatch, capsys)
     assert main(["data", "check", "--task", "sst2", "--preset", "tiny"]) == 2
     err = capsys.readouterr().err
     assert "pip install 'loradrift[hub]'" in err and "--data-dir DIR" in err and "task sst2" in err
+    assert "LORADRIFT_DATA not set" in err and "stripped" in err  # the places tried
 
 
 def _fake_datasets(calls):

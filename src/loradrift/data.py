@@ -41,6 +41,7 @@ class DataLocation:
 
     rule: int
     path: Path | None  # None: the Hugging Face Hub
+    tried: str = ""  # rule 4: the local places that were looked at first, for its error message
 
     def describe(self) -> str:
         what = {1: "--data-dir", 2: "$LORADRIFT_DATA", 3: "loradrift's own copy", 4: "Hugging Face Hub"}[self.rule]
@@ -71,7 +72,7 @@ def locate_data(cfg: RunConfig) -> DataLocation:
     tried = f"--data-dir not given, LORADRIFT_DATA not set, no package copy at {PACKAGED_DATA}"
     if cfg.data.source == "local":
         raise DataError(f"no local task data ({tried}; data.source=local rules out the Hub): pass --data-dir DIR")
-    return DataLocation(4, None)
+    return DataLocation(4, None, tried)
 
 
 def resolve_data_dir(cfg: RunConfig) -> Path | None:
@@ -194,13 +195,13 @@ def _need_str(obj: dict, key: str, at: str) -> str:
 READERS = {"classification": read_classification_tsv, "extractive_qa": lambda path, spec: read_squad_json(path)}
 
 
-def _read_hub(spec: TaskSpec, split: str) -> list[dict]:
+def _read_hub(spec: TaskSpec, split: str, tried: str = "") -> list[dict]:
     try:
         import datasets  # noqa: F401  (optional: pip install 'loradrift[hub]')
     except ImportError:
-        raise DataError(f"task {spec.name}: no local data folder, and reading it from the Hugging Face Hub needs the "
-                        "'datasets' package. Either pip install 'loradrift[hub]', or pass --data-dir DIR "
-                        "(a folder laid out as docs/data.md describes)") from None
+        raise DataError(f"task {spec.name}: no local data folder{f' ({tried})' if tried else ''}, and reading it from "
+                        "the Hugging Face Hub needs the 'datasets' package. Either pip install 'loradrift[hub]', or "
+                        "pass --data-dir DIR (a folder laid out as docs/data.md describes)") from None
     from datasets import load_dataset
 
     hub = spec.hub
@@ -281,7 +282,7 @@ def load_task(cfg: RunConfig, spec: TaskSpec | None = None) -> TaskData:
         train_all = read(data_dir / spec.train_file, spec)
         dev_all = read(data_dir / spec.dev_file, spec)
     else:
-        train_all, dev_all = _read_hub(spec, "train"), _read_hub(spec, "dev")
+        train_all, dev_all = _read_hub(spec, "train", where.tried), _read_hub(spec, "dev", where.tried)
     source = where.describe()
     if data_dir is None:
         source += f" {spec.hub.path}" + (f"/{spec.hub.name}" if spec.hub.name else "")

@@ -126,7 +126,8 @@ def cmd_score(args, configs: Configs) -> int:
 
     if args.task != "squad_v2":
         raise ValueError(f"score: only squad_v2 has an official file scorer (got {args.task!r})")
-    out = score_squad_v2_files(args.data, args.preds, args.na_prob_file, args.na_prob_thresh, allow_missing=args.allow_missing)
+    out = score_squad_v2_files(args.data, args.preds, args.na_prob_file, args.na_prob_thresh, allow_missing=args.allow_missing,
+                               allow_extra=args.allow_extra)
     print(json.dumps(out, indent=2))
     return 0
 
@@ -468,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-missing", action="store_true",
                    help="score only the questions that have a prediction (the official script's behaviour); "
                         "without it, missing predictions are an error")
+    c.add_argument("--allow-extra", action="store_true",
+                   help="ignore predictions whose id is in no question of DATA, with a warning giving their count (the "
+                        "official script ignores them silently); without it they are an error, since they usually mean "
+                        "predictions made on another file")
     c.set_defaults(func=cmd_score, overrides=[], preset=None, config=[], out=None, data_dir=None, seed=None)
     return ap
 

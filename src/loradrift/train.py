@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import resource
 import shutil
 import threading
@@ -39,8 +40,9 @@ from loradrift.tasks import TaskSpec, get_task
 
 
 class RunConflict(RuntimeError):
-    """A run with a different config is in the way (finished or not), or another process is
-    running in the folder; nothing is overwritten."""
+    """A run with a different config is in the way (finished or not), another process is
+    running in the folder, or the folder holds a checkpoint or result.json that cannot be read
+    (a truncated copy, a full disk); nothing is overwritten."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -586,8 +588,18 @@ def save_checkpoint(path: Path, ctx: Context, step: int, opt, sched, extra: dict
     writer.submit(path, state)
 
 
+def _restart_hint(rd: Path) -> str:
+    return (f"nothing was deleted; to redo the run from step 0, delete the run folder {rd} and rerun, "
+            f"or rerun `loradrift train` with --force")
+
+
 def load_checkpoint(path: Path, ctx: Context, opt=None, sched=None) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch's own words name no file
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RunConflict(f"{path}: not a readable checkpoint (truncated or corrupt: {why}); "
+                          f"{_restart_hint(path.parent.parent)}") from None
     params = dict(trainable_parameters(ctx.model))
     for n, t in state["params"].items():
         params[n].data.copy_(t)
@@ -647,6 +659,19 @@ def _recorded_hash(rd: Path) -> str | None:
                           f"use --force to restart it or another --out folder") from None
 
 
+def _read_result(path: Path) -> dict:
+    """A finished run's result.json; one that is truncated or not a run result is named, and kept."""
+    try:
+        result = json.loads(path.read_text())
+    except ValueError as e:  # invalid JSON or UTF-8
+        why = f"truncated or corrupt: {e}"
+    else:
+        if isinstance(result, dict) and isinstance(result.get("config_hash"), str):
+            return result
+        why = "not a run result: no config_hash"
+    raise RunConflict(f"{path}: not a readable run result ({why}); {_restart_hint(path.parent)}")
+
+
 def _clear_run_dir(rd: Path) -> None:
     for child in rd.iterdir():
         if child.name != LOCK_NAME:
@@ -658,7 +683,7 @@ def _train_locked(cfg: RunConfig, rd: Path, chash: str, store: ResultsStore, for
                   tracker: tracking.Tracking) -> dict:
     result_file = rd / "result.json"
     if result_file.exists() and not force:
-        result = json.loads(result_file.read_text())
+        result = _read_result(result_file)
         if result["config_hash"] != chash:
             raise RunConflict(f"{rd}: a finished run with another config (hash {result['config_hash']}) is there; "
                               f"use --force to redo it or another --out folder")

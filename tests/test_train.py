@@ -416,3 +416,18 @@ def test_truncated_result_json_is_named_with_a_way_out_and_nothing_deleted(tiny_
     assert _folder_state(rd) == before
     assert main([*_train_argv(cfg), "--force"]) == 0
     assert json.loads(result.read_text())["config_hash"] == cfg.science_hash()
+
+
+def test_config_rejected_at_setup_leaves_no_empty_run_folder(tiny_cfg, capsys):
+    from loradrift.cli import main
+
+    bad = tiny_cfg("sst2", "lora", overrides=["method.lora.target_modules=[no_such_proj]"])
+    argv = [*_train_argv(bad), "method.lora.target_modules=[no_such_proj]"]
+    assert main(argv) == 2
+    assert "no_such_proj" in capsys.readouterr().err
+    assert not (Path(bad.out_dir) / "runs").exists()  # not even runs/: this call created it
+    # A folder this call did not create stays; only the lock file it made goes.
+    rd = run_dir_for(bad)
+    rd.mkdir(parents=True)
+    assert main(argv) == 2
+    assert rd.is_dir() and not any(rd.iterdir())

@@ -637,12 +637,33 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
                                                                       "seed": cfg.seed, "run_dir": rd})
     # Open the store first: a store that cannot be written fails now, not after the training.
     store = ResultsStore(Path(cfg.out_dir) / "results.sqlite")
+    # What this call creates, deepest first: removed again if the run fails before writing anything.
+    created = [p for p in (rd / LOCK_NAME, rd, *rd.parents) if not p.exists()]
     make_dir(rd, "run folder")
     try:
         with exclusive_lock(rd / LOCK_NAME), tracker:
-            return _train_locked(cfg, rd, chash, store, force, on_step, on_eval, tracker)
+            try:
+                return _train_locked(cfg, rd, chash, store, force, on_step, on_eval, tracker)
+            except BaseException:
+                _remove_unused(rd, created)
+                raise
     except LockBusy as e:
         raise RunConflict(str(e)) from None
+
+
+def _remove_unused(rd: Path, created: list[Path]) -> None:
+    """After a failure before the run wrote anything (a config rejected at setup), remove the
+    lock file and folders this call created: a run folder holding only `.lock` would look like
+    a run that was started. Called with the lock held; a process that opened the lock file
+    meanwhile sees it replaced and takes a new one (exclusive_lock)."""
+    if rd / LOCK_NAME not in created or [p.name for p in rd.iterdir()] != [LOCK_NAME]:
+        return
+    (rd / LOCK_NAME).unlink()
+    for d in created[1:]:
+        try:
+            d.rmdir()
+        except OSError:  # another process has started using it (or a parent): theirs now
+            return
 
 
 def _recorded_hash(rd: Path) -> str | None:

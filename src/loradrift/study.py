@@ -341,7 +341,7 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
     follows when the backend includes vllm and `online` (default `serve.online`) is on."""
     from loradrift.data import load_task
     from loradrift.models import resolve_model_dir
-    from loradrift.serving import run_serve_bench, write_serve_results
+    from loradrift.serving import run_serve_bench, validate_adapters, write_serve_results
     from loradrift.tasks import get_task
     from loradrift.train import export_merged
 
@@ -353,6 +353,11 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
             raise FileNotFoundError(f"serve-bench: no LoRA adapter for task {task} seed {sv.seed} at {adapter} "
                                     f"(run Phase 2 first: loradrift train --task {task} --method lora --seed {sv.seed})")
         adapters[task] = adapter
+    base_dir = resolve_model_dir(cfg.model)
+    # Before PEFT loads or merges any of them: a mismatched adapter (another base, an edited r) is
+    # then one line naming its task and folder, not PEFT's size-mismatch dump.
+    validate_adapters(base_dir, adapters, sv.max_lora_rank or 2**31)
+    for task, adapter in adapters.items():
         merged[task] = export_merged(adapter.parent)
         spec = get_task(task)
         rows = load_task(cfg.model_copy(update={"task": task, "seed": sv.seed}), spec).dev[: sv.prompts_per_task]
@@ -364,7 +369,6 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
         old = out.with_name(f"serve.old-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}")
         out.rename(old)
         console.log(f"serve-bench: the earlier serve/ was moved to {old.name}")
-    base_dir = resolve_model_dir(cfg.model)
     res = run_serve_bench(base_dir, adapters, merged, prompts, backend=backend,
                           batch_sizes=sv.batch_sizes, max_tokens=sv.max_tokens, rounds=sv.rounds, warmup=sv.warmup,
                           out_dir=out, max_lora_rank=sv.max_lora_rank, max_prompt_tokens=sv.max_prompt_tokens,

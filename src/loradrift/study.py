@@ -1,6 +1,6 @@
 """The whole study, in the seed's order, resumable step by step.
 
-    loradrift study [--preset smollm2] [--out DIR] [--tasks squad_v2] [--phases 0,1,2,3]
+    loradrift study [--preset smollm2] [--out DIR] [--task squad_v2] [--phases 0,1,2,3]
 
 Phase 0  data check, sanity checks (stop if one fails), baselines, base representations, memory
 Phase 1  hyperparameter search per task and method (Optuna; budget from the preset)
@@ -10,8 +10,8 @@ Phase 3  drift and weight analysis, forgetting, the rank ablation (when enabled)
 
 Every step writes an artefact and is skipped when that artefact exists, so rerunning the same
 command after a kill redoes nothing that finished (a killed training run resumes from its last
-checkpoint). Several machines can share one `--out` folder: give each its `--tasks` (the seed's
-layout: `--tasks squad_v2` on one, `--tasks mrpc,sst2,rte` on the other, `--phases 0,1,2` on
+checkpoint). Several machines can share one `--out` folder: give each its `--task` (the seed's
+layout: `--task squad_v2` on one, `--task mrpc,sst2,rte` on the other, `--phases 0,1,2` on
 both), then run `--phases 3` once when both are done. See docs/study.md.
 """
 

@@ -727,6 +727,10 @@ def _train_locked(cfg: RunConfig, rd: Path, chash: str, store: ResultsStore, for
     n_train = len(ctx.feats["train"])
     total = total_steps_for(cfg, n_train)
     lr = cfg.train.lr_for(cfg.method.name)
+    # The trackers get what the run uses, not the config's nulls (train.lr null = the method's default).
+    tracker.params({"train.lr": lr, "resolved.lr": lr, "resolved.batch_size": cfg.train.batch_size * cfg.train.grad_accum,
+                    "resolved.steps": total, "resolved.seed": cfg.seed, "resolved.model": model_key(cfg.model),
+                    "resolved.base_model": public_base(cfg.model, ctx.model_dir)[0]})
     opt, sched = make_optimizer(ctx, lr, total)
     order = batch_order(ctx, cfg.train.batch_size, cfg.seed)
 
@@ -877,6 +881,7 @@ def _train_locked(cfg: RunConfig, rd: Path, chash: str, store: ResultsStore, for
                      "cost": {k: result[k] for k in ("steps", "train_time_s", "wall_time_s", "tokens_per_s", "peak_memory_mb",
                                                      "trainable_params")}}, final_step)
     atomic_write_json(result_file, result)
+    tracker.artifacts([rd / "config.yaml", result_file, rd / ("adapter" if ctx.peft is not None else "model") / "README.md"])
     try:
         store.put_run(result)
     except StoreError as e:

@@ -310,7 +310,7 @@ def test_report_py_holds_no_markup():
 
 
 def test_header_names_preset_model_device_and_backend(study, tmp_path):
-    out, rep = study
+    _, rep = study
     text = _text(rep["html"].read_text())
     assert "Preset smollm2 · model smollm2-135m · trained on CPU · served with hf (transformers + PEFT)" in text
     assert "Pipeline check" not in text

@@ -63,3 +63,56 @@ def test_missing_ray_is_a_clear_error_before_any_work(monkeypatch, tiny_cfg, tmp
     assert main(["study", "--preset", "tiny", "--out", str(out), "--phases", "0,2", "--ray"]) == 2
     assert "pip install 'loradrift[ray]'" in capsys.readouterr().err
     assert not (out / "results.sqlite").exists()  # refused before Phase 0 started
+
+
+class _FakeRay:
+    """Just enough of the ray module for run_grid_on_ray to start (or join) a cluster and get
+    one result back; records the ray.init keyword arguments."""
+
+    class exceptions:
+        class RayError(Exception):
+            pass
+
+    def __init__(self):
+        self.init_calls: list[dict] = []
+
+    def is_initialized(self):
+        return False
+
+    def init(self, **kw):
+        self.init_calls.append(kw)
+
+    def shutdown(self):
+        pass
+
+    def cluster_resources(self):
+        return {"CPU": 1}
+
+    def remote(self, fn):
+        class Remote:
+            def options(self, **_):
+                return self
+
+            def remote(self, cfg_json, threads):
+                return cfg_json
+
+        return Remote()
+
+    def wait(self, refs, num_returns):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        return {"primary_metric": "accuracy", "dev": {"accuracy": 0.5}, "wall_time_s": 1.0}
+
+
+@pytest.mark.parametrize("address, node_ip", [(None, "127.0.0.1"), ("auto", None)])
+def test_local_ray_cluster_binds_loopback_only(monkeypatch, tiny_cfg, address, node_ip):
+    from loradrift.cluster import run_grid_on_ray
+
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    run_grid_on_ray([tiny_cfg("sst2", "lora")], address=address, say=lambda _: None)
+    [kw] = fake.init_calls
+    assert kw["address"] == address
+    # Started here: every Ray service on loopback. Joined: the user's cluster, its own settings.
+    assert kw.get("_node_ip_address") == node_ip

@@ -309,3 +309,24 @@ def test_a_non_editable_install_carries_its_data(data_dir, tmp_path):
     rows = json.loads(r.stdout[r.stdout.index("\n[") + 1:])
     assert [x["source"] for x in rows] == [f"rule 3: loradrift's own copy ({site / 'loradrift' / 'taskdata'})"] * 2
     assert [x["dev_rows"] for x in rows] == [872, 277]
+
+
+def test_duplicate_squad_question_id_is_refused_by_data_check_and_training(data_dir, tmp_path, capsys):
+    from loradrift.cli import main
+
+    d = tmp_path / "data/squad_v2"
+    d.mkdir(parents=True)
+    train = json.loads((data_dir / "squad_v2/train-v2.0.first10articles.json").read_text())
+    first = train["data"][0]["paragraphs"][0]["qas"][0]["id"]
+    train["data"][2]["paragraphs"][1]["qas"][3]["id"] = first
+    (d / "train-v2.0.first10articles.json").write_text(json.dumps(train))
+    shutil.copyfile(data_dir / "squad_v2/dev-v2.0.json", d / "dev-v2.0.json")
+    where = (rf"train-v2\.0\.first10articles\.json: data\[2\]\.paragraphs\[1\]\.qas\[3\]: question id '{first}' "
+             rf"is already used at data\[0\]\.paragraphs\[0\]\.qas\[0\]")
+    with pytest.raises(DataError, match=where):
+        load_task(_cfg("squad_v2", tmp_path / "data"))
+    out = tmp_path / "out"
+    assert main(["data", "check", "--task", "squad_v2", "--data-dir", str(tmp_path / "data")]) == 2
+    assert main(["train", "--preset", "tiny", "--task", "squad_v2", "--data-dir", str(tmp_path / "data"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"question id '{first}' is already used at data[0].paragraphs[0].qas[0]") == 2 and "Traceback" not in err

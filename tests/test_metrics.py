@@ -347,3 +347,57 @@ def test_score_files_refuse_missing_predictions_unless_allowed(tmp_path, capsys)
     assert out["total"] == 2 and out["exact"] == 50.0 and out["missing"] == 3
     with pytest.warns(UserWarning):
         assert main(["score", "squad_v2", str(data), str(half), "--allow-missing"]) == 0
+
+
+def test_duplicate_question_id_is_refused_naming_both_places(tmp_path, capsys):
+    from loradrift.cli import main
+
+    # Two questions "q1" (upstream would key both scores by "q1": total 5 instead of 6).
+    dup = _dataset(_qa("q1", "cat"))
+    data = _write(tmp_path, "data.json", {"version": "v2.0", "data": DATA + dup})
+    where = r"data\[1\]\.paragraphs\[0\]\.qas\[0\]: question id 'q1' is already used at data\[0\]\.paragraphs\[0\]\.qas\[0\]"
+    with pytest.raises(ValueError, match=where) as info:
+        load_squad_json(data)
+    assert str(data) in str(info.value)
+    with pytest.raises(ValueError, match=where.replace("data", "dataset")):
+        squad_v2_evaluate(DATA + dup, PREDS)
+    preds = _write(tmp_path, "preds.json", PREDS)
+    assert main(["score", "squad_v2", str(data), str(preds)]) == 2
+    err = capsys.readouterr().err
+    assert "question id 'q1' is already used" in err and "Traceback" not in err
+
+
+def test_score_files_refuse_predictions_for_unknown_ids_unless_allowed(tmp_path, capsys):
+    from loradrift.cli import main
+
+    data = _write(tmp_path, "data.json", {"version": "v2.0", "data": DATA})
+    more = _write(tmp_path, "more.json", {**PREDS, "zz1": "x", "zz2": ""})
+    with pytest.raises(ValueError, match=r"more\.json: 2 of 7 predictions are for question ids that are not in .*"
+                                         r"data\.json \(first: 'zz1'\).*--allow-extra"):
+        score_squad_v2_files(data, more)
+    assert main(["score", "squad_v2", str(data), str(more)]) == 2
+    assert "2 of 7 predictions are for question ids that are not in" in capsys.readouterr().err
+    # Allowed: the official script's scores (as with PREDS alone), the count in a warning and in "extra".
+    with pytest.warns(UserWarning, match="2 of 7 predictions have ids not in"):
+        out = score_squad_v2_files(data, more, allow_extra=True)
+    assert out["total"] == 5 and out["exact"] == approx(40.0) and out["extra"] == 2
+    with pytest.warns(UserWarning):
+        assert main(["score", "squad_v2", str(data), str(more), "--allow-extra"]) == 0
+    assert json.loads(capsys.readouterr().out)["extra"] == 2
+
+
+@pytest.mark.parametrize("bad", [7.0, -0.1, float("nan"), float("inf")])
+def test_no_answer_probability_outside_0_1_or_not_finite_names_the_id(tmp_path, capsys, bad):
+    from loradrift.cli import main
+
+    data = _write(tmp_path, "data.json", {"data": DATA})
+    preds = _write(tmp_path, "preds.json", PREDS)
+    na = _write(tmp_path, "na.json", json.dumps({**NA_PROBS, "q3": bad}))  # json writes NaN / Infinity as Python reads them
+    with pytest.raises(ValueError, match=r"na\.json: no-answer probability for 'q3' must be a finite number in \[0, 1\]"):
+        score_squad_v2_files(data, preds, na_prob_file=na)
+    assert main(["score", "squad_v2", str(data), str(preds), "--na-prob-file", str(na)]) == 2
+    err = capsys.readouterr().err
+    assert "no-answer probability for 'q3'" in err and "Traceback" not in err
+    # The bounds themselves are probabilities.
+    ok = _write(tmp_path, "ok.json", {**NA_PROBS, "q1": 0, "q3": 1.0})
+    assert score_squad_v2_files(data, preds, na_prob_file=ok)["total"] == 5

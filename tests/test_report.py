@@ -307,3 +307,37 @@ def test_summary_opens_the_report_and_appendices_close_it(tmp_path):
 def test_report_py_holds_no_markup():
     src = (Path(report.__file__)).read_text()
     assert not re.findall(r"</?(?:html|body|div|section|table|tr|td|th|p|h[1-6]|img|figure|ul|li|pre)\b", src)
+
+
+def test_header_names_preset_model_device_and_backend(study, tmp_path):
+    _, rep = study
+    text = _text(rep["html"].read_text())
+    assert "Preset smollm2 · model smollm2-135m · trained on CPU · served with hf (transformers + PEFT)" in text
+    assert "Pipeline check" not in text
+    empty = report.build_report(tmp_path / "empty", pdf=False)
+    assert ("Preset unknown · model unknown · trained on an unknown device · no serving benchmark"
+            in _text(empty["html"].read_text()))
+
+
+def test_a_tiny_study_says_on_its_first_screen_that_it_is_a_pipeline_check(tmp_path, monkeypatch):
+    out = make_study(tmp_path / "out")
+    man = json.loads((out / "study" / "manifest.json").read_text())
+    man.update(preset="tiny", config={**man["config"], "model": {"name": "tiny", "max_length": 96}},
+               device={"cuda": True, "gpu": "NVIDIA H100 80GB HBM3"})
+    _json(out / "study" / "manifest.json", man)
+    _json(out / "serve" / "fingerprint.json", {"backend": "hf,vllm"})
+    text = _text(report.build_report(out, pdf=False)["html"].read_text())
+    assert "Preset tiny · model tiny · trained on NVIDIA H100 80GB HBM3 · served with hf (transformers + PEFT) and vLLM" in text
+    warning = text.find("Pipeline check, not findings")
+    assert 0 <= warning < text.find("Contents")  # above everything else, the verdicts included
+    assert "say nothing about LoRA or full fine-tuning" in text
+    # The matplotlib PDF draws it on its first page, before the contents.
+    from matplotlib.figure import Figure
+
+    drawn = []
+    real_text = Figure.text
+    monkeypatch.setattr(Figure, "text", lambda self, x, y, s, *a, **k: (drawn.append(s), real_text(self, x, y, s, *a, **k))[1])
+    monkeypatch.setattr(report, "find_browser", lambda: None)
+    report.build_report(out)
+    first = " ".join(drawn[:drawn.index("Contents")])
+    assert "Preset tiny · model tiny" in first and "Pipeline check, not findings" in first

@@ -426,7 +426,7 @@ def _bench(tiny, tmp_path, adapters, **kw):
 
 def test_rank_above_max_lora_rank(tiny, tmp_path):
     big = make_adapter(tiny["base"], tmp_path / "big", seed=9, r=16)
-    with pytest.raises(ServeError, match=r"adapter 'rte' has rank 16 > max_lora_rank 8"):
+    with pytest.raises(ServeError, match=r"adapter 'rte' \(.*/big\) has rank 16 > max_lora_rank 8"):
         _bench(tiny, tmp_path, {"sst2": tiny["adapters"]["sst2"], "rte": big})
 
 
@@ -445,7 +445,7 @@ def test_adapter_for_other_base_name(tiny, tmp_path):
     cfg = json.loads((other / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "meta-llama/Llama-2-7b-hf"
     (other / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ServeError, match=r"adapter 'rte' was trained on base 'meta-llama/Llama-2-7b-hf'"):
+    with pytest.raises(ServeError, match=r"adapter 'rte' \(.*/other\) was trained on base 'meta-llama/Llama-2-7b-hf'"):
         _bench(tiny, tmp_path, {"rte": other})
     # the name check can be waived; the shapes still fit, so validation passes
     assert serving.validate_adapters(tiny["base"], {"rte": other}, 8, check_base_name=False) == {"rte": 4}
@@ -454,7 +454,7 @@ def test_adapter_for_other_base_name(tiny, tmp_path):
 def test_adapter_with_wrong_shapes(tiny, tmp_path):
     small = make_base(tmp_path / "small", hidden=64, heads=4, kv_heads=2)
     wrong = make_adapter(small, tmp_path / "wrong", seed=3)
-    with pytest.raises(ServeError, match=r"adapter 'sst2': '.*\.lora_[AB]\.weight' has shape .* does not fit base weight"):
+    with pytest.raises(ServeError, match=r"adapter 'sst2' \(.*/wrong\): '.*\.lora_[AB]\.weight' has shape .* does not fit base weight"):
         serving.validate_adapters(tiny["base"], {"sst2": wrong}, 8, check_base_name=False)
     # with the name check on, the recorded base (another local folder of a different architecture) is caught first
     with pytest.raises(ServeError, match="was trained on base"):
@@ -469,3 +469,97 @@ def test_vllm_not_installed(tiny, tmp_path, monkeypatch):
         _bench(tiny, tmp_path, {"sst2": tiny["adapters"]["sst2"]}, backend="vllm")
     with pytest.raises(ServeError, match="unknown backend"):
         _bench(tiny, tmp_path, {"sst2": tiny["adapters"]["sst2"]}, backend="tgi")
+
+
+def test_adapter_config_rank_that_does_not_match_the_weights(tiny, tmp_path):
+    import shutil
+
+    edited = shutil.copytree(tiny["adapters"]["mrpc"], tmp_path / "edited")
+    cfg = json.loads((edited / "adapter_config.json").read_text())
+    cfg["r"] = 8  # the weights have rank 4
+    (edited / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ServeError, match=r"adapter 'mrpc' \(.*/edited\): '.*\.lora_[AB]\.weight' has shape .*, rank 4, "
+                                         r"but adapter_config.json gives '.*' rank 8 \(r, rank_pattern\)"):
+        serving.validate_adapters(tiny["base"], {"mrpc": edited}, 16)
+    # rank_pattern is read as PEFT reads it: a module it names must have that rank too.
+    cfg.update(r=4, rank_pattern={"v_proj": 2})
+    (edited / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ServeError, match=r"'.*\.v_proj\.lora_[AB]\.weight' has shape .*, rank 4, but adapter_config.json "
+                                         r"gives 'model\.layers\.\d\.self_attn\.v_proj' rank 2"):
+        serving.validate_adapters(tiny["base"], {"mrpc": edited}, 16)
+    cfg.update(rank_pattern={"v_proj": 4})
+    (edited / "adapter_config.json").write_text(json.dumps(cfg))
+    assert serving.validate_adapters(tiny["base"], {"mrpc": edited}, 16) == {"mrpc": 4}
+
+
+# ---------------------------------------------------------------------------
+# `loradrift serve-bench` on a study's run folders: bad adapters and serving errors through the CLI
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_study(tmp_path_factory):
+    """A tiny-preset --out folder holding one finished sst2 LoRA run (seed serve.seed)."""
+    from loradrift.config import resolve_config
+    from loradrift.train import train_run
+
+    out = tmp_path_factory.mktemp("lora-study") / "out"
+    cfg = resolve_config(preset="tiny", task="sst2", overrides=["method.name=lora"], out_dir=out)
+    cfg = cfg.model_copy(update={"seed": cfg.serve.seed})
+    return Path(train_run(cfg)["run_dir"])
+
+
+def _copy_study(run_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the study folder holding `run_dir`: (its --out, the copy's run folder)."""
+    import shutil
+
+    out = shutil.copytree(run_dir.parents[4], tmp_path / "out")
+    return out, out / run_dir.relative_to(run_dir.parents[4])
+
+
+def _serve_bench(out: Path, backend: str = "hf") -> int:
+    from loradrift.cli import main
+
+    return main(["serve-bench", "--preset", "tiny", "--out", str(out), "--adapters", "sst2", "--backend", backend])
+
+
+def test_serve_bench_with_an_edited_rank_names_task_and_folder_before_any_merge(lora_study, tmp_path, capsys):
+    out, rd = _copy_study(lora_study, tmp_path)
+    cfg_path = rd / "serve_adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    r = cfg["r"]
+    cfg_path.write_text(json.dumps({**cfg, "r": 2 * r}))
+    assert _serve_bench(out) == 2
+    err = capsys.readouterr().err
+    assert f"adapter 'sst2' ({rd / 'serve_adapter'})" in err and f"rank {r}, but adapter_config.json gives" in err
+    assert "size mismatch" not in err and "Traceback" not in err
+    assert not (rd / "merged").exists() and not (out / "serve").exists()  # refused before PEFT loaded or merged it
+
+
+def test_serve_bench_with_an_adapter_of_another_base_names_task_and_folder_before_any_merge(lora_study, tmp_path, capsys):
+    import shutil
+
+    out, rd = _copy_study(lora_study, tmp_path)
+    adapter = rd / "serve_adapter"
+    tiny_base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    other = make_adapter(make_base(tmp_path / "other-base", hidden=32), tmp_path / "other-adapter", seed=1)
+    shutil.rmtree(adapter)
+    shutil.copytree(other, adapter)
+    assert _serve_bench(out) == 2
+    err = capsys.readouterr().err
+    assert f"adapter 'sst2' ({adapter}) was trained on base '{tmp_path / 'other-base'}'" in err
+    # Under the right name (a copy renamed, say), the weights themselves do not fit.
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": tiny_base}))
+    assert _serve_bench(out) == 2
+    err += capsys.readouterr().err
+    assert f"adapter 'sst2' ({adapter}): " in err and "does not fit base weight" in err
+    assert "size mismatch" not in err and "Traceback" not in err
+    assert not (rd / "merged").exists() and not (out / "serve").exists()
+
+
+def test_serve_errors_reach_the_user_as_one_message(lora_study, tmp_path, capsys):
+    out, _ = _copy_study(lora_study, tmp_path)
+    assert _serve_bench(out, backend="tgi") == 2
+    err = capsys.readouterr().err
+    assert "loradrift serve-bench: error: unknown backend 'tgi' (hf | vllm)" in err and "Traceback" not in err

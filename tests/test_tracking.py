@@ -68,10 +68,44 @@ def check_run_in_trackers(out: Path, result: dict, group: str, name: str) -> Non
         if result.get(split):
             assert run.data.metrics[f"{split}/{primary}"] == pytest.approx(result[split][primary])
     assert run.data.metrics["cost/steps"] == result["steps"]
-    tb = _tb_scalars(out / "tensorboard" / tracking._safe(group) / tracking._safe(name))
+    # Parameters are what the run used (train.lr is the method's default when the config says null),
+    # the code's commit is the run's source version, and the run folder's record is attached.
+    params = run.data.params
+    assert params["train.lr"] == params["resolved.lr"] == str(result["lr"])
+    assert params["resolved.seed"] == str(result["seed"]) and params["resolved.model"] == result["model"]
+    assert int(params["resolved.steps"]) >= result["steps"] and int(params["resolved.batch_size"]) > 0
+    from loradrift.study import code_commit
+
+    assert run.data.tags.get("mlflow.source.git.commit") == code_commit()
+    card = "adapter" if result["method"] == "lora" else "model"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "result.json", "README.md"} <= artifacts
+    assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(out.resolve() / "mlflow-artifacts")
+    local = Path(client.download_artifacts(run.info.run_id, "README.md", str(Path(result["run_dir"]).parent)))
+    assert local.read_text() == (Path(result["run_dir"]) / card / "README.md").read_text()
+    tb_dir = out / "tensorboard" / tracking._safe(group) / tracking._safe(name)
+    tb = _tb_scalars(tb_dir)
     assert tb["train/loss"] == [(e["step"], pytest.approx(e["loss"], rel=1e-6)) for e in log]
     assert tb[f"val/{primary}"][-1][1] == pytest.approx(result["val"][primary], rel=1e-6)
     assert "train/lr" in tb and "train/grad_norm" in tb and "train/tokens_per_s" in tb
+    hp, metrics = _tb_hparams(tb_dir)
+    assert hp["resolved.lr"] == pytest.approx(result["lr"]) and hp["method.name"] == result["method"]
+    assert f"dev/{primary}" in metrics and f"dev/{primary}" in tb  # the HParams table's column is the run's scalar
+
+
+def _tb_hparams(run_dir: Path) -> tuple[dict, list[str]]:
+    """A run's HParams dashboard entry: its parameter values and the metric tags it compares."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    values = {k: v.number_value if v.HasField("number_value") else v.string_value if v.HasField("string_value") else v.bool_value
+              for k, v in start.hparams.items()}
+    return values, [m.name.tag for m in experiment.metric_infos]
 
 
 def test_tiny_run_and_verdicts_in_mlflow_and_tensorboard(tiny_cfg):
@@ -134,14 +168,18 @@ def _items(items) -> dict:
     return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
 
 
-def test_wandb_offline(tiny_cfg, monkeypatch):
+def test_wandb_offline(tiny_cfg, monkeypatch, capfd):
     pytest.importorskip("wandb", reason="the [wandb] extra is not installed")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    from loradrift.train import train_run
+    from loradrift.cli import main
+    from loradrift.train import run_dir_for
 
     cfg = tiny_cfg("sst2", "lora", overrides=["report_to=[wandb]"])
-    r = train_run(cfg)
+    assert main(["train", "--preset", "tiny", "--task", "sst2", "--method", "lora", "--out", str(cfg.out_dir), "report_to=[wandb]"]) == 0
+    out, err = capfd.readouterr()
+    # loradrift's stdout is its own (scripts parse it); W&B's banner goes to stderr.
+    assert out.strip().startswith("run folder: ") and "wandb:" not in out and "wandb:" in err
+    r = json.loads((run_dir_for(cfg) / "result.json").read_text())
     files = list((cfg.out_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     # The W&B service process writes the file; finish() can return before the last records land.
@@ -165,6 +203,9 @@ def test_wandb_offline(tiny_cfg, monkeypatch):
             summary.update(_items(x.summary.update))
     assert summary["dev/accuracy"] == r["dev"]["accuracy"] and summary["cost/steps"] == r["steps"]
     assert any(x.WhichOneof("record_type") == "exit" and x.exit.exit_code == 0 for x in recs)
+    assert config["train.lr"] == config["resolved.lr"] == r["lr"] and config["resolved.seed"] == 42
+    saved = {f.path for x in recs if x.WhichOneof("record_type") == "files" for f in x.files.files}
+    assert {"config.yaml", "result.json", "README.md"} <= saved
 
 
 def test_a_tracker_that_fails_costs_no_run(tmp_path, caplog, monkeypatch):

@@ -365,3 +365,69 @@ def test_non_finite_loss_stops_the_run_without_a_result(tiny_cfg):
     log = (rd / "log.jsonl").read_text()
     assert "NaN" not in log and "Infinity" not in log
     assert ResultsStore(cfg.out_dir / "results.sqlite").rows("run") == []
+
+
+def _train_argv(cfg) -> list[str]:
+    """The `loradrift train` command line of a tiny_cfg config (same config hash)."""
+    return ["train", "--preset", "tiny", "--task", cfg.task, "--method", cfg.method.name, "--seed", str(cfg.seed),
+            "--out", str(cfg.out_dir)]
+
+
+def test_truncated_checkpoint_is_named_with_a_way_out_and_nothing_deleted(tiny_cfg, capsys):
+    from loradrift.cli import main
+
+    cfg = tiny_cfg("sst2", "lora")
+
+    class Killed(Exception):
+        pass
+
+    def die(step, total):
+        if step == cfg.train.checkpoint_every:  # right after the first checkpoint
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_run(cfg, on_step=die)
+    rd = run_dir_for(cfg)
+    last = rd / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a copy cut short, a full disk
+    before = _folder_state(rd)
+    assert main(_train_argv(cfg)) == 2
+    err = capsys.readouterr().err
+    assert f"{last}: not a readable checkpoint (truncated or corrupt" in err and "Traceback" not in err
+    assert f"delete the run folder {rd} and rerun, or rerun `loradrift train` with --force" in err
+    assert _folder_state(rd) == before
+    # The way out it names works.
+    assert main([*_train_argv(cfg), "--force"]) == 0
+    assert (rd / "result.json").exists() and not (rd / "checkpoints").exists()
+
+
+def test_truncated_result_json_is_named_with_a_way_out_and_nothing_deleted(tiny_cfg, capsys):
+    from loradrift.cli import main
+
+    cfg = tiny_cfg("sst2", "lora")
+    rd = Path(train_run(cfg)["run_dir"])
+    result = rd / "result.json"
+    result.write_text(result.read_text()[:100])
+    before = _folder_state(rd)
+    assert main(_train_argv(cfg)) == 2
+    err = capsys.readouterr().err
+    assert f"{result}: not a readable run result (truncated or corrupt" in err and "Traceback" not in err
+    assert f"delete the run folder {rd} and rerun, or rerun `loradrift train` with --force" in err
+    assert _folder_state(rd) == before
+    assert main([*_train_argv(cfg), "--force"]) == 0
+    assert json.loads(result.read_text())["config_hash"] == cfg.science_hash()
+
+
+def test_config_rejected_at_setup_leaves_no_empty_run_folder(tiny_cfg, capsys):
+    from loradrift.cli import main
+
+    bad = tiny_cfg("sst2", "lora", overrides=["method.lora.target_modules=[no_such_proj]"])
+    argv = [*_train_argv(bad), "method.lora.target_modules=[no_such_proj]"]
+    assert main(argv) == 2
+    assert "no_such_proj" in capsys.readouterr().err
+    assert not (Path(bad.out_dir) / "runs").exists()  # not even runs/: this call created it
+    # A folder this call did not create stays; only the lock file it made goes.
+    rd = run_dir_for(bad)
+    rd.mkdir(parents=True)
+    assert main(argv) == 2
+    assert rd.is_dir() and not any(rd.iterdir())

@@ -20,7 +20,7 @@ from pathlib import Path
 WEIGHT_DIRS = frozenset({"model", "merged", "adapter", "serve_adapter", "checkpoints", "snapshots", "merged_cache"})
 WEIGHT_SUFFIXES = frozenset({".safetensors", ".pt", ".bin", ".gguf"})
 # Tracker copies of what the study folder already holds (report_to=[...]); nothing reads them.
-TRACKER_ENTRIES = frozenset({"mlflow.db", "tensorboard", "wandb"})
+TRACKER_ENTRIES = frozenset({"mlflow.db", "mlflow-artifacts", "tensorboard", "wandb"})
 
 
 def bundle_files(out: Path) -> list[Path]:

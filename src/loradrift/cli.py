@@ -126,7 +126,8 @@ def cmd_score(args, configs: Configs) -> int:
 
     if args.task != "squad_v2":
         raise ValueError(f"score: only squad_v2 has an official file scorer (got {args.task!r})")
-    out = score_squad_v2_files(args.data, args.preds, args.na_prob_file, args.na_prob_thresh, allow_missing=args.allow_missing)
+    out = score_squad_v2_files(args.data, args.preds, args.na_prob_file, args.na_prob_thresh, allow_missing=args.allow_missing,
+                               allow_extra=args.allow_extra)
     print(json.dumps(out, indent=2))
     return 0
 
@@ -324,7 +325,7 @@ def cmd_study(args, configs: Configs) -> int:
     phases = sorted({int(p) for p in args.phases.split(",")})
     if not set(phases) <= {0, 1, 2, 3}:
         raise ValueError(f"--phases: phases are 0, 1, 2, 3 (got {args.phases})")
-    tasks = _tasks(args.tasks) if args.tasks else None
+    tasks = _tasks(args.task) if args.task else None
     if args.preset is None:
         from loradrift.config import default_preset
 
@@ -364,6 +365,53 @@ COMMANDS = {
 }
 
 
+# The end of each command's --help: one or two command lines that work as they are (a test parses
+# every one). Keyed by the command's words after `loradrift`.
+EXAMPLES = {
+    "": ["loradrift study --preset tiny", "loradrift data check"],
+    "data": ["loradrift data check"],
+    "data check": ["loradrift data check", "loradrift data check --task sst2,rte --json"],
+    "model": ["loradrift model info smollm2-135m"],
+    "model info": ["loradrift model info tiny", "loradrift model info smollm2-135m"],
+    "train": ["loradrift train --task sst2 --method lora",
+              "loradrift train --preset tiny --task squad_v2 --method full --seed 1337 train.lr=1e-4"],
+    "extract-base": ["loradrift extract-base --task all", "loradrift extract-base --task sst2 --force"],
+    "sanity": ["loradrift sanity --task all", "loradrift sanity --preset tiny --task rte --method lora"],
+    "baselines": ["loradrift baselines --task all"],
+    "memory": ["loradrift memory --task squad_v2 --method full,lora"],
+    "store": ["loradrift store repair --out runs/smollm2"],
+    "store repair": ["loradrift store repair --out runs/smollm2"],
+    "study": ["loradrift study", "loradrift study --task squad_v2 --phases 0,1,2 --out /shared/out"],
+    "search": ["loradrift search --task mrpc --method full,lora --trials 6",
+               "loradrift search --task sst2 --method lora --tune-rank --storage postgresql://user:pass@db-host/loradrift"],
+    "search-report": ["loradrift search-report", "loradrift search-report --task sst2 --method lora"],
+    "drift": ["loradrift drift --task all", "loradrift drift --task sst2,rte drift.metric=debiased"],
+    "ablate-rank": ["loradrift ablate-rank --task sst2 --ranks 4,8,16,64,256",
+                    "loradrift ablate-rank --task rte --ranks 8,64 --seeds 42,1337 --rslora"],
+    "serve-bench": ["loradrift serve-bench --backend hf --adapters sst2,squad_v2",
+                    "loradrift serve-bench --backend vllm --adapters all --online"],
+    "stats": ["loradrift stats", "loradrift stats --preset tiny --out runs/tiny"],
+    "report": ["loradrift report", "loradrift report --out study-bundle --no-pdf"],
+    "bundle": ["loradrift bundle study-bundle --out runs/smollm2"],
+    "score": ["loradrift score squad_v2 dev-v2.0.json predictions.json",
+              "loradrift score squad_v2 dev-v2.0.json predictions.json --na-prob-file na_probs.json --allow-missing"],
+}
+
+
+def _finish_help(parser: argparse.ArgumentParser, words: str = "") -> None:
+    """Give every command's --help its examples (EXAMPLES) as an epilog, and its one-line summary
+    as a description, for this parser and every subcommand below it."""
+    if words in EXAMPLES:
+        parser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[words])
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            summaries = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                sub.description = sub.description or summaries.get(name)
+                _finish_help(sub, f"{words} {name}".strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from loradrift import __version__
 
@@ -375,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="task data commands")
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     c = dsub.add_parser("check", parents=[parent], help="split sizes, label balance and source of each task")
-    c.add_argument("--task", default="all")
+    c.add_argument("--task", default="all", help="task name, comma list or 'all' (default: all)")
     c.add_argument("--json", action="store_true", help="also print the summary as JSON")
     c.set_defaults(func=cmd_data_check)
 
@@ -386,18 +434,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_model_info)
 
     c = sub.add_parser("train", parents=[parent], help=COMMANDS["train"][1])
-    c.add_argument("--task", required=True)
+    c.add_argument("--task", required=True, help="one task: sst2, mrpc, rte or squad_v2")
     c.add_argument("--method", choices=["full", "lora"], default=None, help="default: the config's method.name")
-    c.add_argument("--force", action="store_true", help="redo a finished run")
+    c.add_argument("--force", action="store_true",
+                   help="redo the run from step 0: empties its folder (after the new config has been built)")
     c.set_defaults(func=cmd_train)
 
     for name in ("extract-base", "sanity", "baselines", "memory"):
         c = sub.add_parser(name, parents=[parent], help=COMMANDS[name][1])
-        c.add_argument("--task", default="all", help="task name, comma list or 'all'")
+        c.add_argument("--task", default="all", help="task name, comma list or 'all' (default: all)")
         if name in ("sanity", "memory"):
-            c.add_argument("--method", default="full,lora")
+            c.add_argument("--method", default="full,lora", help="full, lora or full,lora (default: both)")
         if name == "extract-base":
-            c.add_argument("--force", action="store_true")
+            c.add_argument("--force", action="store_true", help="recompute representations that are already there")
         c.set_defaults(func=COMMANDS[name][0])
 
     p = sub.add_parser("store", help=COMMANDS["store"][1])
@@ -407,29 +456,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_store_repair)
 
     c = sub.add_parser("study", parents=[parent], help=COMMANDS["study"][1])
-    c.add_argument("--tasks", default=None, help="comma list of tasks for this machine (default: study.tasks)")
+    # --task as in every other command; --tasks, its earlier spelling here, still works.
+    c.add_argument("--task", "--tasks", dest="task", default=None,
+                   help="task name or comma list for this machine (default: study.tasks); --tasks is the same option")
     c.add_argument("--phases", default="0,1,2,3", help="which phases to run, e.g. 0,1,2 on each machine, then 3 once")
     c.add_argument("--ray", action="store_true", help="run Phase 2 as Ray tasks (pip install 'loradrift[ray]'; see docs/study.md)")
     c.add_argument("--ray-address", default=None, metavar="ADDR",
-                   help="Ray cluster to join, e.g. auto (implies --ray; default: start a local one)")
+                   help="Ray cluster to join, e.g. auto (implies --ray; default: start a local one, bound to 127.0.0.1)")
     c.set_defaults(func=cmd_study)
 
     c = sub.add_parser("search", parents=[parent], help=COMMANDS["search"][1])
     c.add_argument("--task", required=True, help="task name, comma list or 'all'")
-    c.add_argument("--method", default="full,lora")
+    c.add_argument("--method", default="full,lora", help="full, lora or full,lora (default: both, one study each)")
     c.add_argument("--trials", type=int, default=None, help="finished (complete+pruned) trials per study (default: search.trials)")
     c.add_argument("--storage", default=None, help="SQLAlchemy URL shared by workers (default sqlite:///<out>/search/optuna.db)")
     c.add_argument("--tune-rank", action="store_true", help="also search LoRA r (a separate study and best-config file)")
     c.set_defaults(func=cmd_search)
 
     c = sub.add_parser("search-report", parents=[parent], help=COMMANDS["search-report"][1])
-    c.add_argument("--task", default=None)
-    c.add_argument("--method", default=None)
-    c.add_argument("--storage", default=None)
+    c.add_argument("--task", default=None, help="task name, comma list or 'all' (default: every study in the storage)")
+    c.add_argument("--method", default=None, help="full, lora or full,lora (default: both)")
+    c.add_argument("--storage", default=None, help="the search's SQLAlchemy URL (default sqlite:///<out>/search/optuna.db)")
     c.set_defaults(func=cmd_search_report)
 
     c = sub.add_parser("drift", parents=[parent], help=COMMANDS["drift"][1])
-    c.add_argument("--task", default="all")
+    c.add_argument("--task", default="all", help="task name, comma list or 'all' (default: all)")
     c.set_defaults(func=cmd_drift)
 
     c = sub.add_parser("ablate-rank", parents=[parent], help=COMMANDS["ablate-rank"][1])
@@ -463,12 +514,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("task", help="squad_v2")
     c.add_argument("data", type=Path, help="official-format data JSON")
     c.add_argument("preds", type=Path, help="JSON object: question id -> answer text ('' = no answer)")
-    c.add_argument("--na-prob-file", type=Path, default=None)
-    c.add_argument("--na-prob-thresh", type=float, default=1.0)
+    c.add_argument("--na-prob-file", type=Path, default=None,
+                   help="JSON object: question id -> probability (0 to 1) that it has no answer; adds the best_* fields")
+    c.add_argument("--na-prob-thresh", type=float, default=1.0,
+                   help="answer '' where the no-answer probability is above this (default 1.0: never)")
     c.add_argument("--allow-missing", action="store_true",
                    help="score only the questions that have a prediction (the official script's behaviour); "
                         "without it, missing predictions are an error")
+    c.add_argument("--allow-extra", action="store_true",
+                   help="ignore predictions whose id is in no question of DATA, with a warning giving their count (the "
+                        "official script ignores them silently); without it they are an error, since they usually mean "
+                        "predictions made on another file")
     c.set_defaults(func=cmd_score, overrides=[], preset=None, config=[], out=None, data_dir=None, seed=None)
+    _finish_help(ap)
     return ap
 
 

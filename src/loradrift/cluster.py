@@ -84,8 +84,8 @@ def _describe(err: BaseException) -> str:
 def run_grid_on_ray(grid: list[RunConfig], address: str | None = None, say: Callable[[str], None] = print) -> list[dict]:
     """Train every config of `grid` as one Ray task each; results in grid order.
 
-    `address`: None starts a local Ray cluster (unless this process already called `ray.init`,
-    which is then used as it is), "auto" or "host:port" joins a running one. A failed run does
+    `address`: None starts a local Ray cluster bound to 127.0.0.1 (unless this process already
+    called `ray.init`, which is then used as it is), "auto" or "host:port" joins a running one. A failed run does
     not stop the others; once all have ended a GridError lists the failed ones."""
     ray = import_ray()
     from loradrift.train import RunConflict, run_dir_for, train_run
@@ -115,7 +115,9 @@ def run_grid_on_ray(grid: list[RunConfig], address: str | None = None, say: Call
 
     started = False
     if not ray.is_initialized():
-        kw = {} if address else {"include_dashboard": False}
+        # A cluster started here serves this process only: its node address is loopback, so its
+        # services are not reachable from the network (a cluster the user names is theirs to set up).
+        kw = {} if address else {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
         ray.init(address=address, **kw)
         started = True
     try:

@@ -326,6 +326,10 @@ def squad_v2_evaluate(
     * Bad input raises ``ValueError`` instead of KeyError/AttributeError: a
       non-string prediction, no prediction for any question, or ``na_probs``
       without an entry for a predicted question.
+
+    Departures where upstream gives a wrong score without a word: two questions with one
+    id (upstream keeps one, and ``total`` comes out short) and a no-answer probability
+    outside [0, 1] or not finite raise ``ValueError``.
     """
     _check_squad_data(dataset, "dataset")
     _check_preds(preds, "preds")
@@ -376,7 +380,7 @@ def load_squad_json(path: str | Path) -> list[dict]:
 
     Checks every field the scorer reads, so a malformed file fails here with a message
     such as ``dev.json: data[3].paragraphs[0].qas[2]: missing 'id'`` rather than with
-    a KeyError deep inside scoring.
+    a KeyError deep inside scoring; a question id used twice names both places.
     """
     obj = _read_json(path)
     if not isinstance(obj, dict):
@@ -393,30 +397,48 @@ def score_squad_v2_files(
     na_prob_file: str | Path | None = None,
     na_prob_thresh: float = 1.0,
     allow_missing: bool = False,
+    allow_extra: bool = False,
 ) -> collections.OrderedDict:
     """File-level entry point behind ``loradrift score squad_v2``; see ``squad_v2_evaluate``.
 
     A predictions file that leaves out questions is an error naming how many, because a
     score over the predicted subset alone looks like a score over the whole set. With
     ``allow_missing`` the official script's subset behaviour applies (and the result's
-    ``missing`` key gives the count)."""
+    ``missing`` key gives the count).
+
+    Likewise a prediction whose id is in no question of the data is an error: the official
+    script ignores it without a word, and ids that do not match almost always mean the
+    predictions were made on another file (train vs dev, another version). With
+    ``allow_extra`` they are ignored as upstream does, with a warning and an ``extra`` key
+    giving their count (for predictions on a superset, e.g. scored against a subset)."""
     dataset = load_squad_json(data_path)
     preds = _read_json(preds_path)
     _check_preds(preds, str(preds_path))
+    qids = make_qid_to_has_ans(dataset)
     if not allow_missing:
-        qids = list(make_qid_to_has_ans(dataset))
         missing = [q for q in qids if q not in preds]
         if missing:
             raise ValueError(f"{preds_path}: no prediction for {len(missing)} of {len(qids)} questions in {data_path} "
                              f"(first: {missing[0]!r}); pass --allow-missing to score only the predicted ones")
+    extra = [q for q in preds if q not in qids]
+    if extra and not allow_extra:
+        raise ValueError(f"{preds_path}: {len(extra)} of {len(preds)} predictions are for question ids that are not in "
+                         f"{data_path} (first: {extra[0]!r}); predictions for another file? Pass --allow-extra "
+                         f"to ignore them, as the official script does")
+    if extra:
+        warnings.warn(f"{len(extra)} of {len(preds)} predictions have ids not in {data_path} and are ignored "
+                      f"(first: {extra[:3]})", stacklevel=2)
     na_probs = None
     if na_prob_file is not None:
         na_probs = _read_json(na_prob_file)
         _check_na_probs(na_probs, str(na_prob_file))
         # Checked here too so the error names the file rather than "na_probs".
-        predicted = [k for k in make_qid_to_has_ans(dataset) if k in preds]
+        predicted = [k for k in qids if k in preds]
         _check_na_probs_cover(na_probs, predicted, str(na_prob_file))
-    return squad_v2_evaluate(dataset, preds, na_probs=na_probs, na_prob_thresh=na_prob_thresh)
+    out = squad_v2_evaluate(dataset, preds, na_probs=na_probs, na_prob_thresh=na_prob_thresh)
+    if extra:
+        out["extra"] = len(extra)
+    return out
 
 
 # ------------------------------------------------------------ input checks
@@ -451,13 +473,21 @@ def _check_squad_data(data: Any, where: str) -> None:
 
     if not isinstance(data, list):
         raise ValueError(f"{where}: expected an array, got {_kind(data)}")
+    # Scores, predictions and no-answer probabilities are keyed by question id: a second question
+    # with the same id would silently replace the first and the totals would come out one short.
+    first_at: dict[str, str] = {}
+    name = where.rsplit(": ", 1)[-1]  # "data" without the file name that prefixes it
     for i, article in enumerate(data):
         at_a = f"{where}[{i}]"
         for j, paragraph in enumerate(need(article, "paragraphs", list, at_a)):
             at_p = f"{at_a}.paragraphs[{j}]"
             for k, qa in enumerate(need(paragraph, "qas", list, at_p)):
                 at_q = f"{at_p}.qas[{k}]"
-                need(qa, "id", str, at_q)
+                qid = need(qa, "id", str, at_q)
+                if qid in first_at:
+                    raise ValueError(f"{at_q}: question id {qid!r} is already used at {first_at[qid]}; "
+                                     f"question ids must be unique (scores are keyed by id)")
+                first_at[qid] = f"{name}[{i}].paragraphs[{j}].qas[{k}]"
                 for m, answer in enumerate(need(qa, "answers", list, at_q)):
                     need(answer, "text", str, f"{at_q}.answers[{m}]")
 
@@ -482,10 +512,11 @@ def _check_na_probs(na_probs: Any, source: str) -> None:
         )
     for qid, p in na_probs.items():
         # bool is an int subclass but True/False as a probability is almost surely a bug;
-        # NaN would make the sort in find_best_thresh meaningless.
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p):
+        # NaN would make the sort in find_best_thresh meaningless. A value outside [0, 1] is a
+        # logit or a score, not a probability: thresholds tuned on it mean nothing.
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 <= p <= 1:
             raise ValueError(
-                f"{source}: no-answer probability for {qid!r} must be a finite number, got {p!r}"
+                f"{source}: no-answer probability for {qid!r} must be a finite number in [0, 1], got {p!r}"
             )
 
 

@@ -1124,6 +1124,35 @@ def sec_manifest(art: Artefacts) -> Section:
     return sec
 
 
+def header_facts(art: Artefacts) -> dict[str, str | None]:
+    """The report's first lines: what ran (preset, model, training device, serving backend), and
+    for a study on the random-init `tiny` model a warning that its results are a pipeline check."""
+    def read(rel: str) -> Any:  # an unreadable file is the business of its section, not of the header
+        try:
+            return art.json(rel)
+        except (OSError, ValueError):
+            return None
+
+    man = read("study/manifest.json") or {}
+    preset = man.get("preset")
+    model = ((man.get("config") or {}).get("model") or {}).get("name")
+    dev = man.get("device")
+    device = (dev.get("gpu") or "a CUDA GPU" if dev.get("cuda") else "CPU") if isinstance(dev, dict) else None
+    fingerprint = read("serve/fingerprint.json") or {}
+    backends = fingerprint.get("backend") or ",".join(dict.fromkeys(
+        r["backend"] for r in (read("serve/overhead.json") or []) if isinstance(r, dict) and r.get("backend")))
+    names = {"hf": "hf (transformers + PEFT)", "vllm": "vLLM"}
+    backend = " and ".join(names.get(b, b) for b in backends.split(",")) if backends else None
+    line = " · ".join([f"Preset {preset or 'unknown'}", f"model {model or 'unknown'}", f"trained on {device or 'an unknown device'}",
+                       f"served with {backend}" if backend else "no serving benchmark"])
+    warning = None
+    if preset == "tiny" or model == "tiny":
+        warning = ("Pipeline check, not findings: this study ran on the random-init tiny model (2 layers, hidden 64) "
+                   "on a few dozen examples per task. It shows that every phase runs end to end; its scores, drift "
+                   "and verdicts say nothing about LoRA or full fine-tuning.")
+    return {"line": line, "warning": warning}
+
+
 SECTIONS: list[tuple[str, str, Callable[[Artefacts], Section]]] = [
     ("summary", "Summary", sec_summary),
     ("performance", "Performance", sec_performance),
@@ -1182,11 +1211,11 @@ def _environment() -> "jinja2.Environment":
     return env
 
 
-def render_html(sections: list[Section], out_dir: Path, generated: str) -> str:
+def render_html(sections: list[Section], out_dir: Path, generated: str, header: dict[str, str | None]) -> str:
     parts = [{"id": s.id, "title": s.title, "number": i, "status": s.status, "blocks": s.blocks,
               "part_title": PARTS.get(s.id)} for i, s in enumerate(sections, 1)]
     return _environment().get_template("report.html.j2").render(
-        title=TITLE, csp=CSP, out_dir=str(out_dir), generated=generated, sections=parts)
+        title=TITLE, csp=CSP, out_dir=str(out_dir), generated=generated, header=header, sections=parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1291,7 +1320,7 @@ def _section_lines(sec: Section, number: int) -> list[tuple[str, str]]:
     return lines
 
 
-def _pdf_matplotlib(sections: list[Section], pdf_path: Path, generated: str) -> None:
+def _pdf_matplotlib(sections: list[Section], pdf_path: Path, generated: str, header: dict[str, str | None]) -> None:
     import matplotlib.image as mpimg
     from matplotlib.backends.backend_pdf import PdfPages
     from matplotlib.figure import Figure
@@ -1310,7 +1339,10 @@ def _pdf_matplotlib(sections: list[Section], pdf_path: Path, generated: str) -> 
         pdf.savefig(fig)
 
     with atomic_path(pdf_path) as tmp, PdfPages(tmp) as pdf:
-        intro = [("title", TITLE), ("text", f"generated {generated}"), ("text", ""), ("h3", "Contents")]
+        intro = [("title", TITLE), *[("text", x) for x in textwrap.wrap(header["line"], _WIDTH)], ("text", f"generated {generated}"), ("text", "")]
+        if header["warning"]:
+            intro += [("h3", line) for line in textwrap.wrap(header["warning"], _H3_WIDTH)] + [("text", "")]
+        intro += [("h3", "Contents")]
         intro += [("text", f"{i:2}. {s.title}" + (f"  ({s.status})" if s.status != "ok" else "")) for i, s in enumerate(sections, 1)]
         intro += [("text", ""), ("text", "(PDF drawn with matplotlib: no browser was available; the HTML report has the same content.)")]
         text_page(pdf, intro)
@@ -1350,8 +1382,9 @@ def build_report(out_dir: Path, pdf: bool = True, renderer: str | None = None) -
     report_dir = out_dir / "report"
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = build_sections(out_dir)
+    header = header_facts(Artefacts(out_dir))
     html_path = report_dir / "report.html"
-    atomic_write_text(html_path, render_html(sections, out_dir.resolve(), generated))
+    atomic_write_text(html_path, render_html(sections, out_dir.resolve(), generated, header))
     log.info("report: HTML written to %s", html_path)
 
     pdf_path, used = None, None
@@ -1369,7 +1402,7 @@ def build_report(out_dir: Path, pdf: bool = True, renderer: str | None = None) -
                     raise
                 log.warning("report: Chromium could not print the PDF (%s); falling back to matplotlib", e)
         if used is None:
-            _pdf_matplotlib(sections, pdf_path, generated)
+            _pdf_matplotlib(sections, pdf_path, generated, header)
             used = "matplotlib"
         log.info("report: PDF written to %s (renderer: %s%s)", pdf_path, used, f", {browser}" if used == "chromium" else "")
     return {"html": html_path, "pdf": pdf_path, "pdf_renderer": used,

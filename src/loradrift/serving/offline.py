@@ -466,7 +466,7 @@ def machine_info(device: str) -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None}
 
 
-def _timed_round(be: Any, cfg: ServeConfig, r: int, start: int, pool: Sequence[Sequence[int]],
+def _timed_round(be: Any, cfg: ServeConfig, r: int, engine_start: int, pool: Sequence[Sequence[int]],
                  batch_sizes: Sequence[int], batches_per_round: int, max_tokens: int, device: str) -> list[dict]:
     out = []
     for b in batch_sizes:
@@ -483,7 +483,7 @@ def _timed_round(be: Any, cfg: ServeConfig, r: int, start: int, pool: Sequence[S
         total_s = sum(lats) / b
         out.append({
             "backend": be.name, "config": cfg.name, "adapters": "+".join(cfg.tasks),
-            "batch_size": b, "round": r, "start": start, "n_requests": len(lats), "max_tokens": max_tokens,
+            "batch_size": b, "round": r, "start": engine_start, "n_requests": len(lats), "max_tokens": max_tokens,
             "latency_mean_s": st["mean"], "latency_p50_s": st["p50"], "latency_p95_s": st["p95"],
             "throughput_rps": len(lats) / total_s, "throughput_tok_s": len(lats) * max_tokens / total_s,
             "ttft_mean_s": float(np.mean(ttfts)) if ttfts else None,

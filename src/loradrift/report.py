@@ -820,13 +820,14 @@ def sec_rank_ablation(art: Artefacts) -> Section:
         for task, r in sorted((s.get("tasks") or {}).items(), key=lambda kv: _task_order(kv[0])):
             rows = []
             for label, g in (r.get("by_label") or {}).items():
-                row: dict[str, Any] = {"run": "full FT" if label == "full" else f"LoRA r={g.get('rank')}"}
+                row: dict[str, Any] = {"run": "full FT" if label == "full" else f"LoRA r={g.get('rank')}",
+                                       "learned": g.get("learned")}
                 for q in ("dev_score", "drift", "total_intruders", "delta_loss"):
                     v = g.get(q) or {}
                     row["n"] = max(row.get("n", 0), v.get("n") or 0)
                     row[q] = fmt(v.get("mean")) + ("" if v.get("ci_low") is None else f" [{fmt(v['ci_low'])}, {fmt(v['ci_high'])}]")
                 rows.append(row)
-            sec.table(rows, ["run", "n", "dev_score", "drift", "total_intruders", "delta_loss"],
+            sec.table(rows, ["run", "n", "learned", "dev_score", "drift", "total_intruders", "delta_loss"],
                       labels={"dev_score": "dev score", "drift": "drift", "total_intruders": "intruders", "delta_loss": "Δloss"},
                       caption=f"{task}: mean [t-interval] over seeds {st.get('seeds')}; alpha rule {st.get('alpha_rule')}")
             sec.bullets([*(r.get("notes") or []),

@@ -168,11 +168,10 @@ def phase3(cfg: RunConfig, tasks: list[str], say, cfg_for: ConfigFor | None = No
         if serve_is_current(cfg, tasks, backend):
             say(f"serving benchmark: serve/ already holds this benchmark (backend {backend}, same settings and adapters)")
         else:
-            res = serve_bench(cfg, tasks, backend=backend)
+            findings = serve_bench(cfg, tasks, backend=backend)["findings"]
             say(f"serving benchmark written (backend {backend}"
-                + (": PEFT backend, not vLLM; H3 is labelled so and is secondary evidence)" if backend == "hf" else ")"))
-            for f in res["findings"]:
-                say(f"serving finding (flagged in the report): {f}")
+                + (": PEFT backend, not vLLM; H3 is labelled so and is secondary evidence)" if backend == "hf" else ")")
+                + (f"; {len(findings)} adapter(s) equal to the base model, flagged in the report" if findings else ""))
     hyp = run_stats(cfg)
     tracking.log_verdicts(cfg.report_to, cfg.out_dir, hyp)
     say(f"hypotheses: {verdict_line(hyp)}")

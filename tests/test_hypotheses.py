@@ -141,7 +141,7 @@ def test_the_baseline_bar_is_at_least_chance_and_the_dev_majority_rate(tmp_path)
     bars = baseline_bars(cfg)["sst2"]
     assert bars["bar"] == pytest.approx(0.56) and bars["from"] == pytest.approx(
         {"chance": 0.5, "majority": 0.44, "random": 0.47, "dev_majority": 0.56})
-    (task, pooled) = run_stats(cfg)["H1"]
+    (task, _) = run_stats(cfg)["H1"]
     assert task["decision"] == "undetermined" and "did not learn" in task["reason"] and "0.56" in task["reason"]
     # a store that records the dev-majority rate (Phase 0 now does) uses it
     ResultsStore(tmp_path / "results.sqlite").put("baseline", model_key(cfg.model), "sst2", "majority", 42, "h2",

@@ -260,3 +260,43 @@ def test_commit_comes_from_git_else_from_the_environment(monkeypatch):
     assert study.code_commit() == "abc123"
     monkeypatch.delenv("LORADRIFT_COMMIT")
     assert study.code_commit() is None
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_study_passes_its_serving_settings(tmp_path, monkeypatch):
+    """Issue 25 point 11: `serve.cpu_threads` never reached the benchmark, and the online servers
+    ran with max_num_seqs = max(online requests, batch sizes) while the offline engines had the
+    largest batch size; the online benchmark now takes the offline run's value."""
+    from loradrift import serving, study, train
+    from loradrift.config import resolve_config
+    from loradrift.models import resolve_model_dir
+
+    cfg = resolve_config(preset="tiny", out_dir=tmp_path, overrides=["serve.cpu_threads=1", "study.tasks=[sst2]"])
+    for d in study._serve_adapters(cfg, ["sst2"]).values():
+        d.mkdir(parents=True)
+        (d / "adapter_config.json").write_text("{}")
+    monkeypatch.setattr(train, "export_merged", lambda run_dir: run_dir / "merged")
+    seen: dict = {}
+
+    def stop(*args, **kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(serving, "run_serve_bench", stop)
+    with pytest.raises(_Stop):
+        study.serve_bench(cfg, ["sst2"], backend="hf")
+    assert seen["cpu_threads"] == 1
+
+    def online(configs, settings_for, *args, **kwargs):
+        seen["online_settings"] = settings_for(configs[0])
+        raise _Stop
+
+    monkeypatch.setattr(serving, "run_online", online)
+    meta = {"device": "cpu", "dtype": "float32", "max_lora_rank": 8, "max_num_seqs": 8}
+    with pytest.raises(_Stop):
+        study.serve_online(cfg, resolve_model_dir(cfg.model), {"sst2": tmp_path / "a"}, {"sst2": tmp_path / "m"},
+                           {"sst2": ["a short prompt"]}, meta)
+    assert seen["online_settings"]["max_num_seqs"] == 8 != cfg.serve.online_requests

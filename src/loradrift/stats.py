@@ -585,13 +585,13 @@ def h2_drift(
         if ft.size and ft.mean() <= 0:
             why.append(("no FT drift", f"{task}: full FT did not drift at all (mean drift {ft.mean():.3g})"))
         elif floor is not None and ft.mean() <= max(floor_factor * floor, min_drift):
-            why.append(("drift at the floor", f"{task}: full FT's mean drift {ft.mean():.3g} is not above both "
-                        f"{floor_factor:g} x the numerical noise floor {floor:.3g} and the minimum drift {min_drift:g}"))
+            why.append(("drift at the floor", (f"{task}: full FT's mean drift {ft.mean():.3g} is not above both "
+                        f"{floor_factor:g} x the numerical noise floor {floor:.3g} and the minimum drift {min_drift:g}")))
         elif floor is None and floor_by_task is not None:
             why.append(("no noise floor", f"{task}: no noise floor measured"))
         elif floor is None and ft.size and ft.mean() <= min_drift:
-            why.append(("drift at the floor", f"{task}: full FT's mean drift {ft.mean():.3g} is not above the "
-                        f"minimum drift {min_drift:g}"))
+            why.append(("drift at the floor", (f"{task}: full FT's mean drift {ft.mean():.3g} is not above the "
+                        f"minimum drift {min_drift:g}")))
         if ft.size < _MIN_N or lo.size < _MIN_N:
             why.append(("too few seeds", f"{task}: need at least {_MIN_N} seeds per method"))
         if not why and (np.any(ft <= 0) or np.any(lo <= 0)):

@@ -158,6 +158,14 @@ def test_connections_are_kept_alive(fake_server):
     finally:
         pool.close()
     assert pool.opened == 1
+    # a connection idle for longer than the server keeps it open is not reused
+    stale = online.ConnectionPool(max_idle_s=0.0)
+    try:
+        timings, _ = online.run_rate([("127.0.0.1", fake_server, "sst2")], "merged-sst2", [[1]] * 3, rate=50.0,
+                                     max_tokens=TOKENS, seed=0, pool=stale, max_workers=1)
+    finally:
+        stale.close()
+    assert all(t.ok for t in timings) and stale.opened == 3
 
 
 def test_requests_round_robin_over_k_servers(fake_server):

@@ -116,7 +116,7 @@ VLLM_CPU_NOTE = ("vLLM on a CPU: its LoRA kernels there are generic PyTorch code
 
 def _starts(row: dict, meta: dict | None) -> list[int] | None:
     """Each round's engine start: recorded in the row, else rebuilt from serve/meta.json as the
-    benchmark split the rounds (offline.interleaved_schedule), else unknown."""
+    benchmark split the rounds (offline.round_starts), else unknown."""
     if row.get("start_by_round") is not None:
         return row["start_by_round"]
     restarts = ((meta or {}).get("engine_restarts") or {}).get(row["backend"])

@@ -78,6 +78,12 @@ def test_ablation_resumes_after_a_kill_without_retraining_finished_ranks(tmp_pat
     before = {p: p.stat().st_mtime_ns for p in finished}
 
     monkeypatch.setattr(train, "train_run", real_train_run)
+    # a baseline bar no 6-step run beats: the learning gate must say so (issue 25 point 1)
+    from loradrift.io import ResultsStore
+    from loradrift.models import model_key
+
+    ResultsStore(tmp_path / "results.sqlite").put("baseline", model_key(cfg_for().model), "sst2", "majority", 42, "h",
+                                                  {"accuracy": 0.99, "dev_majority_accuracy": 0.99})
     trained = []
     real_setup = train.setup
     monkeypatch.setattr(train, "setup", lambda cfg, *a, **k: trained.append((cfg.method.name, cfg.method.lora.r)) or real_setup(cfg, *a, **k))
@@ -87,6 +93,9 @@ def test_ablation_resumes_after_a_kill_without_retraining_finished_ranks(tmp_pat
 
     res = summary["tasks"]["sst2"]
     assert set(res["by_label"]) == {"full", "r4", "r8"} and res["phase2_reused"] == ["r8"]
+    assert not any(g["learned"] for g in res["by_label"].values())
+    assert "did not learn" in res["by_label"]["r4"]["not_learned"] and "0.99" in res["by_label"]["r4"]["not_learned"]
+    assert any(n.startswith("did not learn sst2") and "full, r4, r8" in n for n in res["notes"])
     rows = {r["label"]: r for r in res["rows"]}
     assert rows["r4"]["run_dir"].startswith("ablation/rank/lora-ratio/r4/")
     assert all(r["delta_loss"] is not None and r["total_intruders"] is not None for r in rows.values())

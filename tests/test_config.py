@@ -65,11 +65,12 @@ DEV_SIZES = {"mrpc": 408, "sst2": 872, "rte": 277, "squad_v2": 11873}  # src/lor
 def test_gpu_preset_is_the_study_the_findings_need():
     """The smollm2-gpu preset (docs/results.md, "SmolLM2 on a GPU"): full train sets (SST-2
     capped), full dev sets, >= 6 search trials, 3 seeds, snapshots every 100 steps, a probe the
-    estimator can use, and hf serving at the plan's batch sizes."""
+    estimator can use, and serving at the plan's batch sizes on vLLM wherever it is installed
+    (issue 25 point 8: `hf` decided H3 on PEFT even next to vLLM)."""
     base = resolve_config(preset="smollm2-gpu")
     assert base.model.name == "smollm2-135m" and len(base.study.seeds) == 3 and base.search.trials >= 6
     assert base.search.trial_max_steps is not None  # short trials
-    assert base.serve.backend == "hf" and base.serve.batch_sizes == [1, 2, 4, 8, 16] and base.serve.rounds >= 10
+    assert base.serve.backend == "auto" and base.serve.batch_sizes == [1, 2, 4, 8, 16] and base.serve.rounds >= 10
     for task in ("mrpc", "sst2", "rte", "squad_v2"):
         cfg = resolve_config(preset="smollm2-gpu", task=task)
         assert cfg.data.max_dev_examples is None, task  # full dev sets

@@ -86,3 +86,127 @@ def test_h3_is_decided_on_vllm_when_it_ran_and_labels_peft(tmp_path):
     h3 = run_stats(cfg)["H3"]
     assert {r["scope"] for r in h3} == {"hf/adapters-4/batch=1", "hf/adapters-4/batch=8"}
     assert all(any(n.startswith("PEFT backend, not vLLM") for n in r["notes"]) for r in h3)
+
+
+def _comparison(tmp_path, ft, lora, floor=1e-9):
+    from loradrift.io import atomic_write_json
+
+    atomic_write_json(tmp_path / "drift" / "comparison.json", {
+        t: {"drift_full_by_seed": dict(zip(map(str, SEEDS), ft)), "drift_lora_by_seed": dict(zip(map(str, SEEDS), lora)),
+            "noise_floor": floor, "probe_var_log_ratio": 1e-4} for t in ("mrpc", "sst2")})
+
+
+def test_h2_is_undetermined_when_nothing_learned(tmp_path):
+    """Issue 25 point 1, planted like the committed CPU study: no run beats its baseline (H1
+    undetermined), LoRA drifts 5 x more than FT. H2 said 'not supported' (-400 %) and so did the
+    overall verdict: a verdict about two untrained models. Now H2 and the verdict are undetermined
+    because the tasks were not learned."""
+    runs = {("mrpc", m): [_mrpc(a, 0.8) for a in (0.68, 0.66, 0.70)] for m in ("full", "lora")}
+    runs |= {("sst2", m): [{"accuracy": a} for a in (0.50, 0.52, 0.49)] for m in ("full", "lora")}
+    cfg = _setup(tmp_path, runs, {"mrpc": ("majority", {"accuracy": 0.684, "f1": 0.81}),
+                                  "sst2": ("majority", {"accuracy": 0.51})})
+    _comparison(tmp_path, [1e-3, 1.1e-3, 0.9e-3], [5e-3, 5.5e-3, 4.5e-3])
+    res = run_stats(cfg)
+    by = {r["scope"]: r for r in res["H2"]}
+    assert by["mrpc"]["decision"] == "undetermined" and "did not learn" in by["mrpc"]["reason"]
+    assert by["pooled"]["decision"] == "undetermined" and "did not learn" in by["pooled"]["reason"]
+    assert res["verdict"]["decisions"] == {"H1": "undetermined", "H2": "undetermined", "H3": "undetermined",
+                                           "overall": "undetermined"}
+    assert set(res["learning_gate"]["not_learned"]) == {"mrpc", "sst2"}
+    # undetermined primaries are left out of the family's adjustment, and hypotheses.json says so
+    assert all(r["p_holm"] is None for h in ("H1", "H2") for r in res[h] if r["role"] == "primary")
+    assert res["family"]["left_out_of_adjustment"] == ["H1 pooled (undetermined)", "H2 pooled (undetermined)",
+                                                       "H3 (no primary result)"]
+    # the same drifts from runs that learned: H2 is decided (and not supported)
+    learned = {k: [{**d, "accuracy": d["accuracy"] + 0.3} for d in v] for k, v in runs.items()}
+    cfg = _setup(tmp_path / "learned", learned, {"mrpc": ("majority", {"accuracy": 0.684, "f1": 0.81}),
+                                                "sst2": ("majority", {"accuracy": 0.51})})
+    _comparison(tmp_path / "learned", [1e-3, 1.1e-3, 0.9e-3], [5e-3, 5.5e-3, 4.5e-3])
+    assert run_stats(cfg)["verdict"]["decisions"]["H2"] == "not supported"
+
+
+def test_the_baseline_bar_is_at_least_chance_and_the_dev_majority_rate(tmp_path):
+    """Issue 25 point 2: on SST-2 the train-majority class is the dev minority (0.44), so runs at
+    chance (0.50-0.52) 'beat the baseline' by more than their spread and H1 was decided on them.
+    The bar is the largest of chance, the dev-majority rate and the stored rows: 0.56 here, from
+    an old store's majority row (two labels: 1 - 0.44), or the rate a new store records."""
+    from loradrift.hypotheses import baseline_bars
+
+    runs = {("sst2", "full"): [{"accuracy": a} for a in (0.52, 0.52, 0.51)],
+            ("sst2", "lora"): [{"accuracy": a} for a in (0.51, 0.52, 0.52)]}
+    cfg = _setup(tmp_path, runs, {"sst2": ("majority", {"accuracy": 0.44})})
+    cfg.study.tasks = ["sst2"]
+    ResultsStore(tmp_path / "results.sqlite").put("baseline", model_key(cfg.model), "sst2", "random", 42, "h",
+                                                  {"accuracy": 0.47})
+    bars = baseline_bars(cfg)["sst2"]
+    assert bars["bar"] == pytest.approx(0.56) and bars["from"] == pytest.approx(
+        {"chance": 0.5, "majority": 0.44, "random": 0.47, "dev_majority": 0.56})
+    (task, _) = run_stats(cfg)["H1"]
+    assert task["decision"] == "undetermined" and "did not learn" in task["reason"] and "0.56" in task["reason"]
+    # a store that records the dev-majority rate (Phase 0 now does) uses it
+    ResultsStore(tmp_path / "results.sqlite").put("baseline", model_key(cfg.model), "sst2", "majority", 42, "h2",
+                                                  {"accuracy": 0.44, "dev_majority_accuracy": 0.58})
+    assert baseline_bars(cfg)["sst2"]["bar"] == pytest.approx(0.58)
+    # without a majority row there is no dev-majority rate: no bar, so no task can count as learned
+    cfg2 = _setup(tmp_path / "chance", runs, {"sst2": ("random", {"accuracy": 0.31})})
+    cfg2.study.tasks = ["sst2"]
+    assert baseline_bars(cfg2)["sst2"]["bar"] is None and "dev-majority rate" in baseline_bars(cfg2)["sst2"]["reason"]
+    (task, _) = run_stats(cfg2)["H1"]
+    assert task["decision"] == "undetermined" and "no baseline bar for sst2" in task["reason"]
+
+
+def test_h3_on_peft_is_secondary_evidence_and_vllm_on_cpu_says_so(tmp_path):
+    """Issue 25 point 8: H3 measured on transformers + PEFT decided the verdict as if it were the
+    pre-registered H3 (on a serving engine). Planted: H1 supported, H2 not supported, H3 'supported'
+    on hf, so the overall verdict was 'supported'; now H3 and the verdict are undetermined, and the
+    PEFT result is shown as secondary evidence, named in the verdict line."""
+    from loradrift.hypotheses import verdict_line
+    from loradrift.io import atomic_write_json
+
+    runs = {("mrpc", "full"): [_mrpc(a, 0.8) for a in (0.90, 0.91, 0.92)],
+            ("mrpc", "lora"): [_mrpc(a, 0.8) for a in (0.90, 0.912, 0.918)],
+            ("sst2", "full"): [{"accuracy": a} for a in (0.90, 0.91, 0.92)],
+            ("sst2", "lora"): [{"accuracy": a} for a in (0.899, 0.91, 0.921)]}
+    cfg = _setup(tmp_path, runs, {"mrpc": ("majority", {"accuracy": 0.684, "f1": 0.81}),
+                                  "sst2": ("majority", {"accuracy": 0.51})})
+    _comparison(tmp_path, [1e-2, 1.1e-2, 0.9e-2], [1e-2, 1.1e-2, 0.9e-2])
+    atomic_write_json(tmp_path / "serve" / "overhead.json", [_overhead_row("hf", "adapters-4", b, 1.1, True) for b in (1, 8)])
+    atomic_write_json(tmp_path / "serve" / "meta.json", {"device": "cpu", "engine_restarts": {"hf": 1}})
+    res = run_stats(cfg)
+    v = res["verdict"]
+    assert (v["H1"], v["H2"], v["H3"], v["overall"]) == (True, False, None, None)
+    assert v["reasons"]["H3"].startswith("undetermined: PEFT backend, not vLLM") and "secondary evidence" in v["reasons"]["H3"]
+    assert all(r["role"] == "secondary" and r["p_holm"] is None for r in res["H3"])
+    assert next(r for r in res["H3"] if r["scope"].endswith("batch=8"))["decision"] == "supported"
+    assert res["H3_backend"]["backend"] == "hf" and res["H3_backend"]["pre_registered"] is False
+    assert "PEFT backend, not vLLM" in verdict_line(res) and verdict_line(res).endswith("undetermined")
+    html = __import__("loradrift.report", fromlist=["x"]).build_report(tmp_path, pdf=False)["html"].read_text()
+    summary = html.split('id="summary"')[1].split("</section>")[0]
+    assert "PEFT backend, not vLLM" in summary and "secondary evidence, not in the verdict" in summary
+
+    # vLLM on a CPU: the pre-registered H3, with its note (5 engine starts of 2 rounds)
+    row = {**_overhead_row("vllm", "adapters-4", 8, 1.1, False), "start_by_round": [r // 2 for r in range(10)]}
+    atomic_write_json(tmp_path / "serve" / "overhead.json", [row])
+    res = run_stats(cfg)
+    (h3,) = res["H3"]
+    assert h3["role"] == "primary" and h3["decision"] == "supported" and "5 engine starts" in h3["ci_method"]
+    assert any("not a GPU deployment figure" in n for n in h3["notes"]) and res["verdict"]["overall"] is True
+    assert "not a GPU deployment figure" in verdict_line(res)
+
+
+def test_forgetting_conclusions_pass_the_learning_gate(tmp_path):
+    """Issue 25 point 1: 'the same gate applies to any conclusion drawn from forgetting'. The
+    committed CPU study's drift-vs-forgetting correlation (rho 0.69, p 0.0006, 'positive') was
+    drawn over runs that learned nothing."""
+    from loradrift.forgetting import gate_correlations
+
+    corr = {"pooled": {"n": 12, "rho": 0.69, "p_value": 6e-4, "decision": "positive", "reason": "p < 0.05"},
+            "by_task": {"mrpc": {"n": 6, "decision": "positive"}, "sst2": {"n": 6, "decision": "no evidence"}},
+            "by_method": {"full": {"n": 6, "decision": "undetermined", "reason": "n = 6 too few"}}}
+    gated = gate_correlations(corr, {"mrpc": "FT did not learn: ..."})
+    assert gated["pooled"]["decision"] == "undetermined" and gated["pooled"]["rho"] == 0.69
+    assert gated["pooled"]["reason"] == "built on task(s) that did not learn: mrpc"
+    assert gated["by_task"]["mrpc"]["reason"].startswith("did not learn (FT did not learn")
+    assert gated["by_task"]["sst2"] == corr["by_task"]["sst2"]
+    assert gated["by_method"]["full"]["reason"].endswith("; n = 6 too few")
+    assert gate_correlations(corr, {}) == corr

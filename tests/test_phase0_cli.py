@@ -32,7 +32,10 @@ def test_baselines_rows_are_correct(tmp_path, capsys):
     assert no_ans["f1"] == pytest.approx(100 * no_ans["NoAns_total"] / no_ans["total"])
     assert no_ans["HasAns_f1"] == 0
     for task in ("mrpc", "sst2", "rte"):
-        assert 0 <= by[(task, "majority")]["accuracy"] <= 1
+        maj = by[(task, "majority")]
+        assert 0 <= maj["accuracy"] <= 1 and maj["chance_accuracy"] == 0.5
+        # two labels: the train-majority class scores the dev-majority rate or its complement
+        assert maj["dev_majority_accuracy"] == pytest.approx(max(maj["accuracy"], 1 - maj["accuracy"]))
     assert "Baselines on dev" in capsys.readouterr().out
 
 

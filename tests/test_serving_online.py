@@ -37,21 +37,46 @@ def test_summarize_percentiles_throughput_goodput():
     assert s["completed"] == 4 and s["n_requests"] == 5
     assert s["request_throughput"] == pytest.approx(0.5) and s["output_throughput"] == pytest.approx(20 / 8)
     assert s["goodput"] == pytest.approx(2 / 8)  # TTFT 0.1 and 0.2 meet the 250 ms SLO
-    assert s["ttft_p50_ms"] == pytest.approx(250.0) and s["ttft_p99_ms"] == pytest.approx(np.percentile([100, 200, 300, 400], 99))
-    assert s["tpot_mean_ms"] == pytest.approx(50.0) and s["itl_p95_ms"] == pytest.approx(50.0)
+    assert s["ttft_p50_ms"] == pytest.approx(250.0)
+    # 4 values cannot place a p95 or a p99, nor 16 pooled ITLs a p95 (issue 25 point 10)
+    assert s["ttft_p95_ms"] is None and s["ttft_p99_ms"] is None and s["itl_p95_ms"] is None
+    assert s["tpot_mean_ms"] == pytest.approx(50.0) and s["itl_p50_ms"] == pytest.approx(50.0)
     assert s["e2el_mean_ms"] == pytest.approx(np.mean([300, 400, 500, 600]))
+
+
+def test_percentiles_only_where_the_sample_supports_them():
+    """A p99 over 32 requests is their maximum; it is reported from 100 values on, a p95 from 20."""
+    x = list(np.linspace(0.1, 1.0, 100))
+    full = online._pct(x, "ttft")
+    assert full["ttft_p99_ms"] == pytest.approx(np.percentile(x, 99) * 1000)
+    assert online._pct(x[:99], "ttft")["ttft_p99_ms"] is None
+    assert online._pct(x[:20], "ttft")["ttft_p95_ms"] == pytest.approx(np.percentile(x[:20], 95) * 1000)
+    assert online._pct(x[:19], "ttft")["ttft_p95_ms"] is None
+    assert online._pct([], "ttft") == {"ttft_mean_ms": None, "ttft_p50_ms": None, "ttft_p95_ms": None, "ttft_p99_ms": None}
 
 
 def test_arrival_offsets_poisson():
     a = online.arrival_offsets(4000, rate=4.0, seed=1)
-    gaps = np.diff(a)
-    assert a[0] == 0.0 and np.all(gaps >= 0)
-    assert gaps.mean() == pytest.approx(0.25, rel=0.05)  # exponential gaps, mean 1 / rate
+    gaps = np.diff([0.0, *a])
+    assert a[0] > 0.0 and np.all(gaps >= 0)
+    assert gaps.mean() == pytest.approx(0.25, rel=1e-9)  # rescaled: exactly 1 / rate on average
     assert gaps.std() == pytest.approx(0.25, rel=0.08)  # exponential: sd = mean
     assert a == online.arrival_offsets(4000, 4.0, seed=1) and a != online.arrival_offsets(4000, 4.0, seed=2)
     assert online.arrival_offsets(3, float("inf"), 0) == [0.0, 0.0, 0.0]
     with pytest.raises(ValueError):
         online.arrival_offsets(3, 0.0, 0)
+
+
+@pytest.mark.parametrize("rate", [1.0, 2.0, 4.0])
+def test_arrival_offsets_offer_the_labelled_rate(rate):
+    """Issue 25 point 10: unscaled Poisson draws of 32 requests labelled 1, 2 and 4 req/s offered
+    0.85, 1.49 and 4.53. As vLLM's get_request, the send times are rescaled so the last request goes
+    out at n / rate: every seed offers exactly the labelled rate."""
+    for seed in range(5):
+        a = online.arrival_offsets(32, rate, seed)
+        assert a[-1] == pytest.approx(32 / rate) and online.offered_rate(a) == pytest.approx(rate)
+        assert np.all(np.diff(a) >= 0)
+    assert online.offered_rate(online.arrival_offsets(4, float("inf"), 0)) == "inf"
 
 
 FIRST_S, GAP_S, TOKENS = 0.30, 0.10, 5
@@ -103,7 +128,7 @@ def fake_server():
 def test_client_on_a_stream_with_known_timings(fake_server):
     FakeCompletions.seen.clear()
     timings, dur = online.run_rate([("127.0.0.1", fake_server, n) for n in ("sst2", "rte")], "adapters-2", [[1, 2, 3]] * 4,
-                                   rate=float("inf"), max_tokens=TOKENS, seed=0)
+                                   rate=float("inf"), max_tokens=TOKENS, seed=0, pool=online.ConnectionPool())
     assert [t.adapter for t in timings] == ["sst2", "rte", "sst2", "rte"]
     assert {b["model"] for b in FakeCompletions.seen} == {"sst2", "rte"}
     body = FakeCompletions.seen[0]
@@ -121,6 +146,28 @@ def test_client_on_a_stream_with_known_timings(fake_server):
     assert s["goodput"] == pytest.approx(s["request_throughput"])
 
 
+def test_connections_are_kept_alive(fake_server):
+    """Issue 25 point 10: vLLM's client (aiohttp) reuses connections; ours opened one per request,
+    so every TTFT held a TCP handshake. Requests one after another now share one connection."""
+    pool = online.ConnectionPool()
+    try:
+        for seed in range(2):
+            timings, _ = online.run_rate([("127.0.0.1", fake_server, "sst2")], "merged-sst2", [[1]] * 3, rate=50.0,
+                                         max_tokens=TOKENS, seed=seed, pool=pool, max_workers=1)
+            assert all(t.ok and t.output_tokens == TOKENS for t in timings)
+    finally:
+        pool.close()
+    assert pool.opened == 1
+    # a connection idle for longer than the server keeps it open is not reused
+    stale = online.ConnectionPool(max_idle_s=0.0)
+    try:
+        timings, _ = online.run_rate([("127.0.0.1", fake_server, "sst2")], "merged-sst2", [[1]] * 3, rate=50.0,
+                                     max_tokens=TOKENS, seed=0, pool=stale, max_workers=1)
+    finally:
+        stale.close()
+    assert all(t.ok for t in timings) and stale.opened == 3
+
+
 def test_requests_round_robin_over_k_servers(fake_server):
     """merged-engines-k: request i goes to the server of task i mod k, with that server's model name."""
     other = ThreadingHTTPServer(("127.0.0.1", 0), FakeCompletions)
@@ -130,7 +177,7 @@ def test_requests_round_robin_over_k_servers(fake_server):
     try:
         targets = [("127.0.0.1", fake_server, "merged-sst2"), ("127.0.0.1", other.server_address[1], "merged-rte")]
         timings, _ = online.run_rate(targets, "merged-engines-2", [[1], [2], [3], [4]], rate=float("inf"),
-                                     max_tokens=TOKENS, seed=0)
+                                     max_tokens=TOKENS, seed=0, pool=online.ConnectionPool())
     finally:
         other.shutdown()
         other.server_close()
@@ -160,7 +207,7 @@ def test_client_reports_http_errors():
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         t = online.stream_completion("127.0.0.1", srv.server_address[1], {"model": "x"},
-                                     online.RequestTiming("c", "x", 1.0, 0.0))
+                                     online.RequestTiming("c", "x", 1.0, 0.0), online.ConnectionPool())
     finally:
         srv.shutdown()
         srv.server_close()
@@ -276,6 +323,7 @@ def test_run_online_starts_k_merged_servers_at_once(monkeypatch, tmp_path):
                             device="cuda", log=lambda *_: None)
     rows = {r["config"]: r for r in res["summary"]}
     assert set(rows) == {"merged-sst2", "adapters-1", "adapters-2", "merged-engines-2"}
+    assert all(r["offered_rate"] == "inf" and r["ttft_p99_ms"] is None for r in rows.values())
     g = rows["merged-engines-2"]
     assert g["engines"] == 2 and g["completed"] == 4 and g["server_peak_rss_mb"] == 200.0
     assert rows["adapters-2"]["engines"] == 1 and rows["adapters-2"]["server_peak_rss_mb"] == 100.0

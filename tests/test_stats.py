@@ -135,8 +135,8 @@ def test_h1_needs_each_method_above_baseline_by_more_than_its_seed_spread():
     ft = {"rte": [0.84, 0.85, 0.86]}
     lucky = {"rte": [0.70, 0.71, 0.90]}
     (task, pooled) = S.h1_performance(ft, lucky, baselines={"rte": 0.69})
-    assert task.decision == "undetermined" and "LoRA does not beat the baseline" in task.reason
-    assert "FT does not" not in task.reason and pooled.decision == "undetermined"
+    assert task.decision == "undetermined" and "LoRA did not learn" in task.reason
+    assert "FT did not" not in task.reason and pooled.decision == "undetermined"
     steady = {"rte": [0.80, 0.82, 0.84]}  # margin 0.13 > spread 0.04
     (task, _) = S.h1_performance(ft, steady, baselines={"rte": 0.69})
     assert task.decision != "undetermined"
@@ -150,12 +150,12 @@ def test_h1_both_methods_at_baseline_is_undetermined():
     res = S.h1_performance(ft, lora, baselines={"mrpc": 0.684, "sst2": 0.51})
     mrpc, sst2, pooled = res
     assert mrpc.supported is None and mrpc.decision == "undetermined"
-    assert "does not beat the baseline" in mrpc.reason and mrpc.reason.startswith("undetermined: ")
+    assert "did not learn" in mrpc.reason and mrpc.reason.startswith("undetermined: ")
     assert sst2.decision != "undetermined"
     assert pooled.supported is None and "mrpc" in pooled.reason
     # without the baseline check the pool still rests on mrpc's zero-width interval
     no_base = S.h1_performance(ft, lora)
-    assert no_base[0].decision == "undetermined" and "zero width" in no_base[0].reason
+    assert no_base[0].decision == "undetermined" and "no spread between seeds" in no_base[0].reason
 
 
 def test_h1_task_sets_must_match():
@@ -225,6 +225,33 @@ def test_h2_ft_drift_at_noise_floor_is_undetermined():
     assert pooled.supported is None and "a" in pooled.reason
 
 
+def test_h2_tasks_that_did_not_learn_are_undetermined():
+    """Issue 25 point 1: drift of runs that learned nothing (the committed CPU study: LoRA drifted
+    5 x more than FT after 8 steps) decided H2 'not supported' (-400 %). Now such a task is
+    undetermined with the learning gate's reason, per task and pooled."""
+    ft = {t: [1.0, 1.1, 0.9] for t in ("a", "b")}
+    lora = {t: [5.0, 5.5, 4.5] for t in ("a", "b")}
+    assert _pooled(S.h2_drift(ft, lora)).decision == "not supported"
+    a, b, pooled = S.h2_drift(ft, lora, not_learned={"a": "FT did not learn: mean 0.5 ...", "b": "LoRA did not learn"})
+    assert a.supported is None and "a: did not learn" in a.reason and "FT did not learn" in a.reason
+    assert b.supported is None and pooled.supported is None
+    assert "did not learn" in pooled.reason and pooled.estimate != pooled.estimate  # NaN: no task enters the pool
+    a, b, pooled = S.h2_drift(ft, lora, not_learned={"a": "LoRA did not learn"})
+    assert b.decision == "not supported" and pooled.supported is None and "a (did not learn)" in pooled.reason
+
+
+def test_h2_needs_a_minimum_drift_when_the_floor_is_zero():
+    """Issue 25 point 3: on a deterministic CPU the floor is 0, so an FT drift of 1e-7 passed the
+    floor gate and decided H2 (-9900 %, 'not supported')."""
+    ft, lora, floor = {"a": [1e-7, 1.1e-7, 0.9e-7]}, {"a": [1e-5, 1.1e-5, 0.9e-5]}, {"a": 0.0}
+    (old, _) = S.h2_drift(ft, lora, floor_by_task=floor)
+    assert old.decision == "not supported" and old.estimate == pytest.approx(-9900)
+    (task, pooled) = S.h2_drift(ft, lora, floor_by_task=floor, min_drift=1e-4)
+    assert task.supported is None and "minimum drift 0.0001" in task.reason and pooled.supported is None
+    (task, _) = S.h2_drift({"a": [0.2, 0.22, 0.18]}, {"a": [0.1, 0.11, 0.09]}, floor_by_task=floor, min_drift=1e-4)
+    assert task.supported is not None
+
+
 def test_h2_probe_variance_widens_the_interval():
     ft, lora = {"t": [1.0, 1.1, 0.9]}, {"t": [0.5, 0.55, 0.45]}
     (narrow, _) = S.h2_drift(ft, lora)
@@ -240,12 +267,14 @@ def _lat(overheads, paired=True):
     return {"adapters": m * (1 + np.array(overheads) / 100), "merged": m, "paired": paired}
 
 
-def test_h3_three_close_rounds_not_supported_at_corrected_level():
-    """Point 2: rounds [26, 28, 29.5] %: the old BCa interval could not leave [26, 29.5] and said
-    'supported'; a t interval at n = 3 (and the corrected level) reaches far above 30 %."""
-    (r,) = S.h3_serving({8: _lat([26.0, 28.0, 29.5])})
-    assert r.supported is False and r.ci_high > 30
-    assert r.ci_level == pytest.approx(1 - 0.05 / 3)
+def test_h3_below_the_validated_rounds_is_undetermined():
+    """Issue 25 point 5: `serve.rounds` accepts 2 and 3, but the interval's coverage was measured at
+    10 rounds; 3 rounds far above 30 % used to be decided ('not supported'); now H3 says why not."""
+    (r,) = S.h3_serving({8: _lat([60.0, 62.0, 61.0])})
+    assert r.supported is None and "3 rounds" in r.reason and f"at least {S.MIN_ROUNDS}" in r.reason
+    assert r.ci_high > 30 and r.ci_level == pytest.approx(1 - 0.05 / 3)  # the interval is still reported
+    (r10,) = S.h3_serving({8: _lat(np.linspace(60.0, 62.0, 10))})
+    assert r10.supported is False
 
 
 def test_h3_ten_interleaved_rounds():
@@ -262,12 +291,58 @@ def test_h3_ten_interleaved_rounds():
         S.h3_serving({1: _lat([1.0, 2.0])})
 
 
-def test_h3_unpaired_rounds_use_the_ratio_of_means():
+def test_h3_unpaired_rounds_use_the_engine_start_as_the_unit():
+    """Issue 25 point 9: one engine at a time, rounds in blocks per engine start. The start means
+    are the values of the ratio of means; without start indices, or with one start, H3 cannot
+    estimate the start-to-start variation and is undetermined."""
     a = np.array([1.10, 1.14, 1.12, 1.08, 1.11, 1.13, 1.09, 1.12, 1.10, 1.11])
     m = np.array([1.0, 1.02, 0.98, 1.01, 0.99, 1.0, 1.01, 0.99, 1.0, 1.0])
-    (r,) = S.h3_serving({8: {"adapters": a, "merged": m, "paired": False}})
-    assert r.estimate == pytest.approx((a.mean() / m.mean() - 1) * 100)
-    assert "unpaired" in r.ci_method and r.supported is True
+    starts = np.repeat(np.arange(5), 2)
+    (r,) = S.h3_serving({8: {"adapters": a, "merged": m, "paired": False, "starts": starts}})
+    am, mm = a.reshape(5, 2).mean(1), m.reshape(5, 2).mean(1)
+    assert r.estimate == pytest.approx((am.mean() / mm.mean() - 1) * 100)
+    assert r.n == 5 and "5 engine starts" in r.ci_method and r.supported is True
+    ref = S.log_ratio_part(mm, am)  # the same interval from the five start means
+    half = sps.t.ppf(0.5 + r.ci_level / 2, ref.df) * math.sqrt(ref.var)
+    assert r.ci_high == pytest.approx((math.exp(ref.value + half) - 1) * 100)
+    (no_starts,) = S.h3_serving({8: {"adapters": a, "merged": m, "paired": False}})
+    assert no_starts.supported is None and "not matched to engine starts" in no_starts.reason
+    (one,) = S.h3_serving({8: {"adapters": a, "merged": m, "paired": False, "starts": np.zeros(10)}})
+    assert one.supported is None and f"needs at least {S.MIN_STARTS}" in one.reason
+
+
+def test_h3_start_effects_widen_the_interval():
+    """Planted: starts differ by more than rounds within a start (as adapters-2 on vLLM, 3.01 vs
+    3.44 s). Rounds taken as independent give a narrow interval that says 'supported'; with the
+    start as the unit the interval is wide and the overhead is not shown to be below 30 %."""
+    a = np.array([1.120, 1.121, 1.120, 1.121, 1.120, 1.280, 1.281, 1.280, 1.281, 1.280])
+    m = np.full(10, 1.0)
+    starts = np.repeat([0, 1], 5)
+    (r,) = S.h3_serving({8: {"adapters": a, "merged": m * np.r_[np.full(5, 1.0), np.full(5, 1.001)],
+                             "paired": False, "starts": starts}})
+    naive = S.log_ratio_part(m, a)
+    naive_hi = (math.exp(naive.value + sps.t.ppf(0.5 + r.ci_level / 2, naive.df) * math.sqrt(naive.var)) - 1) * 100
+    assert naive_hi < 30 and r.ci_high > 30 and r.supported is False
+
+
+def test_rounding_level_spread_is_no_spread():
+    """Issue 25 point 4: seeds equal up to float rounding gave p ~ 1e-129 (and H2 decided on the
+    probe jackknife alone); the guard compared the standard error with exactly 0."""
+    eps = np.array([0.0, 1e-16, -1e-16])
+    ft = {"a": 0.9 + eps, "b": 0.8 + eps}
+    lora = {"a": 0.85 + eps[::-1], "b": 0.75 + eps}
+    h1 = S.h1_performance(ft, lora)
+    assert all(r.supported is None and "no spread between seeds" in r.reason for r in h1)
+    drift_ft, drift_lora = {"a": 0.2 * (1 + eps)}, {"a": 0.1 * (1 + eps[::-1])}
+    (task, pooled) = S.h2_drift(drift_ft, drift_lora, probe_var_by_task={"a": 1e-3})
+    assert task.supported is None and "no spread between seeds" in task.reason
+    assert pooled.supported is None
+    r = S.h3_serving({8: {"adapters": np.full(10, 1.5) * (1 + np.resize(eps, 10)), "merged": np.full(10, 1.0),
+                          "paired": True}})[0]
+    assert r.supported is None and "no spread between rounds" in r.reason
+    # a real spread, however small next to the values, still counts
+    (real, _) = S.h1_performance({"a": [0.9, 0.9, 0.9]}, {"a": [0.85, 0.8501, 0.8499]})
+    assert real.supported is not None
 
 
 # --- coverage ---------------------------------------------------------------
@@ -278,13 +353,23 @@ def _lognormal(rng, mean, cv, size):
     return mean * np.exp(rng.normal(-s2 / 2, math.sqrt(s2), size))
 
 
+def _started(rng, mean, k, per, start_sd=0.05, cv=0.02):
+    """k engine starts of `per` rounds: a start effect (lognormal, sd `start_sd` on the log scale)
+    shared by the start's rounds, larger than their round-to-round noise (CV `cv`)."""
+    return _lognormal(rng, mean, cv, k * per) * np.repeat(np.exp(rng.normal(0, start_sd, k)), per)
+
+
 def test_interval_coverage():
-    """Every interval a verdict uses, at the presets' design (4 tasks x 3 seeds, 10 rounds),
-    on 1000 simulated datasets through the real functions: within 2 points of nominal and of
-    the value recorded in MEASURED_COVERAGE (measured there with 20 000 datasets)."""
+    """Every interval a verdict uses, at the presets' design (4 tasks x 3 seeds, 10 rounds; on
+    vLLM 2 or 5 engine starts with start effects), on 1000 simulated datasets through the real
+    functions: within 2 points of nominal and of the value recorded in MEASURED_COVERAGE
+    (measured there with 20 000 datasets). Rounds taken as independent despite the start effect
+    (the interval before issue 25) cover far less."""
     rng = np.random.default_rng(0)
     n_sets = 1000
     hits = {k: 0 for k in S.MEASURED_COVERAGE}
+    naive_hits = 0
+    rng_starts = np.random.default_rng(1)
     sd, mu = np.array([1.0, 2.0, 4.0, 8.0]), np.array([1.0, -2.0, 3.0, 0.5])
     mf = np.array([1.0, 2.0, 0.5, 3.0])
     ml = mf * np.array([0.5, 0.8, 1.2, 0.3])
@@ -304,14 +389,24 @@ def test_interval_coverage():
 
         a, m = _lognormal(rng, 1.3, 0.2, 10), _lognormal(rng, 1.0, 0.2, 10)
         (pr,) = S.h3_serving({8: {"adapters": a, "merged": m, "paired": True}})
-        (un,) = S.h3_serving({8: {"adapters": a, "merged": m, "paired": False}})
         hits["paired_rounds_10"] += pr.ci_low <= 30.0 <= pr.ci_high
-        hits["ratio_rounds_10"] += un.ci_low <= 30.0 <= un.ci_high
+        # engine starts: each configuration's start shifts all its rounds (issue 25 point 9)
+        for key, k, per, paired in (("paired_starts_2", 2, 5, True), ("ratio_starts_2", 2, 5, False),
+                                    ("ratio_starts_5", 5, 2, False)):
+            a, m = _started(rng_starts, 1.3, k, per), _started(rng_starts, 1.0, k, per)
+            (r,) = S.h3_serving({8: {"adapters": a, "merged": m, "paired": paired, "starts": np.repeat(np.arange(k), per)}})
+            hits[key] += r.ci_low <= 30.0 <= r.ci_high
+            if key == "ratio_starts_2":
+                # rounds taken as independent, as before issue 25: far below nominal
+                naive = S.log_ratio_part(m, a)
+                half = sps.t.ppf(0.5 + (1 - 0.05 / 3) / 2, naive.df) * math.sqrt(naive.var)
+                naive_hits += abs(naive.value - math.log(1.3)) <= half
     nominal = {k: 0.95 if k == "ratio_seeds_3_task" else 1 - 0.05 / 3 for k in hits}
     for k, h in hits.items():
         cov = h / n_sets
         assert abs(cov - nominal[k]) <= 0.02, (k, cov)
         assert abs(cov - S.MEASURED_COVERAGE[k]) <= 0.015, (k, cov)
+    assert naive_hits / n_sets < 0.85
 
 
 # --- corrections ------------------------------------------------------------
@@ -339,6 +434,16 @@ def test_corrections_match_statsmodels():
     np.testing.assert_allclose(
         [r.p_bonferroni for r in res], multipletests(p, method="bonferroni")[1]
     )
+
+
+def test_undetermined_members_are_left_out_of_the_adjustment():
+    """Issue 25 point 6: an undetermined primary (here with p = 1e-9, from runs that did not
+    learn) took the front of Holm's order and loosened the others; it now counts as p = 1."""
+    family = [_fake(0.01), _fake(1e-9, supported=None), _fake(0.02)]
+    S.correct(family, family_size=3)
+    assert family[1].p_holm is None and family[1].p_bonferroni is None
+    # as if the undetermined member were p = 1: Holm multiplies 0.01 by 3 and 0.02 by 2
+    assert family[0].p_holm == pytest.approx(0.03) and family[2].p_holm == pytest.approx(0.04)
 
 
 def test_correction_keeps_the_family_size():
@@ -389,7 +494,7 @@ def test_end_to_end_json():
     ft, lora = _scores(0.01, 0.0005, seed=5)
     h1 = S.h1_performance(ft, lora)
     h2 = S.h2_drift({t: [1.0, 1.1, 0.9] for t in TASKS}, {t: [0.5, 0.6, 0.4] for t in TASKS})
-    h3 = S.h3_serving({1: _lat([5.0, 6.0, 5.5]), 8: _lat([12.0, 11.0, 13.0])})
+    h3 = S.h3_serving({1: _lat(np.linspace(5.0, 6.0, 10)), 8: _lat(np.linspace(11.0, 13.0, 10))})
     family = [r for r in h1 + h2 + h3 if r.primary]
     S.correct(family, family_size=3)
     assert all(r.p_holm is not None for r in family)

@@ -127,7 +127,9 @@ def _interval(values: list[float], level: float) -> dict:
 
 def analyse_task(cfg_for: Callable[..., RunConfig], task: str, runs: list[dict], acfg: RankAblationConfig) -> dict:
     """Per-run quantities and per-rank means for one task (see the module docstring)."""
+    from loradrift import stats
     from loradrift.drift import run_final_drift
+    from loradrift.hypotheses import baseline_bars, h1_metric
     from loradrift.models import is_decoder, model_key, resolve_model_dir
     from loradrift.representations import base_path
     from loradrift.train import run_dir_for
@@ -152,6 +154,7 @@ def analyse_task(cfg_for: Callable[..., RunConfig], task: str, runs: list[dict],
     else:
         notes.append("Δloss not measured (forgetting.enabled is false or the model has no LM head)")
     rows, per_layer = [], {}
+    h1_scores: dict[str, list[float]] = {}
     for r in runs:
         rd = dirs[(r["label"], r["seed"])]
         res, lc = r["result"], r["cfg"].method.lora
@@ -168,14 +171,25 @@ def analyse_task(cfg_for: Callable[..., RunConfig], task: str, runs: list[dict],
             "run_dir": str(rd.relative_to(out)) if rd.is_relative_to(out) else str(rd),
         })
         per_layer.setdefault(r["label"], []).append(fd["per_layer"])
+        h1_scores.setdefault(r["label"], []).append(float(res["dev"][h1_metric(task)]))
     level = tcfg.stats.confidence
     labels = ["full"] + [f"r{k}" for k in acfg.ranks]
+    bar = baseline_bars(tcfg).get(task, {})
     by_label = {}
     for label in labels:
         sel = [x for x in rows if x["label"] == label]
-        by_label[label] = {"rank": sel[0]["rank"] if sel else None,
+        # the study's learning gate: a rank whose runs did not learn the task says nothing about LoRA there
+        why = (f"no baseline bar ({bar.get('reason') or 'no Phase 0 baseline rows'})" if bar.get("bar") is None
+               else stats.did_not_learn("full FT" if label == "full" else f"LoRA {label}", h1_scores[label], bar["bar"])
+               if label in h1_scores else "no runs")
+        by_label[label] = {"rank": sel[0]["rank"] if sel else None, "learned": why is None, "not_learned": why,
                            **{q: _interval([x[q] for x in sel], level) for q, _ in QUANTITIES},
                            "drift_per_layer": np.nanmean(np.array(per_layer[label]), axis=0).tolist() if label in per_layer else None}
+    bad = [label for label in labels if by_label[label]["not_learned"]]
+    if bad:
+        notes.append(f"did not learn {task} (the study's learning gate, H1's rule): {', '.join(bad)}; their drift, "
+                     "intruder dimensions and Δloss describe runs that learned nothing, so no conclusion about rank "
+                     "(or against full FT) is drawn from them")
     best = _best_files(cfg_for, task, "lora")
     if not best:
         notes.append("no Phase 1 best LoRA config was found: the ablation uses the LoRA config as it is")

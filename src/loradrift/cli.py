@@ -266,24 +266,25 @@ def cmd_serve_bench(args, configs: Configs) -> int:
     res = serve_bench(cfg, _tasks(args.adapters), backend=args.backend, online=args.online)
     _table("Serving overhead vs merged (%)", res["overhead"], ["backend", "config", "batch_size", "overhead_pct", "ci_low", "ci_high", "n_rounds"])
     _table("Correctness", res["correctness"], ["check", "backend", "config", "task", "passed", "match_rate", "max_abs_logprob_diff"])
+    for f in res["findings"]:
+        print(f"finding: {f}")
     if "online" in res:
         _table("Online (vLLM OpenAI server, Poisson arrivals)", res["online"]["summary"],
-               ["config", "request_rate", "request_throughput", "output_throughput", "goodput", "ttft_p99_ms",
-                "tpot_p99_ms", "itl_p99_ms", "e2el_p99_ms"])
+               ["config", "request_rate", "offered_rate", "request_throughput", "output_throughput", "goodput",
+                "ttft_p99_ms", "tpot_p99_ms", "itl_p99_ms", "e2el_p99_ms"])
     print(f"written under {cfg.out_dir}/serve")
     return 0
 
 
 def cmd_stats(args, configs: Configs) -> int:
-    from loradrift.hypotheses import run_stats
+    from loradrift.hypotheses import run_stats, verdict_line
 
     res = run_stats(configs())
     rows = [r for h in ("H1", "H2", "H3") for r in res[h]]
     _table("Pre-registered hypotheses", rows, ["name", "scope", "role", "estimate", "ci_low", "ci_high", "ci_level", "threshold",
                                                "p_value", "p_bonferroni", "p_holm", "decision"])
     v = res["verdict"]
-    d = v["decisions"]
-    print(f"verdict: H1 {d['H1']}, H2 {d['H2']}, H3 {d['H3']} → {v['rule']}: {d['overall']}")
+    print(f"verdict: {verdict_line(res)}")
     for name, why in v["reasons"].items():
         print(f"  {name}: {why}")
     for n in res["notes"]:

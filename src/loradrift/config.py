@@ -306,7 +306,8 @@ class ServeBenchConfig(_Strict):
     backend: str = Field("auto", description="auto (vllm when importable, else hf), hf, vllm, or hf,vllm")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
     max_tokens: int = Field(128, gt=0, description="greedy tokens generated per request (EOS ignored)")
-    rounds: int = Field(10, gt=1, description="timed rounds per configuration and batch size (H3's interval needs >= 10)")
+    rounds: int = Field(10, gt=1, description="timed rounds per configuration and batch size (H3 is undetermined below 10, "
+                        "the design its interval was validated for)")
     warmup: int = Field(1, ge=0)
     max_lora_rank: int | None = Field(None, gt=0, description="vLLM's LoRA buffer rank (null = the largest adapter rank)")
     prompts_per_task: int = Field(32, gt=0)
@@ -314,14 +315,16 @@ class ServeBenchConfig(_Strict):
     check_prompts: int = Field(32, gt=0, description="prompts of the correctness checks (adapter vs merged, adapter vs base)")
     check_tokens: int = Field(32, gt=0, description="greedy tokens per correctness prompt")
     include_base: bool = Field(True, description="time the base model as a control (H3 does not use it)")
-    engine_restarts: int | None = Field(None, gt=0, description="engine starts per configuration (null: 1 on hf, 2 on vllm)")
+    engine_restarts: int | None = Field(None, gt=0, description="engine starts per configuration, the rounds split among "
+                                        "them (null: 1 on hf, 5 on vllm; H3 on vllm needs >= 2)")
+    cpu_threads: int | None = Field(None, gt=0, description="torch threads of the hf backend on a CPU (null: torch's default)")
     max_num_seqs: int | None = Field(None, gt=0, description="vLLM's max running sequences (null = the largest batch size)")
     seed: int = Field(42, description="which Phase 2 seed's adapters are served")
     online: bool = Field(True, description="also run the online benchmark (vLLM's OpenAI server) when the backend includes vllm")
     online_rates: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0],
                                       description="Poisson request rates (req/s) of the online sweep")
     online_saturate: bool = Field(True, description="end the sweep with every request sent at once (saturation)")
-    online_requests: int = Field(32, gt=0, description="requests per rate")
+    online_requests: int = Field(100, gt=0, description="requests per rate (a p99 is reported only over >= 100 values)")
     online_max_tokens: int = Field(32, gt=0, description="output tokens per online request")
     online_merged_engines: bool = Field(True, description="also run the k merged models of the widest adapters-k as k "
                                         "servers at once, so 'k merged engines vs one engine + k adapters' is measured "
@@ -334,6 +337,8 @@ class ServeBenchConfig(_Strict):
 class StatsConfig(_Strict):
     confidence: float = Field(0.95, gt=0, lt=1, description="family-wise level: primary intervals are at 1 - (1 - confidence)/3")
     floor_factor: float = Field(10.0, gt=0, description="H2 is undetermined on a task whose FT drift is not above this x the noise floor")
+    min_drift: float = Field(1e-4, ge=0, description="... nor above this drift (1 - CKA): a floor of 0, as on a deterministic CPU, "
+                             "must not let any drift decide H2")
     h1_threshold: float = Field(3.0, description="H1: LoRA within this % of full FT")
     h2_threshold: float = Field(20.0, description="H2: at least this % less drift")
     h3_threshold: float = Field(30.0, description="H3: at most this % multi-adapter overhead")

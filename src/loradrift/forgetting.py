@@ -24,7 +24,9 @@ Per task and method: mean Δloss over seeds with a Student t-interval at ``stats
 (:func:`loradrift.stats.t_interval`, the interval the project's secondary per-task results use),
 and Spearman's rank correlation, across runs, between the final drift (the aggregate H2 tests, read
 from ``drift/comparison.json``) and Δloss: pooled, per task and per method, with a permutation
-p-value and an explicit "undetermined" when n is too small or an input is constant.
+p-value and an explicit "undetermined" when n is too small or an input is constant, or when a task
+the correlation is built on was not learned by both methods (the study's learning gate,
+:func:`loradrift.hypotheses.learning_gate`: then drift and Δloss describe runs that learned nothing).
 
 Cost and caching: one forward pass over the text per run (fp32, TF32 off) plus one for the base
 model; the base model is loaded once, LoRA runs are scored on it through forward hooks (no weight
@@ -45,7 +47,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -382,12 +384,15 @@ def analyse_forgetting(cfg: RunConfig, tasks: Sequence[str] | None = None) -> di
     def corr(sel: list[dict]) -> dict:
         return rank_correlation([r["drift"] for r in sel], [r["delta_loss"] for r in sel], conf)
 
-    correlation = {
+    from loradrift.hypotheses import learning_gate
+
+    gate = learning_gate(cfg, tasks)
+    correlation = gate_correlations({
         "pooled": corr(with_drift),
         "by_task": {t: corr([r for r in with_drift if r["task"] == t]) for t in tasks if any(r["task"] == t for r in with_drift)},
         "by_method": {m: corr([r for r in with_drift if r["method"] == m]) for m in cfg.study.methods
                       if any(r["method"] == m for r in with_drift)},
-    }
+    }, gate)
     notes = []
     if len(with_drift) < len(rows):
         notes.append(f"{len(rows) - len(with_drift)} run(s) have no final drift in drift/comparison.json "
@@ -406,6 +411,7 @@ def analyse_forgetting(cfg: RunConfig, tasks: Sequence[str] | None = None) -> di
         "runs": rows,
         "by_task_method": by_group,
         "correlation": correlation,
+        "not_learned": gate,
         "notes": notes,
         "seconds_this_call": fg.seconds,
     }
@@ -449,11 +455,32 @@ def _plot(rows: list[dict], groups: list[dict], path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def secondary_result(out: Path) -> dict | None:
-    """The forgetting analysis as `stats/hypotheses.json` carries it (None when it did not run)."""
+def gate_correlations(correlation: Mapping[str, Any], not_learned: Mapping[str, str]) -> dict[str, Any]:
+    """The correlations with the learning gate applied (`hypotheses.learning_gate`): a task that
+    full FT or LoRA did not learn supports no conclusion about forgetting, nor does a correlation
+    pooled over its runs. The numbers stay; the decision becomes undetermined, with the reason."""
+    tasks = set(correlation.get("by_task") or {})
+
+    def gated(c: Mapping[str, Any], over: set[str], why: str) -> dict[str, Any]:
+        bad = sorted(over & set(not_learned))
+        if not bad:
+            return dict(c)
+        old = f"; {c['reason']}" if c.get("decision") == "undetermined" and c.get("reason") else ""
+        return {**c, "decision": "undetermined", "reason": why.format(", ".join(bad)) + old}
+
+    pooled = "built on task(s) that did not learn: {}"
+    return {"pooled": gated(correlation.get("pooled") or {}, tasks, pooled),
+            "by_task": {t: gated(c, {t}, f"did not learn ({not_learned.get(t)})") for t, c in (correlation.get("by_task") or {}).items()},
+            "by_method": {m: gated(c, tasks, pooled) for m, c in (correlation.get("by_method") or {}).items()}}
+
+
+def secondary_result(out: Path, not_learned: Mapping[str, str]) -> dict | None:
+    """The forgetting analysis as `stats/hypotheses.json` carries it (None when it did not run),
+    its correlations behind the learning gate (`not_learned`: {task: why})."""
     path = Path(out) / "forgetting" / "summary.json"
     if not path.is_file():
         return None
     s = json.loads(path.read_text())
     return {"label": s["label"], "definition": s["definition"], "by_task_method": s["by_task_method"],
-            "correlation": s["correlation"], "notes": s["notes"], "source": "forgetting/summary.json"}
+            "correlation": gate_correlations(s["correlation"], not_learned), "notes": s["notes"],
+            "not_learned": dict(not_learned), "source": "forgetting/summary.json"}

@@ -3,11 +3,11 @@
     loradrift stats [--out DIR]
 
 Reads the results store (Phase 2 runs, reconciled first with the run folders, which are the
-record, and Phase 0 baselines), `drift/comparison.json` and `serve/overhead.json`, runs
-`loradrift.stats` (H1, H2, H3; Bonferroni and Holm over the family of the three primary tests; the
-overall verdict H1 AND (H2 OR H3)) and writes `stats/hypotheses.json`. Every result there carries
-its estimate, interval (level and method), decision and the reason for it; `docs/study.md` defines
-the quantities.
+record, and Phase 0 baselines), `drift/comparison.json` and `serve/overhead.json` (with
+`serve/meta.json`), runs `loradrift.stats` (H1, H2, H3; Bonferroni and Holm over the family of the
+three primary tests; the overall verdict H1 AND (H2 OR H3)) and writes `stats/hypotheses.json`.
+Every result there carries its estimate, interval (level and method), decision and the reason for
+it; `docs/study.md` defines the quantities and the rules.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from loradrift import stats
 from loradrift.config import RunConfig
 from loradrift.io import ResultsStore, atomic_write_json, reconcile_store
 from loradrift.models import model_key
+from loradrift.serving.offline import round_starts
 from loradrift.tasks import TASKS
 
-# The baseline each task's runs must beat for H1 to mean anything (Phase 0 computes them).
-_BASELINE = {"classification": "majority", "extractive_qa": "no_answer"}
+LEARNING_RULE = ("a method learned a task when its mean dev score on H1's metric beats the task's baseline bar by more "
+                 "than the spread between its seeds (max - min); the bar is the largest of chance, the dev-majority "
+                 "rate and Phase 0's majority and random rows (classification), or the always-no-answer F1 (SQuAD v2)")
 
 
 def h1_metric(task: str) -> str:
@@ -44,24 +46,89 @@ def performance_by_seed(cfg: RunConfig, metric=h1_metric) -> dict[str, dict[str,
     return out
 
 
-def baseline_scores(cfg: RunConfig) -> dict[str, float]:
-    """{task: the task's baseline score on H1's metric} from the latest Phase 0 baseline rows."""
+def baseline_bars(cfg: RunConfig) -> dict[str, dict]:
+    """{task: {"bar", "from", "reason"}}: the score a method must beat to have learned the task, on
+    H1's metric, from the latest Phase 0 baseline rows, with the values it is the largest of.
+
+    Classification (accuracy): chance (1 / labels), the dev-majority rate (what a constant model
+    scores; the train-majority class of the majority row can be the dev minority), and the
+    majority and random rows. A store from before Phase 0 recorded the dev-majority rate still
+    gives it for two labels (the train-majority class's rate or its complement); with more labels
+    the bar is None, with the reason. SQuAD v2 (F1): the always-no-answer row."""
     rows = ResultsStore(Path(cfg.out_dir) / "results.sqlite").rows("baseline", model=model_key(cfg.model))
-    out: dict[str, tuple[float, float]] = {}
+    latest: dict[tuple[str, str], dict] = {}
     for r in rows:
-        if r["task"] in TASKS and r["method"] == _BASELINE[TASKS[r["task"]].kind]:
-            if r["task"] not in out or r["created"] > out[r["task"]][1]:
-                out[r["task"]] = (float(r["metrics"][h1_metric(r["task"])]), r["created"])
-    return {t: v for t, (v, _) in out.items()}
+        key = (r["task"], r["method"])
+        if r["task"] in TASKS and (key not in latest or r["created"] > latest[key]["created"]):
+            latest[key] = r
+    out: dict[str, dict] = {}
+    for task in sorted({t for t, _ in latest}):
+        spec = TASKS[task]
+        if spec.kind == "extractive_qa":
+            row = latest.get((task, "no_answer"))
+            parts = {"no_answer": float(row["metrics"]["f1"])} if row else {}
+            reason = None if row else "no always-no-answer row in the Phase 0 store"
+        else:
+            parts = {"chance": 1.0 / spec.num_labels}
+            parts.update({name: float(latest[(task, name)]["metrics"]["accuracy"])
+                          for name in ("majority", "random") if (task, name) in latest})
+            maj = latest.get((task, "majority"))
+            reason = None
+            if maj and "dev_majority_accuracy" in maj["metrics"]:
+                parts["dev_majority"] = float(maj["metrics"]["dev_majority_accuracy"])
+            elif maj and spec.num_labels == 2:
+                parts["dev_majority"] = max(parts["majority"], 1.0 - parts["majority"])
+            else:
+                reason = (f"the Phase 0 store has no dev-majority rate for {task} ({spec.num_labels} labels); "
+                          "rerun `loradrift baselines`")
+        out[task] = {"bar": max(parts.values()) if reason is None else None, "from": parts, "reason": reason}
+    return out
+
+
+def not_learned(perf: dict, bars: dict[str, dict], tasks) -> dict[str, str]:
+    """{task: why} for each of `tasks` that full FT or LoRA did not learn (`stats.did_not_learn`),
+    or whose learning cannot be checked (no runs of both methods, no baseline bar)."""
+    out = {}
+    for task in tasks:
+        bar = (bars.get(task) or {}).get("bar")
+        if task not in perf["full"] or task not in perf["lora"]:
+            out[task] = "no finished Phase 2 runs of both methods"
+        elif bar is None:
+            out[task] = f"no baseline bar: {(bars.get(task) or {}).get('reason') or 'no Phase 0 baseline rows'}"
+        else:
+            why = [w for w in (stats.did_not_learn("FT", list(perf["full"][task].values()), bar),
+                               stats.did_not_learn("LoRA", list(perf["lora"][task].values()), bar)) if w]
+            if why:
+                out[task] = "; ".join(why)
+    return out
+
+
+def learning_gate(cfg: RunConfig, tasks=None) -> dict[str, str]:
+    """`not_learned` from the store: the gate every conclusion about a task passes first (H2, the
+    forgetting correlations, the rank ablation)."""
+    return not_learned(performance_by_seed(cfg), baseline_bars(cfg), tasks or cfg.study.tasks)
 
 
 H3_NOT_VLLM = "PEFT backend, not vLLM"
+VLLM_CPU_NOTE = ("vLLM on a CPU: its LoRA kernels there are generic PyTorch code, so this overhead is not a GPU "
+                 "deployment figure")
 
 
-def _h3_inputs(cfg: RunConfig, overhead_rows: list[dict]) -> tuple[str, dict[int, dict]] | None:
-    """Per-round latencies by batch size of the primary configuration, from vLLM when the
-    benchmark ran it (H3 is about serving engines; PEFT's mixed-batch forward is the naive
-    baseline), else from the first backend; an hf label says "PEFT backend, not vLLM"."""
+def _starts(row: dict, meta: dict | None) -> list[int] | None:
+    """Each round's engine start: recorded in the row, else rebuilt from serve/meta.json as the
+    benchmark split the rounds (offline.round_starts), else unknown."""
+    if row.get("start_by_round") is not None:
+        return row["start_by_round"]
+    restarts = ((meta or {}).get("engine_restarts") or {}).get(row["backend"])
+    if restarts is None:
+        return None
+    return round_starts(len(row["adapter_latency_by_round"]), int(restarts))
+
+
+def _h3_inputs(cfg: RunConfig, overhead_rows: list[dict], meta: dict | None) -> tuple[str, dict[int, dict]] | None:
+    """Per-round latencies (and engine starts) by batch size of the primary configuration, from
+    vLLM when the benchmark ran it (H3 is about serving engines; PEFT's mixed-batch forward is the
+    naive baseline), else from the first backend."""
     rows = [r for r in overhead_rows if r["config"].startswith("adapters-") and r.get("adapter_latency_by_round")]
     if not rows:
         return None
@@ -71,9 +138,45 @@ def _h3_inputs(cfg: RunConfig, overhead_rows: list[dict]) -> tuple[str, dict[int
     names = {r["config"] for r in rows}
     name = cfg.stats.h3_config if cfg.stats.h3_config in names else max(names, key=lambda n: int(n.split("-")[1]))
     return f"{backend}/{name}", {int(r["batch_size"]): {"adapters": r["adapter_latency_by_round"],
-                                          "merged": r["merged_latency_by_round"],
-                                          "paired": bool(r.get("paired"))}
-                   for r in rows if r["config"] == name}
+                                                       "merged": r["merged_latency_by_round"],
+                                                       "paired": bool(r.get("paired")), "starts": _starts(r, meta)}
+                                 for r in rows if r["config"] == name}
+
+
+def _h3(cfg: RunConfig, out: Path, notes: list[str]) -> tuple[list[stats.HypothesisResult], dict | None]:
+    """H3's results and what they were measured on; on the PEFT backend every result is secondary
+    evidence and the pre-registered H3 has no primary result."""
+    s = cfg.stats
+    over_file = out / "serve" / "overhead.json"
+    if not over_file.exists():
+        notes.append(f"H3: no serving benchmark ({over_file} missing)")
+        return [], None
+    meta_file = out / "serve" / "meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else None
+    picked = _h3_inputs(cfg, json.loads(over_file.read_text()), meta)
+    if not picked or s.h3_batch not in picked[1]:
+        notes.append(f"H3: no multi-adapter configuration with per-round latencies at batch {s.h3_batch} in {over_file}")
+        return [], None
+    label, by_batch = picked
+    h3 = stats.h3_serving(by_batch, primary_batch=s.h3_batch, threshold=s.h3_threshold, label=label,
+                          confidence=s.confidence)
+    backend, device = label.split("/")[0], (meta or {}).get("device")
+    info = {"backend": backend, "device": device, "pre_registered": backend == "vllm", "note": None}
+    if backend != "vllm":
+        prim = next(r for r in h3 if r.primary)
+        info["note"] = (f"{H3_NOT_VLLM}: H3 is about serving adapters in a serving engine; measured on transformers + "
+                        f"PEFT's mixed-batch forward (which loops over adapters in Python) the overhead at batch "
+                        f"{s.h3_batch} is {prim.estimate:+.1f} % [{prim.ci_low:.1f}, {prim.ci_high:.1f}], "
+                        f"{prim.decision}: secondary evidence, not the pre-registered H3")
+        for r in h3:
+            r.primary = False
+            r.notes.append(f"{H3_NOT_VLLM}: secondary evidence, outside the verdict and the family (its interval is at "
+                           "the level the pre-registered H3 would use); install the serve extra to decide H3 on vLLM")
+    elif device == "cpu":
+        info["note"] = VLLM_CPU_NOTE
+        for r in h3:
+            r.notes.append(VLLM_CPU_NOTE)
+    return h3, info
 
 
 def run_stats(cfg: RunConfig) -> dict:
@@ -82,12 +185,14 @@ def run_stats(cfg: RunConfig) -> dict:
     notes: list[str] = []
 
     perf = performance_by_seed(cfg)
+    bars = baseline_bars(cfg)
+    notes += [f"baseline bar of {t}: {b['reason']}" for t, b in bars.items() if b["reason"]]
     tasks = sorted(set(perf["full"]) & set(perf["lora"]))
     h1 = []
     if tasks:
-        base = baseline_scores(cfg)
         h1 = stats.h1_performance({t: perf["full"][t] for t in tasks}, {t: perf["lora"][t] for t in tasks},
-                                  s.h1_threshold, baselines=base, confidence=s.confidence)
+                                  s.h1_threshold, baselines={t: b["bar"] for t, b in bars.items() if b["bar"] is not None},
+                                  confidence=s.confidence)
         f1 = performance_by_seed(cfg, metric=lambda t: "f1" if TASKS[t].metric == "accuracy_f1" else None)
         for r in h1:
             if r.scope in tasks and TASKS[r.scope].metric == "accuracy_f1":
@@ -98,52 +203,59 @@ def run_stats(cfg: RunConfig) -> dict:
         notes.append("H1: no task has finished runs of both methods")
 
     h2 = []
+    gate: dict[str, str] = not_learned(perf, bars, cfg.study.tasks)
     comp_file = out / "drift" / "comparison.json"
     if comp_file.exists():
         comp = json.loads(comp_file.read_text())
         ok = {t: c for t, c in comp.items() if c.get("drift_full_by_seed") and c.get("drift_lora_by_seed")}
         if ok:
+            gate.update(not_learned(perf, bars, [t for t in ok if t not in cfg.study.tasks]))
             h2 = stats.h2_drift({t: c["drift_full_by_seed"] for t, c in ok.items()},
                                 {t: c["drift_lora_by_seed"] for t, c in ok.items()}, s.h2_threshold,
                                 probe_var_by_task={t: c.get("probe_var_log_ratio") for t, c in ok.items()},
                                 floor_by_task={t: c["noise_floor"] for t, c in ok.items()
                                                if c.get("noise_floor") is not None},
-                                floor_factor=s.floor_factor, confidence=s.confidence)
+                                floor_factor=s.floor_factor, min_drift=s.min_drift,
+                                not_learned={t: w for t, w in gate.items() if t in ok}, confidence=s.confidence)
     if not h2:
         notes.append(f"H2: no drift comparison ({comp_file} missing or without both methods)")
 
-    h3 = []
-    over_file = out / "serve" / "overhead.json"
-    if over_file.exists():
-        picked = _h3_inputs(cfg, json.loads(over_file.read_text()))
-        if picked and s.h3_batch in picked[1]:
-            label, by_batch = picked
-            h3 = stats.h3_serving(by_batch, primary_batch=s.h3_batch, threshold=s.h3_threshold, label=label,
-                                  confidence=s.confidence)
-            if label.startswith("hf/"):
-                for r in h3:
-                    r.notes.append(f"{H3_NOT_VLLM}: measured on transformers + PEFT's mixed-batch forward, which "
-                                   "loops over adapters in Python; install the serve extra to decide H3 on vLLM")
-        else:
-            notes.append(f"H3: no multi-adapter configuration with per-round latencies at batch {s.h3_batch} "
-                         f"in {over_file}")
-    else:
-        notes.append(f"H3: no serving benchmark ({over_file} missing)")
+    h3, h3_info = _h3(cfg, out, notes)
 
-    # The family is the three pre-registered primary tests; a missing one still counts in its size.
+    # The family is the three pre-registered primary tests; a missing or undetermined one still
+    # counts in its size, as p = 1, and gets no adjusted p-value (stats.correct).
     family = [r for r in [*h1, *h2, *h3] if r.primary]
     stats.correct(family, family_size=stats.FAMILY_SIZE)
-    verdict = stats.overall_verdict(h1, h2, h3)
+    present = {r.name for r in family}
+    left_out = [f"{r.name} {r.scope} (undetermined)" for r in family if r.supported is None]
+    left_out += [f"{n} (no primary result)" for n in ("H1", "H2", "H3") if n not in present]
+    missing = {"H3": h3_info["note"]} if h3_info and not h3_info["pre_registered"] else {}
+    verdict = stats.overall_verdict(h1, h2, h3, missing=missing)
     result = {"H1": [r.to_dict() for r in h1], "H2": [r.to_dict() for r in h2], "H3": [r.to_dict() for r in h3],
-              "verdict": verdict, "notes": notes,
+              "verdict": verdict, "notes": notes, "H3_backend": h3_info,
+              "learning_gate": {"rule": LEARNING_RULE, "bars": bars, "not_learned": gate},
               "family": {"tests": [f"{r.name} {r.scope}" for r in family], "size": stats.FAMILY_SIZE,
                          "primary_level": stats.primary_level(s.confidence), "secondary_level": s.confidence,
-                         "corrections": "Bonferroni (decides, via the interval level) and Holm (reported)"},
+                         "left_out_of_adjustment": left_out,
+                         "corrections": "Bonferroni (decides, via the interval level) and Holm (reported); a member "
+                                        "that is undetermined or has no primary result is left out of the adjustment: "
+                                        "it counts as p = 1 in the family of 3 and gets no adjusted p-value"},
               "settings": {**cfg.stats.model_dump(), "seeds": cfg.study.seeds, "tasks": tasks,
                            "h1_metrics": {t: h1_metric(t) for t in tasks}}}
     from loradrift.forgetting import secondary_result
 
     # Not part of the family or the verdict: analyses the plan did not pre-register.
-    result["secondary_analyses"] = {"forgetting": secondary_result(out)}
+    result["secondary_analyses"] = {"forgetting": secondary_result(out, gate)}
     atomic_write_json(out / "stats" / "hypotheses.json", result)
     return result
+
+
+def verdict_line(res: dict) -> str:
+    """The verdict in one line, naming the backend H3 was measured on when it is not vLLM."""
+    d, info = res["verdict"]["decisions"], res.get("H3_backend") or {}
+    h3 = d["H3"]
+    if info and not info.get("pre_registered"):
+        h3 += f" ({H3_NOT_VLLM}; its overhead is secondary evidence)"
+    elif info.get("device") == "cpu":
+        h3 += " (vLLM on a CPU, not a GPU deployment figure)"
+    return f"H1 {d['H1']}, H2 {d['H2']}, H3 {h3} → {res['verdict']['rule']}: {d['overall']}"

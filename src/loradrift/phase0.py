@@ -88,8 +88,9 @@ def run_sanity(cfg_for, tasks: list[str], methods=("full", "lora")) -> list[dict
 
 
 def baselines(cfg: RunConfig) -> list[dict]:
-    """Majority class and a seeded uniform-random guess (classification); always-no-answer and a
-    seeded random-span guess (SQuAD v2), scored on the dev set the runs report on."""
+    """Majority class and a seeded uniform-random guess (classification; the majority row also
+    records the dev-majority rate and chance); always-no-answer and a seeded random-span guess
+    (SQuAD v2), scored on the dev set the runs report on."""
     data = load_task(cfg)
     spec = data.spec
     rng = random.Random(cfg.seed)
@@ -109,7 +110,11 @@ def baselines(cfg: RunConfig) -> list[dict]:
         train_labels = [r["label"] for r in data.train]
         # Majority is taken from train (the dev labels are the test set).
         majority = int(np.bincount(train_labels, minlength=spec.num_labels).argmax())
-        rows.append({"baseline": "majority", "predicts": spec.labels[majority], **compute_metrics(spec.metric, [majority] * len(labels), labels)})
+        rows.append({"baseline": "majority", "predicts": spec.labels[majority], **compute_metrics(spec.metric, [majority] * len(labels), labels),
+                     # not predictors but bars: a constant model scores the dev-majority rate, and the
+                     # train-majority class can be the dev minority (hypotheses.baseline_bars)
+                     "dev_majority_accuracy": float(np.bincount(labels, minlength=spec.num_labels).max() / len(labels)),
+                     "chance_accuracy": 1.0 / spec.num_labels})
         guesses = [rng.randrange(spec.num_labels) for _ in labels]
         rows.append({"baseline": "random", **compute_metrics(spec.metric, guesses, labels)})
     store = _store(cfg)

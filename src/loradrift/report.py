@@ -348,6 +348,12 @@ def sec_summary(art: Artefacts) -> Section:
         sec.table(_primary_rows(h), ["scope", "estimate", "_ci", "_h0", "decision", "reason"], labels=_RESULT_LABELS,
                   caption="The three primary tests: estimate, interval at the corrected level, and why each is decided "
                           "as it is (details in Hypotheses)")
+        _h3_backend_lines(sec, h)
+    meta = art.json("serve/meta.json")
+    findings = meta.get("findings") if isinstance(meta, dict) else None
+    if findings:
+        sec.note("Serving: adapter(s) whose outputs equal the base model's, so they change nothing the correctness "
+                 "check can see (details in Serving benchmark): " + "; ".join(findings))
     if not art.store_path.is_file():
         sec.not_run("Scores", "results.sqlite")
     else:
@@ -365,16 +371,34 @@ def sec_summary(art: Artefacts) -> Section:
                         row[r["method"]] = _mean_ci(r)
                 row["baselines"] = {b["method"].split(": ", 1)[-1]: b["mean"] for b in base
                                     if (b.get("model", ""), b["task"]) == key} or None
+                row["bar"] = (((h or {}).get("learning_gate") or {}).get("bars") or {}).get(key[1], {}).get("bar")
                 table.append(row)
-            cols = (["model"] if "model" in rows[0] else []) + ["task", "metric", *methods, "baselines"]
-            sec.table(table, cols, labels={m: f"{label.get(m, m)} (mean ± 95% CI)" for m in methods},
-                      caption="Dev score per task against the baselines (details in Performance)")
+            cols = (["model"] if "model" in rows[0] else []) + ["task", "metric", *methods, "baselines", "bar"]
+            sec.table(table, cols, labels={**{m: f"{label.get(m, m)} (mean ± 95% CI)" for m in methods},
+                                           "bar": "learning bar (H1's metric)"},
+                      caption="Dev score per task against the baselines, and the bar a method must beat by more "
+                              "than its seed spread to have learned the task (details in Performance, Hypotheses)")
     figs = [p for p in art.pngs("drift/figures") if re.fullmatch(DRIFT_BY_LAYER, p.stem)]
     if not figs:
         sec.not_run("Drift by layer", "drift/figures/final_by_layer_<task>.png", "is missing")
     for p in figs:
         sec.figure(p.read_bytes(), caption(p.stem))
     return sec
+
+
+def _h3_backend_lines(sec: Section, h: dict) -> None:
+    """What H3 was measured on, where that is not the pre-registered vLLM on a GPU: on the PEFT
+    backend its result is shown as secondary evidence; on vLLM's CPU build it is no GPU figure."""
+    info = h.get("H3_backend") or {}
+    if not info.get("note"):
+        return
+    if info.get("pre_registered"):
+        sec.note(info["note"])
+        return
+    # the verdict's H3 row already gives the reason; here the PEFT result itself
+    at = [r for r in _results(h)["H3"] if str(r.get("scope", "")).endswith(f"batch={(h.get('settings') or {}).get('h3_batch', 8)}")]
+    sec.table([_result_row(r) for r in at], ["scope", "estimate", "_ci", "_h0", "decision", "reason"],
+              labels=_RESULT_LABELS, caption="H3 on the PEFT backend, not vLLM: secondary evidence, not in the verdict")
 
 
 def sec_setup(art: Artefacts) -> Section:
@@ -767,7 +791,10 @@ def sec_forgetting(art: Artefacts) -> Section:
             for g in sorted(f.get("by_task_method") or [], key=lambda g: (_task_order(g["task"]), _method_order(g["method"])))]
     sec.table(rows, ["task", "method", "n", "mean", "_ci"], labels={"mean": "mean Δloss", "_ci": "CI of Δloss"},
               caption="Δloss by task and method (positive: the run predicts general text worse than the base model)")
-    corr = f.get("correlation") or {}
+    # the gated correlations (stats/hypotheses.json applies the learning gate to this summary)
+    hyp = art.json("stats/hypotheses.json")
+    gated = ((hyp.get("secondary_analyses") or {}).get("forgetting") or {}).get("correlation") if isinstance(hyp, dict) else None
+    corr = gated or f.get("correlation") or {}
     crows = [{"scope": "all runs", **corr.get("pooled", {})}]
     crows += [{"scope": f"task {t}", **c} for t, c in (corr.get("by_task") or {}).items()]
     crows += [{"scope": f"method {m}", **c} for m, c in (corr.get("by_method") or {}).items()]
@@ -798,13 +825,14 @@ def sec_rank_ablation(art: Artefacts) -> Section:
         for task, r in sorted((s.get("tasks") or {}).items(), key=lambda kv: _task_order(kv[0])):
             rows = []
             for label, g in (r.get("by_label") or {}).items():
-                row: dict[str, Any] = {"run": "full FT" if label == "full" else f"LoRA r={g.get('rank')}"}
+                row: dict[str, Any] = {"run": "full FT" if label == "full" else f"LoRA r={g.get('rank')}",
+                                       "learned": g.get("learned")}
                 for q in ("dev_score", "drift", "total_intruders", "delta_loss"):
                     v = g.get(q) or {}
                     row["n"] = max(row.get("n", 0), v.get("n") or 0)
                     row[q] = fmt(v.get("mean")) + ("" if v.get("ci_low") is None else f" [{fmt(v['ci_low'])}, {fmt(v['ci_high'])}]")
                 rows.append(row)
-            sec.table(rows, ["run", "n", "dev_score", "drift", "total_intruders", "delta_loss"],
+            sec.table(rows, ["run", "n", "learned", "dev_score", "drift", "total_intruders", "delta_loss"],
                       labels={"dev_score": "dev score", "drift": "drift", "total_intruders": "intruders", "delta_loss": "Δloss"},
                       caption=f"{task}: mean [t-interval] over seeds {st.get('seeds')}; alpha rule {st.get('alpha_rule')}")
             sec.bullets([*(r.get("notes") or []),
@@ -918,14 +946,18 @@ def sec_serving(art: Artefacts) -> Section:
         if not rows:
             sec.p("serve/results.json holds no rows.")
     sec.h3("Correctness")
+    meta = art.json("serve/meta.json")
+    for f in (meta.get("findings") or []) if isinstance(meta, dict) else []:
+        sec.note(f"Finding: {f}")
     corr = art.json("serve/correctness.json")
     if corr is None:
         sec.note("serve/correctness.json is not present: no correctness check was recorded.")
     else:
         rows = _rows_of(corr, "rows", "correctness") or []
         sec.p("Greedy tokens and per-token log-probabilities of each adapter served unmerged vs its merged model, "
-              "within the dtype's tolerance; each adapter vs the base model (it must change something); and "
-              "across backends. Match rate: the fraction of tokens in the common prefix.")
+              "within the dtype's tolerance; each adapter vs the base model (it must change a token, or a "
+              "log-probability by more than its own margin: an adapter that does not is a finding, flagged above); "
+              "and across backends. Match rate: the fraction of tokens in the common prefix.")
         sec.table(rows, pick_columns(rows, ["check", "backend", "config", "task", "reference", "passed", "match_rate",
                                             "min_match_rate", "max_abs_logprob_diff", "logprob_tolerance",
                                             "n_prompts", "n_tokens"]))
@@ -933,7 +965,6 @@ def sec_serving(art: Artefacts) -> Section:
             sec.p("serve/correctness.json holds no rows.")
     _serving_offline_by_batch(sec, art)
     _serving_online(sec, art)
-    meta = art.json("serve/meta.json")
     if isinstance(meta, dict) and meta:
         sec.kv(meta, caption="Benchmark settings (serve/meta.json)")
     _figures(sec, art, "serve/figures", "Serving figures")
@@ -991,9 +1022,13 @@ def sec_hypotheses(art: Artefacts) -> Section:
           "tasks, H3 at the primary batch size. Each is decided by its interval at the Bonferroni-corrected level"
           + (f" {fmt(level * 100)}%" if level else " 1 − α/3")
           + " (the same decision as a Bonferroni-corrected one-sided p below α/2); Holm-corrected p-values are "
-          "reported beside it. A result is undetermined when the data cannot decide it (runs that do not beat "
-          "their task's baseline, full-FT drift at the noise floor, too few values); undetermined propagates "
-          "through H1 AND (H2 OR H3). Per-task and per-batch results are secondary: uncorrected "
+          "reported beside it, for the decided members only (an undetermined one counts as p = 1). A result is "
+          "undetermined when the data cannot decide it: a task that either method did not learn (its mean does not "
+          "beat the baseline bar by more than its seed spread; H1 and H2), full-FT drift not above the noise floor "
+          "and the minimum drift, no spread between seeds or rounds, fewer serving rounds or engine starts than "
+          "H3's interval was validated for, too few values; undetermined propagates through H1 AND (H2 OR H3). "
+          "H3 measured on the PEFT backend, not vLLM, is secondary evidence. Per-task and per-batch results are "
+          "secondary: uncorrected "
           + (f"{fmt(_num(fam.get('secondary_level')) * 100)}% " if _num(fam.get("secondary_level")) else "")
           + "intervals, not part of the verdict.")
     results = _results(h)
@@ -1016,6 +1051,13 @@ def sec_hypotheses(art: Artefacts) -> Section:
     if notes:
         sec.h3("Notes")
         sec.bullets(dict.fromkeys(notes))
+    gate = h.get("learning_gate") or {}
+    if gate.get("bars"):
+        not_learned = gate.get("not_learned") or {}
+        rows = [{"task": t, "bar": b.get("bar"), "from": b.get("from"), "learned": t not in not_learned,
+                 "why not": not_learned.get(t) or b.get("reason")} for t, b in sorted(gate["bars"].items(), key=lambda kv: _task_order(kv[0]))]
+        sec.table(rows, ["task", "bar", "from", "learned", "why not"],
+                  caption=f"Learning gate (H1, H2, forgetting, rank ablation): {gate.get('rule', '')}")
     if isinstance(h.get("settings"), dict):
         sec.kv(h["settings"], caption="Settings")
     return sec

@@ -138,7 +138,7 @@ def phase2(grid: list[RunConfig], progress: Progress, say) -> None:
 
 def phase3(cfg: RunConfig, tasks: list[str], say, cfg_for: ConfigFor | None = None) -> None:
     from loradrift.drift import analyse_drift
-    from loradrift.hypotheses import run_stats
+    from loradrift.hypotheses import run_stats, verdict_line
     from loradrift.models import is_decoder, resolve_model_dir
 
     key = model_key(cfg.model)
@@ -168,14 +168,13 @@ def phase3(cfg: RunConfig, tasks: list[str], say, cfg_for: ConfigFor | None = No
         if serve_is_current(cfg, tasks, backend):
             say(f"serving benchmark: serve/ already holds this benchmark (backend {backend}, same settings and adapters)")
         else:
-            serve_bench(cfg, tasks, backend=backend)
+            findings = serve_bench(cfg, tasks, backend=backend)["findings"]
             say(f"serving benchmark written (backend {backend}"
-                + (": PEFT backend, not vLLM; H3 is labelled so)" if backend == "hf" else ")"))
+                + (": PEFT backend, not vLLM; H3 is labelled so and is secondary evidence)" if backend == "hf" else ")")
+                + (f"; {len(findings)} adapter(s) equal to the base model, flagged in the report" if findings else ""))
     hyp = run_stats(cfg)
     tracking.log_verdicts(cfg.report_to, cfg.out_dir, hyp)
-    v = hyp["verdict"]
-    words = v["decisions"]
-    say(f"hypotheses: H1 {words['H1']}, H2 {words['H2']}, H3 {words['H3']} → overall {words['overall']}")
+    say(f"hypotheses: {verdict_line(hyp)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +340,7 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
     follows when the backend includes vllm and `online` (default `serve.online`) is on."""
     from loradrift.data import load_task
     from loradrift.models import resolve_model_dir
-    from loradrift.serving import run_serve_bench, validate_adapters, write_serve_results
+    from loradrift.serving import run_serve_bench, validate_adapters
     from loradrift.tasks import get_task
     from loradrift.train import export_merged
 
@@ -374,9 +373,7 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
                           out_dir=out, max_lora_rank=sv.max_lora_rank, max_prompt_tokens=sv.max_prompt_tokens,
                           check_prompts=sv.check_prompts, check_tokens=sv.check_tokens,
                           engine_restarts=sv.engine_restarts, max_num_seqs=sv.max_num_seqs,
-                          include_base=sv.include_base, write=False,
-                          log=console.log)
-    write_serve_results(res, out)
+                          include_base=sv.include_base, cpu_threads=sv.cpu_threads, log=console.log)
     if fingerprint["online"]:
         res["online"] = serve_online(cfg, base_dir, adapters, merged, prompts, res["meta"])
     # written last: it marks the benchmark finished (serve_is_current)
@@ -385,7 +382,8 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
 
 
 def serve_online(cfg: RunConfig, base_dir: Path, adapters: dict, merged: dict, prompts: dict, meta: dict) -> dict:
-    """The online benchmark with the offline run's engine settings; writes `serve/online/`."""
+    """The online benchmark with the offline run's engine settings (max_num_seqs included: a
+    saturating sweep queues in the scheduler as the offline batches did); writes `serve/online/`."""
     from transformers import AutoTokenizer
 
     from loradrift.serving import (encode_prompts, engine_settings, k_tasks_cost, merged_engines, online_configs,
@@ -398,10 +396,9 @@ def serve_online(cfg: RunConfig, base_dir: Path, adapters: dict, merged: dict, p
     ids = encode_prompts(AutoTokenizer.from_pretrained(base_dir), prompt_pool(prompts, list(adapters)),
                          sv.max_prompt_tokens)
     max_len = max(len(p) for p in ids) + max(sv.online_max_tokens, sv.max_tokens, sv.check_tokens)
-    seqs = sv.max_num_seqs or max(sv.online_requests, max(sv.batch_sizes))
     rates = list(sv.online_rates) + ([float("inf")] if sv.online_saturate else [])
     res = run_online(configs, lambda c: engine_settings(c, base_dir, meta["device"], meta["dtype"], max_len,
-                                                          meta["max_lora_rank"], seqs),
+                                                          meta["max_lora_rank"], meta["max_num_seqs"]),
                      ids, Path(cfg.out_dir) / "serve" / "online", rates=rates, requests_per_rate=sv.online_requests,
                      max_tokens=sv.online_max_tokens,
                      slo_ms={"ttft": sv.slo_ttft_ms, "tpot": sv.slo_tpot_ms, "e2el": sv.slo_e2el_ms},

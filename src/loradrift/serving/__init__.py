@@ -9,8 +9,8 @@ Configurations (built by :func:`plan_configs` from the adapters given):
                     made here with PEFT ``merge_and_unload`` when missing);
 * ``adapters-<k>``  k adapters loaded at once on the base, unmerged (k = 1, 2 and all); requests are
                     assigned to adapters round-robin, so one batch mixes requests for different
-                    adapters (PEFT ``generate(adapter_names=[...])``, vLLM one ``LoRARequest`` per
-                    prompt).
+                    adapters (PEFT ``generate(adapter_names=[...])``, or PEFT's plain forward of its
+                    one active adapter for adapters-1; vLLM one ``LoRARequest`` per prompt).
 
 Modules: :mod:`.adapters` (prompts, adapter checks, merging, configurations), :mod:`.backends`
 (``hf``: transformers + PEFT, runs anywhere; ``vllm``: offline ``vllm.LLM``, the ``[serve]`` /
@@ -48,7 +48,7 @@ from .backends import (
     parse_backends,
     vllm_available,
 )
-from .correctness import TOLERANCE, match_rate
+from .correctness import DIFFERS_MARGIN, TOLERANCE, match_rate
 from .offline import (
     correctness_report,
     interleaved_schedule,
@@ -56,6 +56,8 @@ from .offline import (
     mean_ci,
     overhead_per_round,
     overhead_table,
+    rebuild_overhead,
+    round_starts,
     row_adapters,
     run_serve_bench,
 )
@@ -78,12 +80,12 @@ from .results import (
 )
 
 __all__ = [
-    "BACKENDS", "BASE_ROW", "CORRECTNESS_COLUMNS", "DEFAULT_BATCH_SIZES", "DEFAULT_RATES", "DEFAULT_SLO_MS",
+    "BACKENDS", "BASE_ROW", "CORRECTNESS_COLUMNS", "DEFAULT_BATCH_SIZES", "DIFFERS_MARGIN", "DEFAULT_RATES", "DEFAULT_SLO_MS",
     "DEFAULT_TEMPLATE", "GenOut", "HFBackend", "ONLINE_COLUMNS", "OVERHEAD_COLUMNS", "PAIR_TASKS", "RESULT_COLUMNS",
     "SERVE_EXTRA_HINT", "ServeConfig", "ServeError", "TOLERANCE", "VLLMBackend", "adapter_rank", "build_prompts",
     "correctness_report", "encode_prompts", "engine_cli_args", "engine_settings", "ensure_merged",
     "interleaved_schedule", "k_tasks_cost", "latency_stats", "match_rate", "mean_ci", "merged_engines",
     "online_configs", "overhead_per_round", "overhead_table", "parse_backends", "plan_configs", "plot_latency", "prompt_pool",
-    "read_adapter_config", "row_adapters", "run_online", "run_serve_bench", "validate_adapter", "validate_adapters",
+    "read_adapter_config", "rebuild_overhead", "round_starts", "row_adapters", "run_online", "run_serve_bench", "validate_adapter", "validate_adapters",
     "vllm_available", "write_online_results", "write_serve_results",
 ]

@@ -172,14 +172,13 @@ class HFBackend:
         self.base_dir = Path(base_dir)
         self.device = device
         self.dtype = getattr(torch, dtype)
+        self.dtype_name = dtype
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.model = None
         self.config: ServeConfig | None = None
-        self.settings = {"dtype": dtype, "device": device, "batching": "static batches, left padding",
-                         "torch_threads": torch.get_num_threads(),
-                         "lora": "PEFT mixed-batch forward (adapter_names), unmerged"}
+        self.settings: dict[str, Any] = {}
 
     def _load_causal_lm(self, path: Path):
         from transformers import AutoModelForCausalLM
@@ -198,6 +197,11 @@ class HFBackend:
         if self.device.startswith("cuda"):
             self.torch.cuda.reset_peak_memory_stats()
         self.config = config
+        lora = {"base": "none (the base model)", "merged": "none (the adapter merged into the weights)"}.get(
+            config.kind, "PEFT, unmerged: its one active adapter, plain forward" if len(config.tasks) == 1
+            else "PEFT, unmerged: mixed-batch forward (adapter_names)")
+        self.settings = {"dtype": self.dtype_name, "device": self.device, "batching": "static batches, left padding",
+                         "torch_threads": self.torch.get_num_threads(), "lora": lora}
         if config.kind != "adapters":
             self.model = self._load_causal_lm(config.model_dir)
             return
@@ -240,7 +244,13 @@ class HFBackend:
                 pass
 
         streamer = FirstToken()
-        kwargs = dict(adapter_names=list(adapter_names)) if adapter_names is not None else {}
+        kwargs = {}
+        # one adapter, active on every row: PEFT's plain forward, not its mixed-batch path (which
+        # splits the batch by adapter name, a cost adapters-1 is not meant to carry)
+        single = (self.config is not None and len(self.config.tasks) == 1
+                  and set(adapter_names or ()) == set(self.config.tasks))
+        if adapter_names is not None and not single:
+            kwargs["adapter_names"] = list(adapter_names)
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -6,7 +6,7 @@ Fairness rules (issue 13): ``max_lora_rank`` is the largest served adapter's ran
 prefix caching is off (:func:`~.backends.engine_settings`); the rows of every batch, batch 1
 included, are assigned to adapters round-robin over the request stream; the timed rounds of all
 configurations are interleaved (:func:`interleaved_schedule`) and, on vLLM, spread over several
-engine starts.
+engine starts, which are the unit of H3's interval there (:func:`loradrift.stats.h3_serving`).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ from .backends import (
 )
 from .results import write_serve_results
 
-# vLLM engines start once per block of rounds; two starts per configuration show whether a
-# configuration's speed depends on the start (memory placement, thread pinning) at the cost of
-# one more start each.
-DEFAULT_VLLM_RESTARTS = 2
+# vLLM engines start once per block of rounds, and a configuration's speed depends on the start
+# (memory placement, thread pinning) more than on the round within it: the start is the unit of
+# H3's interval, so five starts of two rounds each rather than two of five.
+DEFAULT_VLLM_RESTARTS = 5
 
 
 def latency_stats(latencies: Sequence[float]) -> dict[str, float]:
@@ -94,6 +94,12 @@ def mean_ci(
     raise ValueError(f"unknown CI method '{method}' (t | bootstrap)")
 
 
+def round_starts(rounds: int, restarts: int) -> list[int]:
+    """The engine start (block) of each round: the rounds split into ``restarts`` consecutive
+    blocks of (nearly) equal size."""
+    return [i for i, block in enumerate(np.array_split(np.arange(rounds), restarts)) for _ in block]
+
+
 def interleaved_schedule(
     configs: Sequence[str], rounds: int, restarts: int, all_loaded: bool, seed: int = 0
 ) -> list[tuple[str, str, int]]:
@@ -112,7 +118,8 @@ def interleaved_schedule(
     if restarts > rounds:
         raise ValueError(f"{restarts} engine starts need at least as many rounds (got {rounds})")
     rng = np.random.default_rng(seed)
-    blocks = [list(map(int, b)) for b in np.array_split(np.arange(rounds), restarts)]
+    starts = round_starts(rounds, restarts)
+    blocks = [[r for r in range(rounds) if starts[r] == bi] for bi in range(restarts)]
     out: list[tuple[str, str, int]] = []
     for bi, block in enumerate(blocks):
         order = [configs[i] for i in rng.permutation(len(configs))]
@@ -225,10 +232,14 @@ def correctness_report(check_out: Mapping[str, Mapping[str, Any]], configs: Sequ
 
 def overhead_table(rows: Sequence[Mapping[str, Any]], configs: Sequence[ServeConfig], ci_method: str = "t") -> list[dict]:
     """Overhead of each adapters-<k> (and of ``base``, as a control) vs the mean of the merged
-    models of the same tasks (all tasks for ``base``), per backend and batch size."""
+    models of the same tasks (all tasks for ``base``), per backend and batch size. The descriptive
+    interval is over rounds when they all come from one engine start, else over the per-start
+    mean overheads (rounds of one start are not independent)."""
     lat: dict[tuple, dict[int, float]] = {}
+    start: dict[tuple, int] = {}
     for r in rows:
         lat.setdefault((r["backend"], r["config"], r["batch_size"]), {})[r["round"]] = r["latency_mean_s"]
+        start[(r["backend"], r["round"])] = int(r["start"])
     all_tasks = [t for c in configs if c.kind == "merged" for t in c.tasks]
     out = []
     for (bname, cname, b), by_round in sorted(lat.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
@@ -239,15 +250,37 @@ def overhead_table(rows: Sequence[Mapping[str, Any]], configs: Sequence[ServeCon
         rounds_ = sorted(by_round)
         merged_lat = {t: [lat[(bname, f"merged-{t}", b)][r] for r in rounds_] for t in tasks}
         per_round = overhead_per_round([by_round[r] for r in rounds_], merged_lat)
-        mean, lo, hi = mean_ci(per_round, method=ci_method)
+        starts = [start[(bname, r)] for r in rounds_]
+        k = len(set(starts))
+        units = per_round if k == 1 else [float(np.mean([v for v, s in zip(per_round, starts) if s == u]))
+                                          for u in sorted(set(starts))]
+        mean, lo, hi = mean_ci(units, method=ci_method)
         out.append({"backend": bname, "config": cname, "reference": "mean(" + "+".join(f"merged-{t}" for t in tasks) + ")",
                     "batch_size": b, "overhead_pct": mean, "ci_low": lo, "ci_high": hi,
-                    "n_rounds": len(per_round), "ci_method": ci_method, "per_round": per_round,
-                    # what stats.h3_serving takes: raw latencies, and whether rounds really pair them
+                    "n_rounds": len(per_round), "engine_starts": k,
+                    "ci_method": ci_method + ("" if k == 1 else f" over {k} per-start means"), "per_round": per_round,
+                    # what stats.h3_serving takes: raw latencies, whether rounds really pair them,
+                    # and each round's engine start
                     "paired": bname in _INTERLEAVED,
                     "adapter_latency_by_round": [by_round[r] for r in rounds_],
-                    "merged_latency_by_round": np.mean([merged_lat[t] for t in tasks], axis=0).tolist()})
+                    "merged_latency_by_round": np.mean([merged_lat[t] for t in tasks], axis=0).tolist(),
+                    "start_by_round": starts})
     return out
+
+
+def rebuild_overhead(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> list[dict]:
+    """``overhead.json`` from a benchmark's ``results.csv`` (or ``results.json``) rows and its
+    ``meta.json``, for a benchmark written before its tables carried each round's engine start:
+    the starts are rebuilt as the benchmark split the rounds (``engine_restarts``), the
+    configurations from ``meta["configs"]``. Then H3 can be recomputed from the tables alone."""
+    configs = [ServeConfig(c["name"], c["name"].split("-")[0], Path(meta["base_dir"]), tuple(c["tasks"]))
+               for c in meta["configs"]]
+    starts = {b: round_starts(int(meta["rounds"]), int(n)) for b, n in meta["engine_restarts"].items()}
+    typed = [{**r, "batch_size": int(r["batch_size"]), "round": int(r["round"]),
+              "latency_mean_s": float(r["latency_mean_s"]),
+              "start": int(r["start"]) if r.get("start") not in (None, "") else starts[r["backend"]][int(r["round"])]}
+             for r in rows]
+    return overhead_table(typed, configs, meta.get("ci_method", "t"))
 
 
 def run_serve_bench(
@@ -277,7 +310,6 @@ def run_serve_bench(
     order_seed: int = 0,
     engine_restarts: int | None = None,
     max_num_seqs: int | None = None,
-    write: bool = True,
     log: Callable[..., Any] = print,
 ) -> dict:
     """Benchmark base, merged-<task> and adapters-<k> on each backend; write ``out_dir`` tables.
@@ -289,14 +321,16 @@ def run_serve_bench(
     means the largest rank among the adapters. ``include_base=False`` skips the ``base`` control.
     ``cpu_threads`` sets torch's intra-op threads for hf on CPU. Per round and batch size,
     ``batches_per_round`` batches are timed. ``engine_restarts`` (default 1 on hf, where all
-    configurations stay loaded and rounds are paired; 2 on vLLM, one engine at a time) splits the
+    configurations stay loaded and rounds are paired; 5 on vLLM, one engine at a time) splits the
     rounds into that many blocks with one engine start per configuration and block; see
     :func:`interleaved_schedule` (seed ``order_seed``). ``max_num_seqs`` (default: the largest
     batch size) caps vLLM's running sequences. The correctness checks run greedy on the first
     ``check_prompts`` prompts of the shared pool with ``check_tokens`` tokens each.
 
-    Returns ``{"results", "overhead", "correctness", "meta"}``. Raises :class:`ServeError` on bad
-    input, or after writing the tables when a correctness check fails.
+    Writes the tables, then returns ``{"results", "overhead", "correctness", "findings", "meta"}``;
+    ``findings`` lists the adapters whose outputs equal the base model's (a finding about the
+    adapters, for the report). Raises :class:`ServeError` on bad input, or after writing the tables
+    when served outputs disagree with what they must reproduce (adapter vs merged, across backends).
     """
     from transformers import AutoTokenizer
 
@@ -347,6 +381,7 @@ def run_serve_bench(
     check_out: dict[str, dict[str, Any]] = {}
     settings: dict[str, dict[str, Any]] = {}
     restarts_used: dict[str, int] = {}
+    starts: dict[str, list[int]] = {}
 
     for bname in backends:
         check_out[bname], settings[bname] = {}, {}
@@ -354,6 +389,7 @@ def run_serve_bench(
         restarts = engine_restarts or (1 if all_loaded else DEFAULT_VLLM_RESTARTS)
         restarts = min(restarts, rounds)
         restarts_used[bname] = restarts
+        starts[bname] = round_starts(rounds, restarts)
         plan = interleaved_schedule([c.name for c in configs], rounds, restarts, all_loaded, order_seed)
         loaded: dict[str, Any] = {}
         try:
@@ -372,8 +408,8 @@ def run_serve_bench(
                             # warm-up prompts come from the end of the pool, not round 0's
                             be.generate(_cyclic(pool, len(pool) - b, b), row_adapters(cfg, 0, b), max_tokens)
                 elif what == "round":
-                    rows += _timed_round(loaded[cname], cfg, n, pool, batch_sizes, batches_per_round, max_tokens,
-                                         resolved_device)
+                    rows += _timed_round(loaded[cname], cfg, n, starts[bname][n], pool, batch_sizes, batches_per_round,
+                                         max_tokens, resolved_device)
                 else:
                     loaded.pop(cname).close()
         finally:
@@ -381,6 +417,7 @@ def run_serve_bench(
                 be.close()
 
     correctness = correctness_report(check_out, configs, resolved_dtype)
+    findings = corr.findings(correctness)
     overhead = overhead_table(rows, configs, ci_method)
     import torch
 
@@ -393,7 +430,9 @@ def run_serve_bench(
         "device": resolved_device, "dtype": resolved_dtype,
         "check_prompts": len(check_ids), "check_tokens": check_tokens,
         "tolerance": {"dtype": resolved_dtype, "max_abs_logprob_diff": corr.tolerance(resolved_dtype)[0],
-                      "min_match_rate": corr.tolerance(resolved_dtype)[1]},
+                      "min_match_rate": corr.tolerance(resolved_dtype)[1],
+                      "differs_from_base_margin": corr.DIFFERS_MARGIN[resolved_dtype]},
+        "findings": findings, "max_num_seqs": seqs,
         "ci_method": ci_method, "cpu_threads": cpu_threads, "order_seed": order_seed,
         "engine_restarts": restarts_used, "engine_settings": settings,
         "vllm_cpu_kvcache_space_gib": cpu_kvcache_gib() if "vllm" in backends else None,
@@ -409,12 +448,13 @@ def run_serve_bench(
         import vllm
 
         meta["machine"]["vllm"] = vllm.__version__
-    results = {"results": rows, "overhead": overhead, "correctness": correctness, "meta": meta}
-    if write:
-        write_serve_results(results, out_dir)
+    results = {"results": rows, "overhead": overhead, "correctness": correctness, "findings": findings, "meta": meta}
+    write_serve_results(results, out_dir)
     bad = corr.failures(correctness)
     if bad:
         raise ServeError("correctness check failed: " + "; ".join(bad) + f" (tables were written to {out_dir})")
+    for f in findings:
+        log(f"[serve] finding: {f}")
     return results
 
 
@@ -426,8 +466,8 @@ def machine_info(device: str) -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None}
 
 
-def _timed_round(be: Any, cfg: ServeConfig, r: int, pool: Sequence[Sequence[int]], batch_sizes: Sequence[int],
-                 batches_per_round: int, max_tokens: int, device: str) -> list[dict]:
+def _timed_round(be: Any, cfg: ServeConfig, r: int, engine_start: int, pool: Sequence[Sequence[int]],
+                 batch_sizes: Sequence[int], batches_per_round: int, max_tokens: int, device: str) -> list[dict]:
     out = []
     for b in batch_sizes:
         lats, ttfts = [], []
@@ -443,7 +483,7 @@ def _timed_round(be: Any, cfg: ServeConfig, r: int, pool: Sequence[Sequence[int]
         total_s = sum(lats) / b
         out.append({
             "backend": be.name, "config": cfg.name, "adapters": "+".join(cfg.tasks),
-            "batch_size": b, "round": r, "n_requests": len(lats), "max_tokens": max_tokens,
+            "batch_size": b, "round": r, "start": engine_start, "n_requests": len(lats), "max_tokens": max_tokens,
             "latency_mean_s": st["mean"], "latency_p50_s": st["p50"], "latency_p95_s": st["p95"],
             "throughput_rps": len(lats) / total_s, "throughput_tok_s": len(lats) * max_tokens / total_s,
             "ttft_mean_s": float(np.mean(ttfts)) if ttfts else None,

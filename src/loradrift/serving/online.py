@@ -16,7 +16,12 @@ from ``vllm/benchmarks/serve.py`` (``calculate_metrics``) and
 * TPOT: ``(E2EL - TTFT) / (output tokens - 1)`` per request with more than one output token;
 * request throughput: completed requests / benchmark duration; output throughput: output tokens
   / duration; goodput: requests meeting every stated SLO / duration;
-* percentiles: ``np.percentile`` (linear), ITL pooled over all requests.
+* percentiles: ``np.percentile`` (linear), ITL pooled over all requests; a p95 only over >= 20
+  values and a p99 only over >= 100 (fewer cannot place a value beyond it), else None;
+* send times: vLLM's ``get_request`` (burstiness 1): exponential gaps, rescaled so that the last
+  request goes out at n / rate, so the offered rate is the labelled one (``offered_rate``);
+* connections: kept alive and reused across requests, as vLLM's aiohttp client does, so a TTFT
+  holds a TCP handshake only on a connection's first use.
 
 ``vllm bench serve`` exists in vLLM 0.32 too (with ``--lora-modules`` and round-robin
 assignment), but its datasets are text or random tokens, not the offline benchmark's token ids;
@@ -33,6 +38,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -46,6 +52,9 @@ from .adapters import ServeConfig, ServeError
 from .backends import _descendant_pids, cpu_kvcache_gib, engine_cli_args, peak_rss_mb
 
 DEFAULT_RATES = (1.0, 2.0, 4.0, float("inf"))
+# A percentile q is reported only over at least 1 / (1 - q) values, so that on average one value
+# lies beyond it; below that it is the sample's maximum under another name.
+PERCENTILE_MIN_N = {50: 1, 95: 20, 99: 100}
 # Stated service-level objectives for goodput, in ms (a request counts when it meets all three).
 DEFAULT_SLO_MS = {"ttft": 2000.0, "tpot": 500.0, "e2el": 10000.0}
 
@@ -79,11 +88,11 @@ def request_metrics(sent: float, chunk_times: Sequence[float], output_tokens: in
 
 
 def _pct(values: Sequence[float], prefix: str) -> dict[str, float | None]:
-    if not values:
-        return {f"{prefix}_{s}_ms": None for s in ("mean", "p50", "p95", "p99")}
     x = np.asarray(values, dtype=float) * 1000.0
-    return {f"{prefix}_mean_ms": float(x.mean()), f"{prefix}_p50_ms": float(np.percentile(x, 50)),
-            f"{prefix}_p95_ms": float(np.percentile(x, 95)), f"{prefix}_p99_ms": float(np.percentile(x, 99))}
+    out: dict[str, float | None] = {f"{prefix}_mean_ms": float(x.mean()) if x.size else None}
+    for q, need in PERCENTILE_MIN_N.items():
+        out[f"{prefix}_p{q}_ms"] = float(np.percentile(x, q)) if x.size and x.size >= need else None
+    return out
 
 
 def summarize(requests: Sequence[RequestTiming], duration_s: float, slo_ms: Mapping[str, float]) -> dict[str, Any]:
@@ -106,21 +115,70 @@ def summarize(requests: Sequence[RequestTiming], duration_s: float, slo_ms: Mapp
 
 
 def arrival_offsets(n: int, rate: float, seed: int) -> list[float]:
-    """Send times (s from the start) of n requests: a Poisson process of ``rate`` requests/s
-    (exponential gaps, as vLLM's ``--request-rate`` with burstiness 1); ``inf`` sends all at 0."""
+    """Send times (s from the start) of n requests, as vLLM's ``get_request`` draws them
+    (``--request-rate`` with burstiness 1): n exponential gaps of mean 1 / ``rate``, the first one
+    included, cumulated and rescaled so that the last request goes out at n / ``rate``. Unscaled,
+    32 draws labelled 1, 2 and 4 req/s offered 0.85, 1.49 and 4.53; rescaled, every seed offers
+    the labelled rate. ``inf`` sends all at 0."""
     if rate <= 0:
         raise ValueError(f"request rate must be > 0, got {rate}")
     if not np.isfinite(rate):
         return [0.0] * n
-    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=n)
-    gaps[0] = 0.0
-    return np.cumsum(gaps).tolist()
+    t = np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, size=n))
+    return (t * (n / rate) / t[-1]).tolist()
+
+
+def offered_rate(offsets: Sequence[float]) -> float | str:
+    """Requests per second the send times offer: n over the last send time, the span vLLM's
+    normalisation fixes at n / rate ("inf" when every request goes out at once)."""
+    return len(offsets) / offsets[-1] if offsets and offsets[-1] > 0 else "inf"
+
+
+# vLLM's server closes a connection idle for 5 s (uvicorn's keep-alive timeout, which vLLM keeps);
+# a request sent on it just then would fail, so the pool drops connections idle for longer than this.
+MAX_IDLE_S = 4.0
+
+
+class ConnectionPool:
+    """Idle keep-alive connections per (host, port), shared by the client's threads: a request takes
+    one (or opens one when none was idle for less than ``max_idle_s``) and gives it back when its
+    response was read to the end, as aiohttp's pool does for vLLM's client. ``opened`` counts the
+    connections made."""
+
+    def __init__(self, timeout: float = 600.0, max_idle_s: float = MAX_IDLE_S):
+        self.timeout, self.max_idle_s = timeout, max_idle_s
+        self.opened = 0
+        self._idle: dict[tuple[str, int], list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, host: str, port: int) -> http.client.HTTPConnection:
+        with self._lock:
+            idle = self._idle.get((host, port)) or []
+            while idle:
+                since, conn = idle.pop()
+                if time.monotonic() - since < self.max_idle_s:
+                    return conn
+                conn.close()
+            self.opened += 1
+        return http.client.HTTPConnection(host, port, timeout=self.timeout)
+
+    def give_back(self, host: str, port: int, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._idle.setdefault((host, port), []).append((time.monotonic(), conn))
+
+    def close(self) -> None:
+        with self._lock:
+            for conns in self._idle.values():
+                for _, c in conns:
+                    c.close()
+            self._idle.clear()
 
 
 def stream_completion(host: str, port: int, body: Mapping[str, Any], timing: RequestTiming,
-                      timeout: float = 600.0) -> RequestTiming:
-    """POST one streamed completion and record when each chunk with text arrives."""
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+                      pool: ConnectionPool) -> RequestTiming:
+    """POST one streamed completion on a kept-alive connection of ``pool`` and record when each
+    chunk with text arrives."""
+    conn, reusable = pool.take(host, port), False
     try:
         timing.sent = time.perf_counter()
         conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
@@ -150,22 +208,30 @@ def stream_completion(host: str, port: int, body: Mapping[str, Any], timing: Req
                 timing.output_tokens = int(chunk["usage"].get("completion_tokens") or 0)
         if timing.ok and not timing.output_tokens:
             timing.ok, timing.error = False, "the stream carried no usage (completion_tokens)"
+        # the chunked stream's terminator follows [DONE]; read to it, or the connection cannot be reused
+        resp.read()
+        reusable = not resp.will_close
     except (OSError, http.client.HTTPException, json.JSONDecodeError) as e:
         timing.error = f"{type(e).__name__}: {e}"
     finally:
-        conn.close()
+        if reusable:
+            pool.give_back(host, port, conn)
+        else:
+            conn.close()
     return timing
 
 
 def run_rate(targets: Sequence[tuple[str, int, str]], config: str, prompts: Sequence[Sequence[int]],
-             rate: float, max_tokens: int, seed: int, max_workers: int = 256) -> tuple[list[RequestTiming], float]:
-    """Send ``len(prompts)`` requests at Poisson times; request i goes to ``targets[i % k]``, a
-    (host, port, model name): one server's k adapters, or k servers' merged models.
-    Returns the timings and the benchmark duration (first send to last completion)."""
+             rate: float, max_tokens: int, seed: int, pool: ConnectionPool,
+             max_workers: int = 256) -> tuple[list[RequestTiming], float]:
+    """Send ``len(prompts)`` requests at Poisson times (:func:`arrival_offsets`) over ``pool``'s
+    connections; request i goes to ``targets[i % k]``, a (host, port, model name): one server's k
+    adapters, or k servers' merged models. Returns the timings and the benchmark duration (start
+    to last completion)."""
     offsets = arrival_offsets(len(prompts), rate, seed)
     timings: list[RequestTiming] = []
     futures = []
-    with ThreadPoolExecutor(max_workers=min(max_workers, len(prompts))) as pool:
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(prompts))) as workers:
         t0 = time.perf_counter()
         for i, (ids, off) in enumerate(zip(prompts, offsets)):
             delay = t0 + off - time.perf_counter()
@@ -176,7 +242,7 @@ def run_rate(targets: Sequence[tuple[str, int, str]], config: str, prompts: Sequ
             timings.append(t)
             body = {"model": name, "prompt": list(ids), "max_tokens": max_tokens, "temperature": 0.0,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-            futures.append(pool.submit(stream_completion, host, port, body, t))
+            futures.append(workers.submit(stream_completion, host, port, body, t, pool))
         for f in futures:
             f.result()
     return timings, time.perf_counter() - t0
@@ -318,23 +384,33 @@ def run_online(
 
     def sweep(name: str, adapters: str, targets: list[tuple[str, int, str]], servers: list[VLLMServer]) -> None:
         logs = ", ".join(str(s.log_path) for s in servers)
-        # one untimed request per target: the first request of a LoRA loads its weights
-        run_rate(targets, name, stream[: len(targets)], float("inf"), max_tokens, seed)
-        for i, rate in enumerate(rates):
-            timings, dur = run_rate(targets, name, stream, rate, max_tokens, seed + i)
-            failed = [t.error for t in timings if not t.ok]
-            if failed:
-                raise ServeError(f"online {name} at {rate} req/s: {len(failed)} request(s) failed, "
-                                 f"first: {failed[0]} (server log {logs})")
-            rss = [s.peak_rss_mb() for s in servers]
-            row = {"config": name, "adapters": adapters, "engines": len(servers), "request_rate": _rate_label(rate),
-                   **summarize(timings, dur, slo_ms),
-                   "server_peak_rss_mb": None if any(r is None for r in rss) else float(sum(rss))}
-            summary.append(row)
-            requests.extend({**asdict(t), "rate": _rate_label(rate), **{k: v for k, v in t.metrics().items() if k != "itl"}}
-                            for t in timings)
-            log(f"[serve] online {name} @ {rate} req/s: {row['request_throughput']:.2f} req/s, "
-                f"p99 TTFT {row['ttft_p99_ms']:.0f} ms, p99 TPOT {row['tpot_p99_ms'] or float('nan'):.0f} ms")
+        pool = ConnectionPool()
+        try:
+            # one untimed request per target: the first request of a LoRA loads its weights
+            run_rate(targets, name, stream[: len(targets)], float("inf"), max_tokens, seed, pool)
+            for i, rate in enumerate(rates):
+                sweep_rate(name, adapters, targets, servers, logs, pool, i, rate)
+        finally:
+            pool.close()
+
+    def sweep_rate(name: str, adapters: str, targets: list[tuple[str, int, str]], servers: list[VLLMServer],
+                   logs: str, pool: ConnectionPool, i: int, rate: float) -> None:
+        timings, dur = run_rate(targets, name, stream, rate, max_tokens, seed + i, pool)
+        failed = [t.error for t in timings if not t.ok]
+        if failed:
+            raise ServeError(f"online {name} at {rate} req/s: {len(failed)} request(s) failed, "
+                             f"first: {failed[0]} (server log {logs})")
+        rss = [s.peak_rss_mb() for s in servers]
+        row = {"config": name, "adapters": adapters, "engines": len(servers), "request_rate": _rate_label(rate),
+               "offered_rate": offered_rate(arrival_offsets(len(stream), rate, seed + i)),
+               **summarize(timings, dur, slo_ms),
+               "server_peak_rss_mb": None if any(r is None for r in rss) else float(sum(rss))}
+        summary.append(row)
+        requests.extend({**asdict(t), "rate": _rate_label(rate), **{k: v for k, v in t.metrics().items() if k != "itl"}}
+                        for t in timings)
+        ms = lambda v: "n/a" if v is None else f"{v:.0f} ms"  # noqa: E731
+        log(f"[serve] online {name} @ {rate} req/s: {row['request_throughput']:.2f} req/s, "
+            f"p50 TTFT {ms(row['ttft_p50_ms'])}, p99 TTFT {ms(row['ttft_p99_ms'])}, p99 TPOT {ms(row['tpot_p99_ms'])}")
 
     for cfg in configs:
         settings = settings_for(cfg)
@@ -377,7 +453,10 @@ def run_online(
     meta = {"client": "loradrift.serving.online (threads + http.client), vLLM's metric definitions",
             "endpoint": "/v1/completions, stream, token-id prompts, temperature 0, ignore_eos",
             "rates": list(rates), "requests_per_rate": requests_per_rate, "max_tokens": max_tokens,
-            "arrivals": "Poisson (exponential gaps), seed + rate index", "seed": seed, "slo_ms": dict(slo_ms),
+            "arrivals": "Poisson (exponential gaps), rescaled as vLLM's get_request so the last request goes out at "
+                        "n / rate; seed + rate index", "seed": seed, "slo_ms": dict(slo_ms),
+            "connections": "kept alive, reused across requests (one pool per configuration's sweep)",
+            "percentiles": {f"p{q}": f"over >= {n} values, else None" for q, n in PERCENTILE_MIN_N.items()},
             "goodput": "requests meeting every SLO / duration", "servers": server_meta}
     return {"summary": summary, "requests": requests, "meta": meta}
 

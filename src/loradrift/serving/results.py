@@ -10,20 +10,21 @@ import numpy as np
 from ..io import atomic_path, atomic_write_json, json_safe, write_csv
 
 RESULT_COLUMNS = [
-    "backend", "config", "adapters", "batch_size", "round", "n_requests", "max_tokens",
+    "backend", "config", "adapters", "batch_size", "round", "start", "n_requests", "max_tokens",
     "latency_mean_s", "latency_p50_s", "latency_p95_s", "throughput_rps", "throughput_tok_s",
     "ttft_mean_s", "ttft_method", "peak_rss_mb", "peak_child_rss_mb", "peak_gpu_mb", "device",
 ]
 OVERHEAD_COLUMNS = [
     "backend", "config", "reference", "batch_size", "overhead_pct", "ci_low", "ci_high",
-    "n_rounds", "ci_method",
+    "n_rounds", "engine_starts", "ci_method",
 ]
 CORRECTNESS_COLUMNS = [
     "check", "backend", "config", "task", "reference", "passed", "match_rate", "min_match_rate", "rows_differing",
     "max_abs_logprob_diff", "logprob_tolerance", "dtype", "n_prompts", "n_tokens",
 ]
 ONLINE_COLUMNS = [
-    "config", "adapters", "engines", "request_rate", "n_requests", "completed", "duration_s", "request_throughput",
+    "config", "adapters", "engines", "request_rate", "offered_rate", "n_requests", "completed", "duration_s",
+    "request_throughput",
     "output_throughput", "goodput",
     *[f"{m}_{s}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "p50", "p95", "p99")],
     "server_peak_rss_mb",
@@ -31,7 +32,8 @@ ONLINE_COLUMNS = [
 
 
 def write_serve_results(results: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
-    """results.csv/json, overhead.csv/json, correctness.csv/json, meta.json, figures/latency.png."""
+    """results.csv/json, overhead.csv/json, correctness.csv/json, meta.json (with the findings),
+    figures/latency.png."""
     out_dir = Path(out_dir)
     paths = {
         "results_csv": out_dir / "results.csv", "results_json": out_dir / "results.json",
@@ -116,7 +118,8 @@ def plot_latency(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
 
 
 def plot_online(summary: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """p99 TTFT and p99 TPOT vs achieved request throughput, one line per configuration."""
+    """p99 TTFT and p99 TPOT vs achieved request throughput, one line per configuration (a rate
+    whose sample is too small for a p99 has none, and no point)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
     for ax, metric, label in zip(axes[0], ("ttft_p99_ms", "tpot_p99_ms"), ("p99 TTFT (ms)", "p99 TPOT (ms)")):

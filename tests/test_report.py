@@ -341,3 +341,28 @@ def test_a_tiny_study_says_on_its_first_screen_that_it_is_a_pipeline_check(tmp_p
     report.build_report(out)
     first = " ".join(drawn[:drawn.index("Contents")])
     assert "Preset tiny · model tiny" in first and "Pipeline check, not findings" in first
+
+
+def test_summary_states_the_scope_of_each_verdict():
+    """Issue 26: the first screen says which tasks carry H1 and H2 and what H3 was measured on."""
+    from loradrift.report import _verdict_scope
+
+    def res(name, scope, decision, reason="", primary=False):
+        return {"name": name, "scope": scope, "decision": decision, "reason": reason, "primary": primary}
+
+    nl = "undetermined: FT did not learn: mean 0.5 beats the baseline bar 0.58 by -0.08"
+    h = {"H1": [res("H1", "rte", "undetermined", nl), res("H1", "sst2", "supported"),
+                res("H1", "pooled", "undetermined", "undetermined: built on undetermined task(s) rte", True)],
+         "H2": [res("H2", "rte", "undetermined", "undetermined: rte: did not learn, so its drift says nothing"),
+                res("H2", "sst2", "not supported"), res("H2", "pooled", "not supported", "", True)],
+         "H3": [res("H3", "hf/adapters-4/batch=8", "not supported")],
+         "H3_backend": {"backend": "hf", "device": "cpu", "pre_registered": False}}
+    rows = {r["hypothesis"]: r for r in _verdict_scope(h)}
+    assert rows["H1"] == {"hypothesis": "H1", "decided on": "sst2 (supported)",
+                          "not decided on": "rte (did not learn), pooled, primary (built on undetermined tasks)"}
+    assert rows["H2"]["decided on"] == "sst2 (not supported), pooled, primary (not supported)"
+    assert rows["H2"]["not decided on"] == "rte (did not learn)"
+    assert rows["H3"] == {"hypothesis": "H3", "decided on": "hf backend on cpu: secondary evidence only",
+                          "not decided on": "the pre-registered H3 (needs vLLM)"}
+    h["H3_backend"] = {"backend": "vllm", "device": "cuda", "pre_registered": True}
+    assert {r["hypothesis"]: r for r in _verdict_scope(h)}["H3"]["decided on"] == "vllm backend on cuda"

@@ -348,6 +348,9 @@ def sec_summary(art: Artefacts) -> Section:
         sec.table(_primary_rows(h), ["scope", "estimate", "_ci", "_h0", "decision", "reason"], labels=_RESULT_LABELS,
                   caption="The three primary tests: estimate, interval at the corrected level, and why each is decided "
                           "as it is (details in Hypotheses)")
+        sec.table(_verdict_scope(h), ["hypothesis", "decided on", "not decided on"],
+                  caption="Scope of the verdicts: the tasks (or serving backend) each hypothesis was decided on, and "
+                          "those left undetermined with the reason. " + _model_scale(art))
         _h3_backend_lines(sec, h)
     meta = art.json("serve/meta.json")
     findings = meta.get("findings") if isinstance(meta, dict) else None
@@ -384,6 +387,65 @@ def sec_summary(art: Artefacts) -> Section:
     for p in figs:
         sec.figure(p.read_bytes(), caption(p.stem))
     return sec
+
+
+def _verdict_scope(h: dict) -> list[dict]:
+    """Per hypothesis, the scopes it was decided on and those it was not, with the short reason: a
+    verdict reads differently when one task of four carries it."""
+    rows = []
+    for name in ("H1", "H2"):
+        res = [r for r in _results(h)[name] if r.get("scope") != "pooled"]
+        pooled = next((r for r in _results(h)[name] if r.get("scope") == "pooled"), None)
+        decided = [f"{r['scope']} ({r.get('decision')})" for r in res if r.get("decision") != "undetermined"]
+        undecided = [f"{r['scope']} ({_short_reason(r.get('reason'))})" for r in res if r.get("decision") == "undetermined"]
+        if pooled is not None:
+            (decided if pooled.get("decision") != "undetermined" else undecided).append(
+                f"pooled, primary ({pooled.get('decision') if pooled.get('decision') != 'undetermined' else _short_reason(pooled.get('reason'))})")
+        rows.append({"hypothesis": name, "decided on": ", ".join(decided) or "nothing",
+                     "not decided on": ", ".join(undecided) or "–"})
+    info = h.get("H3_backend") or {}
+    where = f"{info.get('backend', '?')} backend on {info.get('device', '?')}" if info else "no serving benchmark"
+    if not _results(h)["H3"]:
+        rows.append({"hypothesis": "H3", "decided on": "nothing", "not decided on": where})
+    elif info.get("pre_registered", True):
+        rows.append({"hypothesis": "H3", "decided on": where, "not decided on": "–"})
+    else:
+        rows.append({"hypothesis": "H3", "decided on": f"{where}: secondary evidence only",
+                     "not decided on": "the pre-registered H3 (needs vLLM)"})
+    return rows
+
+
+def _short_reason(reason: Any) -> str:
+    text = str(reason or "").removeprefix("undetermined: ")
+    for key, short in (("built on undetermined", "built on undetermined tasks"), ("every task is undetermined", None),
+                       ("did not learn", None), ("no spread between seeds", None), ("too few seeds", None),
+                       ("noise floor", "drift within the noise floor")):
+        if key in text:
+            return short or key
+    return text[:80] + ("…" if len(text) > 80 else "")
+
+
+def _model_scale(art: Artefacts) -> str:
+    """Which model and how much training, in one sentence, from the manifest and the run rows."""
+    man = art.json("study/manifest.json") or {}
+    model = ((man.get("config") or {}).get("model") or {}).get("name")
+    if not model:
+        return "Model and scale: unknown (study/manifest.json is missing)."
+    n = (man.get("model_info") or {}).get("parameters") if isinstance(man.get("model_info"), dict) else None
+    dev = man.get("device") or {}
+    where = dev.get("gpu") or ("CUDA GPU" if dev.get("cuda") else "CPU")
+    data = {r["task"]: r["metrics"] for r in _latest(art.rows("data") or [], lambda r: (r["model"], r["task"]))[0]}
+    steps: dict[str, set] = {}
+    for r in art.rows("run") or []:
+        steps.setdefault(r["task"], set()).add((r["metrics"] or {}).get("steps"))
+    parts = []
+    for t in sorted(set(data) | set(steps), key=_task_order):
+        st = "/".join(fmt(v) for v in sorted(x for x in steps.get(t, ()) if x is not None)) or "?"
+        d = data.get(t) or {}
+        parts.append(f"{t} {st} steps on {fmt(d.get('train_used'))} train examples, dev {fmt(d.get('dev_used'))} of "
+                     f"{fmt(d.get('dev_rows'))}")
+    return (f"Model {model}" + (f" ({fmt(int(n))} parameters)" if n else "") + f", preset {man.get('preset', '?')}, "
+            f"trained on {where}; per final run: " + ("; ".join(parts) or "no runs") + ".")
 
 
 def _h3_backend_lines(sec: Section, h: dict) -> None:
@@ -1103,9 +1165,12 @@ def sec_limitations(art: Artefacts) -> Section:
         parts = [f"{t} {'/'.join(fmt(v) for v in sorted(x for x in steps.get(t, ()) if x is not None)) or '?'} steps, "
                  f"{fmt(((by_task[t].get('model') or {}).get('max_length')))} tokens"
                  for t in sorted(by_task, key=_task_order)]
+        not_learned = sorted((((art.json("stats/hypotheses.json") or {}).get("learning_gate") or {}).get("not_learned") or {}),
+                             key=_task_order)
         facts.append("Short training on short inputs (optimizer steps per final run; inputs or SQuAD windows cut to "
-                     "this many tokens): " + "; ".join(parts) + ". The runs are far from convergence, so scores "
-                     "near the baselines are expected, and H1's gap compares two undertrained models.")
+                     "this many tokens): " + "; ".join(parts) + "."
+                     + (f" {', '.join(not_learned)}: at least one method did not learn the task at this scale, so "
+                        "those tasks carry no verdict." if not_learned else ""))
     undefined = {t: c.get("cka_undefined_layers") for t, c in (art.json("drift/comparison.json") or {}).items()
                  if isinstance(c, dict) and c.get("cka_undefined_layers")}
     if undefined:

@@ -15,11 +15,12 @@ Requirements on a real cluster (several machines):
   'loradrift[ray]'`), and the task data at the same path. The driver's LORADRIFT_* and HF_*
   environment variables are passed to the tasks, so paths in them must exist on every node.
 
-Resources: a task takes one GPU when the cluster has GPUs, otherwise one CPU, so a CPU-only
-node runs as many runs at once as it has cores. Each CPU task then trains with one torch thread:
-N runs on N cores each using every core would fight over them and finish later than one at a
-time. Memory is not reserved; to run fewer runs at once than there are cores (large models),
-start the cluster yourself with `ray start --head --num-cpus K` and pass `--ray-address auto`.
+Resources: a task takes `runtime.threads` CPUs (default 1), and one GPU when the cluster has
+GPUs, so a CPU-only node runs cores / runtime.threads runs at once. Each task trains with as many
+torch threads as CPUs it took: N runs on N cores each using every core would fight over them and
+finish later than one at a time. Memory is not reserved; to run fewer runs at once (large
+models), raise `runtime.threads`, or start the cluster yourself with `ray start --head --num-cpus
+K` and pass `--ray-address auto`.
 """
 
 from __future__ import annotations
@@ -57,13 +58,10 @@ def import_ray():
     return ray
 
 
-def _train_task(cfg_json: str, cpu_threads: int | None) -> dict:
+def _train_task(cfg_json: str) -> dict:
     """Body of one Ray task. The config travels as JSON so the worker validates it afresh with
-    its own copy of the schema instead of unpickling objects built by the driver."""
-    if cpu_threads is not None:
-        import torch
-
-        torch.set_num_threads(cpu_threads)
+    its own copy of the schema instead of unpickling objects built by the driver. Its
+    runtime.threads is the task's num_cpus, which train_run's setup applies."""
     from loradrift.train import train_run
 
     return train_run(RunConfig.model_validate_json(cfg_json))
@@ -122,14 +120,17 @@ def run_grid_on_ray(grid: list[RunConfig], address: str | None = None, say: Call
         started = True
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus > 0:
-            opts, threads = {"num_gpus": 1}, None
-        else:
-            opts, threads = {"num_cpus": 1}, 1
-        remote = ray.remote(_train_task).options(**opts, runtime_env={"env_vars": _task_env()})
-        say(f"ray: {len(todo)} runs on {int(gpus)} GPU(s)" if gpus else
-            f"ray: {len(todo)} runs on {int(ray.cluster_resources().get('CPU', 0))} CPU(s), one thread each")
-        pending = {remote.remote(grid[i].model_dump_json(), threads): i for i in todo}
+        remote = ray.remote(_train_task)
+        pending = {}
+        for i in todo:
+            # A task owns num_cpus cores and trains with as many torch threads (runtime.threads).
+            cpus = grid[i].runtime.threads or 1
+            cfg = grid[i].model_copy(update={"runtime": grid[i].runtime.model_copy(update={"threads": cpus})})
+            opts = {"num_cpus": cpus, **({"num_gpus": 1} if gpus > 0 else {})}
+            pending[remote.options(**opts, runtime_env={"env_vars": _task_env()}).remote(cfg.model_dump_json())] = i
+        per_run = "/".join(str(c) for c in sorted({grid[i].runtime.threads or 1 for i in todo}))
+        say(f"ray: {len(todo)} runs on " + (f"{int(gpus)} GPU(s)" if gpus else f"{int(ray.cluster_resources().get('CPU', 0))} CPU(s)")
+            + f", {per_run} CPU(s) and torch thread(s) each")
         done = n - len(todo)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)

@@ -34,6 +34,7 @@ from loradrift import tracking
 from loradrift.config import RunConfig
 from loradrift.io import ResultsStore, atomic_write_json, make_dir, serve_adapter_dir
 from loradrift.models import model_key
+from loradrift.runtime import set_threads
 
 console = Console(stderr=True)
 
@@ -196,6 +197,7 @@ def run_study(cfg_for: ConfigFor, phases: list[int], tasks: list[str] | None = N
     out = Path(base.out_dir)
     make_dir(out, "--out folder")
     store = ResultsStore(out / "results.sqlite")
+    set_threads(base.runtime.threads)  # before the manifest, which records them
     write_manifest(base, cfg_for, tasks, command)
     timings: list[dict] = []
     t_start = time.time()
@@ -347,6 +349,7 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
 
     sv = cfg.serve
     backend = serve_backend(backend or sv.backend)
+    set_threads(cfg.runtime.threads)  # the hf backend's torch threads
     adapters, merged, prompts = {}, {}, {}
     for task, adapter in _serve_adapters(cfg, tasks).items():
         if not (adapter / "adapter_config.json").exists():

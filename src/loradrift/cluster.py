@@ -79,12 +79,14 @@ def _describe(err: BaseException) -> str:
     return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
 
 
-def run_grid_on_ray(grid: list[RunConfig], address: str | None = None, say: Callable[[str], None] = print) -> list[dict]:
+def run_grid_on_ray(grid: list[RunConfig], address: str | None = None, say: Callable[[str], None] = print,
+                    progress: Callable[[int, int, bool], None] | None = None) -> list[dict]:
     """Train every config of `grid` as one Ray task each; results in grid order.
 
     `address`: None starts a local Ray cluster bound to 127.0.0.1 (unless this process already
     called `ray.init`, which is then used as it is), "auto" or "host:port" joins a running one. A failed run does
-    not stop the others; once all have ended a GridError lists the failed ones."""
+    not stop the others; once all have ended a GridError lists the failed ones. `progress(done,
+    runs, already_done)` as runs end (`already_done`: those found finished, which took no time)."""
     ray = import_ray()
     from loradrift.train import RunConflict, run_dir_for, train_run
 
@@ -108,6 +110,8 @@ def run_grid_on_ray(grid: list[RunConfig], address: str | None = None, say: Call
             todo.append(i)
     if len(todo) < n:
         say(f"ray: {n - len(todo)} of {n} runs already finished")
+        if progress:
+            progress(n - len(todo), n, True)
     if not todo:
         return _finish(grid, results, failures)
 
@@ -133,7 +137,10 @@ def run_grid_on_ray(grid: list[RunConfig], address: str | None = None, say: Call
             + f", {per_run} CPU(s) and torch thread(s) each")
         done = n - len(todo)
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            # A timeout, so that the driver's progress thread gets to print while every run is long.
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
+            if not ready:
+                continue
             ref = ready[0]
             i = pending.pop(ref)
             cfg = grid[i]
@@ -144,10 +151,12 @@ def run_grid_on_ray(grid: list[RunConfig], address: str | None = None, say: Call
             except ray.exceptions.RayError as e:  # the task raised, or its worker died past Ray's retries
                 failures.append((i, _describe(e)))
                 say(f"run {done}/{n} {name}: FAILED ({_describe(e)})")
-                continue
-            results[i] = r
-            say(f"run {done}/{n} {name}: dev {r['primary_metric']} {r['dev'][r['primary_metric']]:.4g} "
-                f"({r['wall_time_s']:.0f}s) done")
+            else:
+                results[i] = r
+                say(f"run {done}/{n} {name}: dev {r['primary_metric']} {r['dev'][r['primary_metric']]:.4g} "
+                    f"({r['wall_time_s']:.0f}s) done")
+            if progress:
+                progress(done, n, False)
     finally:
         if started:
             ray.shutdown()

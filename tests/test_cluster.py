@@ -43,6 +43,7 @@ def test_grid_on_ray_matches_sequential_collects_failures_and_skips_finished(tin
         ref = sequential[(c.task, c.method.name, c.seed)]
         assert r["config_hash"] == ref["config_hash"]
         assert r["dev"] == ref["dev"] and r["val"] == ref["val"], (c.method.name, c.seed)
+        assert r["torch_threads"] == 1  # a task's one CPU
 
     mtimes = [(run_dir_for(c) / "result.json").stat().st_mtime_ns for c in grid]
     said.clear()
@@ -67,14 +68,18 @@ def test_missing_ray_is_a_clear_error_before_any_work(monkeypatch, tiny_cfg, tmp
 
 class _FakeRay:
     """Just enough of the ray module for run_grid_on_ray to start (or join) a cluster and get
-    one result back; records the ray.init keyword arguments."""
+    results back, one per ray.wait after a wait that times out; records the ray.init keyword
+    arguments, each task's options and config, and the order of events in `log`."""
 
     class exceptions:
         class RayError(Exception):
             pass
 
-    def __init__(self):
+    def __init__(self, resources=None):
         self.init_calls: list[dict] = []
+        self.tasks: list[tuple[dict, dict]] = []  # (options, config as JSON)
+        self.resources = resources or {"CPU": 1}
+        self.log: list = []
 
     def is_initialized(self):
         return False
@@ -86,19 +91,28 @@ class _FakeRay:
         pass
 
     def cluster_resources(self):
-        return {"CPU": 1}
+        return self.resources
 
     def remote(self, fn):
-        class Remote:
-            def options(self, **_):
-                return self
+        fake = self
 
-            def remote(self, cfg_json, threads):
-                return cfg_json
+        class Remote:
+            def __init__(self, opts=None):
+                self.opts = opts or {}
+
+            def options(self, **opts):
+                return Remote(opts)
+
+            def remote(self, cfg_json):
+                fake.tasks.append((self.opts, json.loads(cfg_json)))
+                return len(fake.tasks) - 1
 
         return Remote()
 
-    def wait(self, refs, num_returns):
+    def wait(self, refs, num_returns, timeout=None):
+        self.log.append(("wait", timeout))
+        if self.log[-2:-1] != [("wait", timeout)]:
+            return [], refs  # every other call times out with nothing ready, as a long run would
         return refs[:num_returns], refs[num_returns:]
 
     def get(self, ref):
@@ -116,3 +130,27 @@ def test_local_ray_cluster_binds_loopback_only(monkeypatch, tiny_cfg, address, n
     assert kw["address"] == address
     # Started here: every Ray service on loopback. Joined: the user's cluster, its own settings.
     assert kw.get("_node_ip_address") == node_ip
+
+
+@pytest.mark.parametrize("resources, threads, opts", [({"CPU": 4}, None, {"num_cpus": 1}),
+                                                      ({"CPU": 4}, 2, {"num_cpus": 2}),
+                                                      ({"CPU": 16, "GPU": 2}, 4, {"num_cpus": 4, "num_gpus": 1})])
+def test_ray_tasks_take_their_threads_as_cpus_and_report_each_run_as_it_ends(monkeypatch, tiny_cfg, resources, threads, opts):
+    from loradrift.cluster import run_grid_on_ray
+
+    fake = _FakeRay(resources)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    extra = [f"runtime.threads={threads}"] if threads else []
+    grid = [tiny_cfg("sst2", "lora", s, overrides=extra) for s in (1, 2, 3)]
+    run_grid_on_ray(grid, say=lambda m: fake.log.append(m.split(":")[0]),
+                    progress=lambda done, n, cached: fake.log.append(("progress", done, n, cached)))
+    # The cores a task reserves are the torch threads its train_run sets (runtime.threads, default 1).
+    assert [{k: v for k, v in o.items() if k != "runtime_env"} for o, _ in fake.tasks] == [opts] * 3
+    assert [c["runtime"]["threads"] for _, c in fake.tasks] == [opts["num_cpus"]] * 3
+    # Each run is reported when ray.wait hands it back, not after the last one; the waits time out
+    # so that the progress thread is not starved while the runs are long.
+    events = [e for e in fake.log if (isinstance(e, tuple) and e[0] == "progress") or (isinstance(e, str) and e.startswith("run"))]
+    assert events == ["run 1/3 sst2/lora/seed1", ("progress", 1, 3, False), "run 2/3 sst2/lora/seed2", ("progress", 2, 3, False),
+                      "run 3/3 sst2/lora/seed3", ("progress", 3, 3, False)]
+    waits = [e[1] for e in fake.log if isinstance(e, tuple) and e[0] == "wait"]
+    assert len(waits) == 6 and None not in waits

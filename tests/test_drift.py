@@ -342,3 +342,13 @@ def test_training_curves_average_h2_layers_per_seed_then_over_seeds():
     assert got[("drift_cos", 10)]["mean"] == pytest.approx((0.02 + 0.05) / 2)
     assert got[("drift_cka", 20)]["n_seeds"] == 1 and got[("drift_cka", 20)]["mean"] == pytest.approx(0.3)
     assert got[("drift_cka", 0)]["max"] == 0.0
+
+
+def test_progress_after_each_task(tmp_path):
+    base = _base()
+    for task in ("sst2", "rte"):
+        _write_base(tmp_path, base, task)
+        _write_run(tmp_path, "full", 0, {0: base, 10: base}, task)
+    calls = []
+    D.analyse_drift(tmp_path, MODEL, ["sst2", "rte"], jackknife=False, figures=False, progress=lambda *a: calls.append(a))
+    assert calls == [(1, 2), (2, 2)]

@@ -389,3 +389,13 @@ def test_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_path)
     assert states[beating.number] == TrialState.RUNNING and states[young.number] == TrialState.RUNNING
     (retry,) = [t for t in study.get_trials(deepcopy=False) if t.system_attrs.get("failed_trial") == orphan.number]
     assert retry.state == TrialState.WAITING
+
+
+def test_progress_counts_finished_trials_and_the_steps_of_the_running_one(tmp_path, data_dir):
+    calls: list[tuple[float, int]] = []
+    run_search(_cfg(tmp_path, data_dir), FAST, trials=2, log=lambda *_: None, progress=lambda d, n: calls.append((d, n)))
+    done = [d for d, _ in calls]
+    assert {n for _, n in calls} == {2} and done[0] == 0 and done[-1] == 2
+    assert done == sorted(done)
+    # within each trial, its steps: a study's ETA moves during a long first trial
+    assert any(0 < d < 1 for d in done) and any(1 < d < 2 for d in done)

@@ -641,3 +641,12 @@ def test_serve_errors_reach_the_user_as_one_message(lora_study, tmp_path, capsys
     assert _serve_bench(out, backend="tgi") == 2
     err = capsys.readouterr().err
     assert "loradrift serve-bench: error: unknown backend 'tgi' (hf | vllm)" in err and "Traceback" not in err
+
+
+def test_progress_counts_the_timed_rounds(tiny, tmp_path):
+    calls = []
+    serving.run_serve_bench(tiny["base"], {"sst2": tiny["adapters"]["sst2"]}, tiny["merged"], tiny["prompts"], backend="hf",
+                            batch_sizes=[1], max_tokens=2, rounds=3, warmup=0, out_dir=tmp_path / "s", device="cpu",
+                            include_base=False, check_prompts=2, check_tokens=2, log=lambda *_: None,
+                            progress=lambda done, n: calls.append((done, n)))
+    assert calls == [(k, 6) for k in range(6)]  # merged-sst2 and adapters-1, three rounds each

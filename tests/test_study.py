@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -65,6 +66,9 @@ def test_tiny_study_end_to_end(tmp_path):
     assert "not run —" not in html  # every section had its artefacts
     timings = json.loads((out / "study" / "timings.json").read_text())
     assert [p["phase"] for p in timings["phases"]] == ["phase0", "phase1", "phase2", "phase3"]
+    # Off a terminal every phase prints "k/N, ETA" lines (loradrift.progress), down to its last item.
+    for stage in ("phase 0: checks and baselines", "phase 1: search", "phase 2: final runs", "phase 3: analyses", "report"):
+        assert re.search(rf"^\[\d\d:\d\d:\d\d\] {stage}: (\d+)/\1, elapsed \d:\d\d:\d\d, ETA", r.stderr, re.M), stage
     if extra:
         _check_trackers(out, hyp)
     _check_bundle_rebuilds_the_report(out)  # before the next check reruns the serving benchmark

@@ -431,3 +431,20 @@ def test_config_rejected_at_setup_leaves_no_empty_run_folder(tiny_cfg, capsys):
     rd.mkdir(parents=True)
     assert main(argv) == 2
     assert rd.is_dir() and not any(rd.iterdir())
+
+
+def test_setup_gives_torch_runtime_threads_else_the_cores_the_process_owns(tiny_cfg, monkeypatch):
+    from loradrift import runtime
+
+    before = torch.get_num_threads()
+    try:
+        # a process pinned to one core (taskset, a cpuset): one thread, whatever os.cpu_count() says
+        monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+        torch.set_num_threads(2)
+        assert setup(tiny_cfg()).threads == 1 and torch.get_num_threads() == 1
+        cfg = tiny_cfg(overrides=["runtime.threads=2"])
+        assert setup(cfg).threads == 2 and torch.get_num_threads() == 2
+        # how a process uses the cores is not part of what a run is
+        assert cfg.science_hash() == tiny_cfg().science_hash()
+    finally:
+        torch.set_num_threads(before)

@@ -95,9 +95,10 @@ def rank_config(cfg_for: Callable[..., RunConfig], task: str, rank: int, seed: i
 
 
 def train_grid(cfg_for: Callable[..., RunConfig], task: str, acfg: RankAblationConfig, seeds: Sequence[int],
-               say: Callable[[str], None] = log.info) -> list[dict]:
+               say: Callable[[str], None] = log.info, progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Train (or find finished) every run of one task's ablation, full FT reference first, then
-    rank by rank; returns [{label, rank, seed, cfg, result}]."""
+    rank by rank; returns [{label, rank, seed, cfg, result}]. ``progress(runs_done, runs)`` before
+    each run."""
     from loradrift.train import run_dir_for, train_run
 
     full_files = _best_files(cfg_for, task, "full")
@@ -107,6 +108,8 @@ def train_grid(cfg_for: Callable[..., RunConfig], task: str, acfg: RankAblationC
             todo.append((f"r{rank}", rank, rank_config(cfg_for, task, rank, s, acfg)[0]))
     runs = []
     for label, rank, cfg in todo:
+        if progress:
+            progress(len(runs), len(todo))
         finished = (run_dir_for(cfg) / "result.json").exists()
         result = train_run(cfg)
         if not finished:
@@ -255,9 +258,10 @@ def _plot(task: str, res: dict, ranks: list[int], fig_dir: Path, title: str) -> 
 
 
 def run_rank_ablation(cfg_for: Callable[..., RunConfig], tasks: Sequence[str],
-                      say: Callable[[str], None] = log.info) -> dict[str, Any]:
+                      say: Callable[[str], None] = log.info, progress: Callable[[float, int], None] | None = None) -> dict[str, Any]:
     """Train and analyse the rank ablation of `tasks` with `cfg_for()`'s ablation.rank settings;
-    writes ``<out>/ablation/rank/<variant>/``. Returns the summary."""
+    writes ``<out>/ablation/rank/<variant>/``. Returns the summary. ``progress(tasks_done, tasks)``,
+    a fraction of one for the runs of the task in hand."""
     from loradrift.phase0 import extract_base
 
     base = cfg_for()
@@ -266,9 +270,10 @@ def run_rank_ablation(cfg_for: Callable[..., RunConfig], tasks: Sequence[str],
     adir = ablation_dir(base.out_dir, acfg)
     title = f"{'rsLoRA' if acfg.rslora else 'LoRA'}, alpha rule {acfg.alpha_rule}"
     tasks_out, rows, files = {}, [], []
-    for task in tasks:
+    for i, task in enumerate(tasks):
         extract_base(cfg_for(task))  # the probe's base representations (kept when they exist)
-        runs = train_grid(cfg_for, task, acfg, seeds, say)
+        runs = train_grid(cfg_for, task, acfg, seeds, say,
+                          progress=(lambda done, n, i=i: progress(i + done / n, len(tasks))) if progress else None)
         res = analyse_task(cfg_for, task, runs, acfg)
         tasks_out[task] = res
         rows.extend(res["rows"])

@@ -133,14 +133,14 @@ def cmd_score(args, configs: Configs) -> int:
 
 
 def cmd_train(args, configs: Configs) -> int:
-    from rich.progress import Progress
-
+    from loradrift.progress import Reporter
     from loradrift.train import train_run
 
     cfg = configs(args.task, args.method)
-    with Progress(transient=True) as prog:
-        bar = prog.add_task(f"{cfg.task} {cfg.method.name} seed {cfg.seed}", total=None)
-        r = train_run(cfg, force=args.force, on_step=lambda s, n: prog.update(bar, completed=s, total=n))
+    with Reporter() as rep, rep.stage("train", total=1) as st:
+        st.start(f"{cfg.task}/{cfg.method.name}/seed{cfg.seed} steps")
+        r = train_run(cfg, force=args.force, on_step=st.inner)
+        st.advance()
     keys = {k: v for k, v in r["dev"].items() if not k.startswith("_")}
     print(f"run folder: {r['run_dir']}")
     print(f"dev:  {json.dumps(keys)}")
@@ -190,15 +190,20 @@ def cmd_memory(args, configs: Configs) -> int:
 
 
 def cmd_search(args, configs: Configs) -> int:
+    from loradrift.progress import Reporter
     from loradrift.search import run_search
 
     methods = _methods(args.method)
     if args.tune_rank and "full" in methods:
         raise ValueError("--tune-rank: only LoRA has a rank to search; add --method lora")
     rows = []
-    for task in _tasks(args.task):
-        for method in methods:
-            r = run_search(configs(task, method), None, trials=args.trials, storage=args.storage, tune_rank=args.tune_rank)
+    pairs = [(task, method) for task in _tasks(args.task) for method in methods]
+    with Reporter() as rep, rep.stage("search", total=len(pairs)) as st:
+        for task, method in pairs:
+            st.start(f"{task}/{method} trials")
+            r = run_search(configs(task, method), None, trials=args.trials, storage=args.storage, tune_rank=args.tune_rank,
+                           progress=st.inner)
+            st.advance()
             rows.append({"task": task, "method": method, **{k: r[k] for k in ("study", "n_finished", "best_trial", "best_value", "best_config")}})
     _table("Search: best trial per study (score on the validation split)", rows,
            ["task", "method", "study", "n_finished", "best_trial", "best_value", "best_config"])

@@ -15,11 +15,12 @@ Requirements on a real cluster (several machines):
   'loradrift[ray]'`), and the task data at the same path. The driver's LORADRIFT_* and HF_*
   environment variables are passed to the tasks, so paths in them must exist on every node.
 
-Resources: a task takes one GPU when the cluster has GPUs, otherwise one CPU, so a CPU-only
-node runs as many runs at once as it has cores. Each CPU task then trains with one torch thread:
-N runs on N cores each using every core would fight over them and finish later than one at a
-time. Memory is not reserved; to run fewer runs at once than there are cores (large models),
-start the cluster yourself with `ray start --head --num-cpus K` and pass `--ray-address auto`.
+Resources: a task takes `runtime.threads` CPUs (default 1), and one GPU when the cluster has
+GPUs, so a CPU-only node runs cores / runtime.threads runs at once. Each task trains with as many
+torch threads as CPUs it took: N runs on N cores each using every core would fight over them and
+finish later than one at a time. Memory is not reserved; to run fewer runs at once (large
+models), raise `runtime.threads`, or start the cluster yourself with `ray start --head --num-cpus
+K` and pass `--ray-address auto`.
 """
 
 from __future__ import annotations
@@ -57,13 +58,10 @@ def import_ray():
     return ray
 
 
-def _train_task(cfg_json: str, cpu_threads: int | None) -> dict:
+def _train_task(cfg_json: str) -> dict:
     """Body of one Ray task. The config travels as JSON so the worker validates it afresh with
-    its own copy of the schema instead of unpickling objects built by the driver."""
-    if cpu_threads is not None:
-        import torch
-
-        torch.set_num_threads(cpu_threads)
+    its own copy of the schema instead of unpickling objects built by the driver. Its
+    runtime.threads is the task's num_cpus, which train_run's setup applies."""
     from loradrift.train import train_run
 
     return train_run(RunConfig.model_validate_json(cfg_json))
@@ -81,12 +79,14 @@ def _describe(err: BaseException) -> str:
     return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
 
 
-def run_grid_on_ray(grid: list[RunConfig], address: str | None = None, say: Callable[[str], None] = print) -> list[dict]:
+def run_grid_on_ray(grid: list[RunConfig], address: str | None = None, say: Callable[[str], None] = print,
+                    progress: Callable[[int, int, bool], None] | None = None) -> list[dict]:
     """Train every config of `grid` as one Ray task each; results in grid order.
 
     `address`: None starts a local Ray cluster bound to 127.0.0.1 (unless this process already
     called `ray.init`, which is then used as it is), "auto" or "host:port" joins a running one. A failed run does
-    not stop the others; once all have ended a GridError lists the failed ones."""
+    not stop the others; once all have ended a GridError lists the failed ones. `progress(done,
+    runs, already_done)` as runs end (`already_done`: those found finished, which took no time)."""
     ray = import_ray()
     from loradrift.train import RunConflict, run_dir_for, train_run
 
@@ -110,6 +110,8 @@ def run_grid_on_ray(grid: list[RunConfig], address: str | None = None, say: Call
             todo.append(i)
     if len(todo) < n:
         say(f"ray: {n - len(todo)} of {n} runs already finished")
+        if progress:
+            progress(n - len(todo), n, True)
     if not todo:
         return _finish(grid, results, failures)
 
@@ -122,17 +124,23 @@ def run_grid_on_ray(grid: list[RunConfig], address: str | None = None, say: Call
         started = True
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus > 0:
-            opts, threads = {"num_gpus": 1}, None
-        else:
-            opts, threads = {"num_cpus": 1}, 1
-        remote = ray.remote(_train_task).options(**opts, runtime_env={"env_vars": _task_env()})
-        say(f"ray: {len(todo)} runs on {int(gpus)} GPU(s)" if gpus else
-            f"ray: {len(todo)} runs on {int(ray.cluster_resources().get('CPU', 0))} CPU(s), one thread each")
-        pending = {remote.remote(grid[i].model_dump_json(), threads): i for i in todo}
+        remote = ray.remote(_train_task)
+        pending = {}
+        for i in todo:
+            # A task owns num_cpus cores and trains with as many torch threads (runtime.threads).
+            cpus = grid[i].runtime.threads or 1
+            cfg = grid[i].model_copy(update={"runtime": grid[i].runtime.model_copy(update={"threads": cpus})})
+            opts = {"num_cpus": cpus, **({"num_gpus": 1} if gpus > 0 else {})}
+            pending[remote.options(**opts, runtime_env={"env_vars": _task_env()}).remote(cfg.model_dump_json())] = i
+        per_run = "/".join(str(c) for c in sorted({grid[i].runtime.threads or 1 for i in todo}))
+        say(f"ray: {len(todo)} runs on " + (f"{int(gpus)} GPU(s)" if gpus else f"{int(ray.cluster_resources().get('CPU', 0))} CPU(s)")
+            + f", {per_run} CPU(s) and torch thread(s) each")
         done = n - len(todo)
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            # A timeout, so that the driver's progress thread gets to print while every run is long.
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
+            if not ready:
+                continue
             ref = ready[0]
             i = pending.pop(ref)
             cfg = grid[i]
@@ -143,10 +151,12 @@ def run_grid_on_ray(grid: list[RunConfig], address: str | None = None, say: Call
             except ray.exceptions.RayError as e:  # the task raised, or its worker died past Ray's retries
                 failures.append((i, _describe(e)))
                 say(f"run {done}/{n} {name}: FAILED ({_describe(e)})")
-                continue
-            results[i] = r
-            say(f"run {done}/{n} {name}: dev {r['primary_metric']} {r['dev'][r['primary_metric']]:.4g} "
-                f"({r['wall_time_s']:.0f}s) done")
+            else:
+                results[i] = r
+                say(f"run {done}/{n} {name}: dev {r['primary_metric']} {r['dev'][r['primary_metric']]:.4g} "
+                    f"({r['wall_time_s']:.0f}s) done")
+            if progress:
+                progress(done, n, False)
     finally:
         if started:
             ray.shutdown()

@@ -402,6 +402,16 @@ class AblationConfig(_Strict):
     rank: RankAblationConfig = RankAblationConfig()
 
 
+class RuntimeConfig(_Strict):
+    """How a process uses the machine, not what it computes: outside the science hash, so changing
+    it never makes a finished run look like another config's."""
+
+    threads: int | None = Field(None, gt=0, description="torch (OpenMP) intra-op threads of a training run, a search "
+                                "trial, the study's process and the serving benchmark; null = the cores the process may "
+                                "run on (all of them for a lone process; a Ray task takes this many CPUs, default 1). "
+                                "Several processes on one machine should share the cores out (docs/training.md, \"Threads\")")
+
+
 class RunConfig(_Strict):
     """Everything one command needs. `task` and `seed` are set per run."""
 
@@ -421,6 +431,7 @@ class RunConfig(_Strict):
     search: SearchConfig = SearchConfig()
     forgetting: ForgettingConfig = ForgettingConfig()
     ablation: AblationConfig = AblationConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     per_task: dict[str, dict[str, Any]] = Field(default_factory=dict, description="overrides applied only for one task")
     report_to: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
         default_factory=list, description="experiment trackers that also get each run's config, curves and scores, e.g. "

@@ -73,7 +73,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -665,13 +665,15 @@ def analyse_drift(
     jackknife: bool = True,
     ci: float = 0.95,
     figures: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Compute drift tables, the LoRA-vs-FT comparison and figures; write them under ``<out>/drift``.
 
     ``tasks``: names, or None / ``"all"`` for every task with a base file or runs.
     ``metric``: CKA variant for the final-step (primary) drift: ``"linear"``, ``"debiased"``
     or ``"rbf"`` (bandwidth ``rbf_sigma_frac`` x median distance). ``jackknife=False`` skips the
-    probe-example jackknife (``probe_var_log_ratio`` is then null). Returns ``{"comparison": {task: {...}}, "files": [...]}``.
+    probe-example jackknife (``probe_var_log_ratio`` is then null). ``progress(tasks_done, tasks)``
+    after each task. Returns ``{"comparison": {task: {...}}, "files": [...]}``.
 
     Raises ValueError when a task has runs but no base file, or a snapshot's layers do not
     match the base's shapes; missing runs/snapshots are skipped with a warning.
@@ -692,7 +694,7 @@ def analyse_drift(
     all_curves: list[dict] = []
     comparison: dict[str, dict] = {}
     files: list[Path] = []
-    for task in tasks:
+    for i, task in enumerate(tasks, 1):
         rows, comp = _analyse_task(out_dir, model, task, methods, metric, rbf_sigma_frac, ci, jackknife)
         curves = training_curves(rows)
         all_rows.extend(rows)
@@ -701,6 +703,8 @@ def analyse_drift(
             comparison[task] = comp
         if rows and figures:
             files.extend(_plot_task(task, rows, curves, methods, metric, drift_dir / "figures"))
+        if progress:
+            progress(i, len(tasks))
     if not all_rows:
         log.warning("no drift rows for model %s, tasks %s; nothing written", model, list(tasks))
         return {"comparison": comparison, "files": files}

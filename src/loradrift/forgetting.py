@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -355,9 +356,11 @@ def _drift_by_run(out: Path) -> dict[tuple[str, str, int], float]:
     return found
 
 
-def analyse_forgetting(cfg: RunConfig, tasks: Sequence[str] | None = None) -> dict:
+def analyse_forgetting(cfg: RunConfig, tasks: Sequence[str] | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> dict:
     """Δloss of every finished Phase 2 run (study tasks, methods and seeds), the per task x method
-    intervals and the drift correlations; writes ``<out>/forgetting/``."""
+    intervals and the drift correlations; writes ``<out>/forgetting/``. ``progress(done, runs)``
+    after each run looked at."""
     from loradrift.models import model_key
 
     out = Path(cfg.out_dir)
@@ -365,9 +368,13 @@ def analyse_forgetting(cfg: RunConfig, tasks: Sequence[str] | None = None) -> di
     fg = Forgetting(cfg)
     drift = _drift_by_run(out)
     rows = []
+    n_runs, looked = len(tasks) * len(cfg.study.methods) * len(cfg.study.seeds), 0
     for task in tasks:
         for method in cfg.study.methods:
             for seed in cfg.study.seeds:
+                if progress:
+                    progress(looked, n_runs)
+                looked += 1
                 rd = out / "runs" / model_key(cfg.model) / task / method / f"seed{seed}"
                 if not (rd / "result.json").is_file():
                     continue

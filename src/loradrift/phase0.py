@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,10 @@ def _store(cfg: RunConfig) -> ResultsStore:
 # sanity: overfit a small sample
 
 
-def sanity_check(cfg: RunConfig) -> dict:
+def sanity_check(cfg: RunConfig, on_step: Callable[[int, int], None] | None = None) -> dict:
     """Train on `sanity.n_examples` training examples and score on those same examples: a model
-    and loss that are wired correctly drive training accuracy to ≥ 95% (SQuAD v2: F1 ≥ 90)."""
+    and loss that are wired correctly drive training accuracy to ≥ 95% (SQuAD v2: F1 ≥ 90).
+    `on_step(step, max_steps)` after each step, as `train_run`'s."""
     from loradrift.train import batch_order, evaluate, make_optimizer, setup, train_step
 
     s = cfg.sanity
@@ -63,6 +65,8 @@ def sanity_check(cfg: RunConfig) -> dict:
     for step in range(s.max_steps):
         loss = train_step(ctx, order, step, opt, sched).loss
         steps = step + 1
+        if on_step:
+            on_step(steps, s.max_steps)
         if steps % 5 == 0 or steps == s.max_steps:
             score = float(evaluate(ctx, "val")[metric])
             if score >= threshold:

@@ -23,7 +23,7 @@ import warnings
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from pydantic import ValidationError
@@ -266,10 +266,13 @@ def open_study(storage, name: str, attrs: dict, seed: int, pruner_cfg: PrunerCon
 
 
 def run_search(cfg: RunConfig, search_cfg: SearchConfig | dict | None = None, trials: int | None = None,
-               storage: str | None = None, tune_rank: bool = False, log=print) -> dict:
+               storage: str | None = None, tune_rank: bool = False, log=print,
+               progress: Callable[[float, int], None] | None = None) -> dict:
     """Run (or resume, or join) the study of cfg's model, task and method until it holds `trials`
     finished (complete + pruned) trials; write the best config as YAML. Returns a summary dict:
-    study, storage, best_value, best_trial, best_params, best_config (path), n_finished."""
+    study, storage, best_value, best_trial, best_params, best_config (path), n_finished.
+    `progress(finished, trials)`: finished trials, a fraction of one for the steps of the trial
+    this worker runs."""
     import optuna
     from optuna.trial import TrialState
 
@@ -327,9 +330,13 @@ def run_search(cfg: RunConfig, search_cfg: SearchConfig | dict | None = None, tr
                 raise optuna.TrialPruned(f"step {step} ({step * per_step} examples): validation {spec.primary} "
                                          f"{score:.4f} below the median")
 
+        def on_step(step: int, total: int) -> None:
+            # `finished`: the study's count when this trial began (the loop below sets it)
+            progress(finished + step / total, n_target)
+
         t0 = time.time()
         try:
-            result = train_run(tcfg, on_eval=on_eval, tracker=tracking.start(
+            result = train_run(tcfg, on_step=on_step if progress else None, on_eval=on_eval, tracker=tracking.start(
                 cfg.report_to, cfg.out_dir, name, f"trial-{trial.number}", tcfg.model_dump(mode="json"),
                 {"task": cfg.task, "method": method, "study": name, "trial": trial.number, "run_dir": tcfg.out_dir}))
         except optuna.TrialPruned:
@@ -354,6 +361,8 @@ def run_search(cfg: RunConfig, search_cfg: SearchConfig | dict | None = None, tr
         _fail_stale(study)
         counts = _counts(study)
         finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+        if progress:
+            progress(min(finished, n_target), n_target)
         if finished >= n_target:
             break
         if finished + counts[TrialState.RUNNING] >= n_target:

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from loradrift import tracking
 from loradrift.config import RunConfig
 from loradrift.io import ResultsStore, atomic_write_json, make_dir, serve_adapter_dir
 from loradrift.models import model_key
+from loradrift.progress import Reporter, Stage
+from loradrift.runtime import set_threads
 
 console = Console(stderr=True)
 
@@ -55,25 +56,32 @@ def best_config_path(cfg: RunConfig, task: str, method: str) -> Path:
 # phases
 
 
-def phase0(cfg_for: ConfigFor, tasks: list[str], methods: list[str], store: ResultsStore, say) -> None:
+def phase0(cfg_for: ConfigFor, tasks: list[str], methods: list[str], store: ResultsStore, say, st: Stage) -> None:
+    """`st`: counts data checks, sanity checks, baselines, base extractions and memory profiles."""
     from loradrift.data import load_task, summary
     from loradrift.phase0 import baselines, extract_base, memory_profile_isolated, sanity_check
+    from loradrift.representations import base_path
 
+    st.update(0, total=len(tasks) * (3 + 2 * len(methods)))
     for task in tasks:
         cfg = cfg_for(task)
         key, h = model_key(cfg.model), cfg.science_hash()
+        st.start(f"data {task}")
         s = summary(load_task(cfg))
         store.put("data", key, task, "-", cfg.seed, h, s)
         say(f"data {task}: train {s['train_used']} / val {s['val_used']} / dev {s['dev_used']} ({s['source']})")
+        st.advance()
 
     failed = []
     for task in tasks:
         for method in methods:
             cfg = cfg_for(task, method)
             done = store.rows("sanity", model=model_key(cfg.model), task=task, method=method, config_hash=cfg.science_hash())
-            r = done[0]["metrics"] if done else sanity_check(cfg)
+            st.start(f"sanity {task}/{method}")
+            r = done[0]["metrics"] if done else sanity_check(cfg, on_step=st.inner)
             if not done:
                 store.put("sanity", model_key(cfg.model), task, method, cfg.seed, cfg.science_hash(), r)
+            st.advance(cached=bool(done))
             say(f"sanity {task}/{method}: {r['metric']} {r['score']:.3g} (needs {r['threshold']}) {'ok' if r['passed'] else 'FAILED'}")
             if not r["passed"]:
                 failed.append(f"{task}/{method}")
@@ -83,29 +91,45 @@ def phase0(cfg_for: ConfigFor, tasks: list[str], methods: list[str], store: Resu
 
     for task in tasks:
         cfg = cfg_for(task)
-        if not store.rows("baseline", model=model_key(cfg.model), task=task, config_hash=cfg.science_hash()):
+        done = bool(store.rows("baseline", model=model_key(cfg.model), task=task, config_hash=cfg.science_hash()))
+        st.start(f"baselines {task}")
+        if not done:
             baselines(cfg)
+        st.advance(cached=done)
+        st.start(f"base representations {task}")
+        done = base_path(cfg, model_key(cfg.model), task).exists()
         extract_base(cfg)
+        st.advance(cached=done)
         for method in methods:
             mcfg = cfg_for(task, method)
-            if not store.rows("memory", model=model_key(mcfg.model), task=task, method=method, config_hash=mcfg.science_hash()):
+            done = bool(store.rows("memory", model=model_key(mcfg.model), task=task, method=method, config_hash=mcfg.science_hash()))
+            st.start(f"memory {task}/{method}")
+            if not done:
                 r = memory_profile_isolated(mcfg)
                 say(f"memory {task}/{method}: {r['peak_memory_mb']:.0f} MB peak")
+            st.advance(cached=done)
 
 
-def phase1(cfg_for: ConfigFor, tasks: list[str], methods: list[str], say) -> None:
+def phase1(cfg_for: ConfigFor, tasks: list[str], methods: list[str], say, st: Stage) -> None:
+    """`st`: counts the searches (their trials move it within one) and the search report."""
     from loradrift.search import run_search, search_report
 
+    st.update(0, total=len(tasks) * len(methods) + 1)
     for task in tasks:
         for method in methods:
             cfg = cfg_for(task, method)
             if best_config_path(cfg, task, method).exists():
+                st.advance(cached=True)
                 continue
-            r = run_search(cfg)
+            st.start(f"search {task}/{method}")
+            r = run_search(cfg, progress=st.inner)
             say(f"search {task}/{method}: best {r['best_value']:.4g} → {r['best_config']}")
+            st.advance()
     cfg = cfg_for()
+    st.start("search report")
     search_report(cfg.out_dir, storage=cfg.search.storage, tasks=tasks, methods=methods, search_cfg=cfg.search)
     say(f"search report: {cfg.out_dir}/search/report")
+    st.advance()
 
 
 def phase2_grid(cfg_for: ConfigFor, tasks: list[str], methods: list[str], seeds: list[int]) -> list[RunConfig]:
@@ -120,61 +144,76 @@ def phase2_grid(cfg_for: ConfigFor, tasks: list[str], methods: list[str], seeds:
     return grid
 
 
-def phase2(grid: list[RunConfig], progress: Progress, say) -> None:
+def phase2(grid: list[RunConfig], st: Stage, say) -> None:
+    """`st`: counts the runs; the steps of the running one move it within a run."""
     from loradrift.train import run_dir_for, train_run
 
-    bar = progress.add_task("phase 2: final runs", total=len(grid))
-    steps = progress.add_task("  steps of this run", total=None)
-    for i, cfg in enumerate(grid, 1):
-        progress.update(bar, description=f"phase 2: run {i}/{len(grid)} {cfg.task} {cfg.method.name} seed {cfg.seed}")
-        progress.reset(steps, total=None)
+    for cfg in grid:
+        st.start(f"{cfg.task}/{cfg.method.name}/seed{cfg.seed}")
         finished = (run_dir_for(cfg) / "result.json").exists()
-        r = train_run(cfg, on_step=lambda step, total: progress.update(steps, completed=step, total=total))
+        r = train_run(cfg, on_step=st.inner)
         if not finished:
             say(f"run {cfg.task}/{cfg.method.name}/seed{cfg.seed}: dev {r['primary_metric']} {r['dev'][r['primary_metric']]:.4g} "
                 f"({r['wall_time_s']:.0f}s)")
-        progress.advance(bar)
+        st.advance(cached=finished)
 
 
-def phase3(cfg: RunConfig, tasks: list[str], say, cfg_for: ConfigFor | None = None) -> None:
+def phase3(cfg: RunConfig, tasks: list[str], say, st: Stage, cfg_for: ConfigFor | None = None) -> None:
+    """`st`: counts the analyses; drift's tasks, forgetting's runs, the ablation's runs and the
+    serving benchmark's rounds move it within one."""
     from loradrift.drift import analyse_drift
     from loradrift.hypotheses import run_stats, verdict_line
     from loradrift.models import is_decoder, resolve_model_dir
 
     key = model_key(cfg.model)
     d = cfg.drift
-    analyse_drift(cfg.out_dir, key, tasks, metric=d.metric)
+    ablation = cfg.ablation.rank.enabled and cfg_for is not None
+    st.update(0, total=2 + d.weights + cfg.forgetting.enabled + ablation + cfg.study.serve)
+    st.start("drift")
+    analyse_drift(cfg.out_dir, key, tasks, metric=d.metric, progress=st.inner)
     say("drift: tables and figures written")
+    st.advance()
     if d.weights:
         from loradrift.weights import analyse_weights
 
+        st.start("weights")
         analyse_weights(cfg.out_dir, key, resolve_model_dir(cfg.model), tasks, rank_threshold=d.rank_threshold,
                         intruder_k=d.intruder_k, intruder_eps=d.intruder_eps, modules=d.weight_modules)
         say("weights: tables and figures written")
+        st.advance()
     if cfg.forgetting.enabled and not is_decoder(resolve_model_dir(cfg.model)):
         say("forgetting: skipped, the model is an encoder without an LM head")
+        st.advance(cached=True)
     elif cfg.forgetting.enabled:
         from loradrift.forgetting import analyse_forgetting
 
-        f = analyse_forgetting(cfg, tasks)
+        st.start("forgetting")
+        f = analyse_forgetting(cfg, tasks, progress=st.inner)
         say(f"forgetting: {len(f['runs'])} runs, {f['seconds_this_call']:.0f}s of evaluation (secondary, not pre-registered)")
-    if cfg.ablation.rank.enabled and cfg_for is not None:
+        st.advance()
+    if ablation:
         from loradrift.ablation import run_rank_ablation
 
-        run_rank_ablation(cfg_for, cfg.ablation.rank.tasks or tasks, say)
+        st.start("rank ablation")
+        run_rank_ablation(cfg_for, cfg.ablation.rank.tasks or tasks, say, progress=st.inner)
         say("rank ablation: tables and figures written")
+        st.advance()
     if cfg.study.serve:
         backend = serve_backend(cfg.serve.backend)
+        st.start("serving benchmark")
         if serve_is_current(cfg, tasks, backend):
             say(f"serving benchmark: serve/ already holds this benchmark (backend {backend}, same settings and adapters)")
         else:
-            findings = serve_bench(cfg, tasks, backend=backend)["findings"]
+            findings = serve_bench(cfg, tasks, backend=backend, progress=st.inner)["findings"]
             say(f"serving benchmark written (backend {backend}"
                 + (": PEFT backend, not vLLM; H3 is labelled so and is secondary evidence)" if backend == "hf" else ")")
                 + (f"; {len(findings)} adapter(s) equal to the base model, flagged in the report" if findings else ""))
+        st.advance()
+    st.start("hypothesis tests")
     hyp = run_stats(cfg)
     tracking.log_verdicts(cfg.report_to, cfg.out_dir, hyp)
     say(f"hypotheses: {verdict_line(hyp)}")
+    st.advance()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +234,7 @@ def run_study(cfg_for: ConfigFor, phases: list[int], tasks: list[str] | None = N
     out = Path(base.out_dir)
     make_dir(out, "--out folder")
     store = ResultsStore(out / "results.sqlite")
+    set_threads(base.runtime.threads)  # before the manifest, which records them
     write_manifest(base, cfg_for, tasks, command)
     timings: list[dict] = []
     t_start = time.time()
@@ -202,41 +242,47 @@ def run_study(cfg_for: ConfigFor, phases: list[int], tasks: list[str] | None = N
     def say(msg: str) -> None:
         console.log(msg)
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Reporter(console) as progress:
         for phase in phases:
             t0 = time.time()
             console.rule(f"Phase {phase}")
             if phase == 0:
-                phase0(cfg_for, tasks, methods, store, say)
+                with progress.stage("phase 0: checks and baselines") as st:
+                    phase0(cfg_for, tasks, methods, store, say, st)
             elif phase == 1:
                 if base.study.search:
-                    phase1(cfg_for, tasks, methods, say)
+                    with progress.stage("phase 1: search") as st:
+                        phase1(cfg_for, tasks, methods, say, st)
                 else:
                     say("search disabled (study.search=false): Phase 2 uses the config as it is")
             elif phase == 2:
                 grid = phase2_grid(cfg_for, tasks, methods, seeds)
-                if use_ray:
-                    from loradrift.cluster import run_grid_on_ray
+                with progress.stage("phase 2: final runs", total=len(grid)) as st:
+                    if use_ray:
+                        from loradrift.cluster import run_grid_on_ray
 
-                    run_grid_on_ray(grid, ray_address, say)
-                else:
-                    phase2(grid, progress, say)
+                        run_grid_on_ray(grid, ray_address, say, progress=st.update)
+                    else:
+                        phase2(grid, st, say)
             elif phase == 3:
-                phase3(base, tasks, say, cfg_for)
+                with progress.stage("phase 3: analyses") as st:
+                    phase3(base, tasks, say, st, cfg_for)
             timings.append({"phase": f"phase{phase}", "seconds": time.time() - t0})
             result = {"phases": timings, "total_seconds": time.time() - t_start, "tasks": tasks,
                       "finished": datetime.now(timezone.utc).isoformat()}
             atomic_write_json(out / "study" / "timings.json", result)
-    if 3 in phases:
-        # Last, so the report sees every phase's timing (its own seconds are printed, not reported).
-        from loradrift.report import build_report
+        if 3 in phases:
+            # Last, so the report sees every phase's timing (its own seconds are printed, not reported).
+            from loradrift.report import build_report
 
-        t0 = time.time()
-        rep = build_report(out)
-        say(f"report: {rep['html']}" + (f" and {rep['pdf']}" if rep.get("pdf") else ""))
-        timings.append({"phase": "report", "seconds": time.time() - t0})
-        result["total_seconds"] = time.time() - t_start
+            t0 = time.time()
+            with progress.stage("report", total=1) as st:
+                st.start("HTML and PDF")
+                rep = build_report(out)
+                st.advance()
+            say(f"report: {rep['html']}" + (f" and {rep['pdf']}" if rep.get("pdf") else ""))
+            timings.append({"phase": "report", "seconds": time.time() - t0})
+            result["total_seconds"] = time.time() - t_start
     return result
 
 
@@ -334,10 +380,12 @@ def serve_is_current(cfg: RunConfig, tasks: list[str], backend: str) -> bool:
     return json.loads(f.read_text()) == json.loads(json.dumps(serve_fingerprint(cfg, tasks, backend)))
 
 
-def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, online: bool | None = None) -> dict:
+def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, online: bool | None = None,
+                progress: Callable[[int, int], None] | None = None) -> dict:
     """The serving benchmark over Phase 2's LoRA adapters of seed `serve.seed`: prompts from each
     task's dev data with the task's template, merged copies made on demand. The online benchmark
-    follows when the backend includes vllm and `online` (default `serve.online`) is on."""
+    follows when the backend includes vllm and `online` (default `serve.online`) is on.
+    `progress(rounds_done, rounds)`: the offline benchmark's timed rounds."""
     from loradrift.data import load_task
     from loradrift.models import resolve_model_dir
     from loradrift.serving import run_serve_bench, validate_adapters
@@ -346,6 +394,7 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
 
     sv = cfg.serve
     backend = serve_backend(backend or sv.backend)
+    set_threads(cfg.runtime.threads)  # the hf backend's torch threads
     adapters, merged, prompts = {}, {}, {}
     for task, adapter in _serve_adapters(cfg, tasks).items():
         if not (adapter / "adapter_config.json").exists():
@@ -373,7 +422,8 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
                           out_dir=out, max_lora_rank=sv.max_lora_rank, max_prompt_tokens=sv.max_prompt_tokens,
                           check_prompts=sv.check_prompts, check_tokens=sv.check_tokens,
                           engine_restarts=sv.engine_restarts, max_num_seqs=sv.max_num_seqs,
-                          include_base=sv.include_base, cpu_threads=sv.cpu_threads, log=console.log)
+                          include_base=sv.include_base, cpu_threads=sv.cpu_threads, log=console.log,
+                          progress=progress)
     if fingerprint["online"]:
         res["online"] = serve_online(cfg, base_dir, adapters, merged, prompts, res["meta"])
     # written last: it marks the benchmark finished (serve_is_current)

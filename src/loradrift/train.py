@@ -36,6 +36,7 @@ from loradrift.metrics import compute_metrics, squad_v2_evaluate
 from loradrift.models import (build_task_model, compute_dtype, hf_task_type, is_decoder, load_backbone, load_tokenizer,
                               model_key, public_base, resolve_model_dir)
 from loradrift.representations import base_path, encode_probe, extract, probe_key, read_snapshot_meta, save_snapshot, snapshot_path, write_index
+from loradrift.runtime import set_threads
 from loradrift.tasks import TaskSpec, get_task
 
 
@@ -124,6 +125,7 @@ class Context:
     # Wraps a training micro-batch's forward and backward: turns the compiled blocks on (a
     # no-op unless compile_scope is blocks).
     compiled: Callable[[], AbstractContextManager] = nullcontext
+    threads: int = 0  # torch's intra-op threads (runtime.threads, else the cores this process owns)
 
     @property
     def pad_id(self) -> int:
@@ -131,6 +133,9 @@ class Context:
 
 
 def setup(cfg: RunConfig, data: TaskData | None = None) -> Context:
+    # Every training process comes through here (runs, search trials, Ray tasks, sanity checks,
+    # memory profiles), and loading and tokenising use the threads too: set them first.
+    threads = set_threads(cfg.runtime.threads)
     spec = get_task(cfg.task)
     data = data or load_task(cfg, spec)
     model_dir = resolve_model_dir(cfg.model)
@@ -141,6 +146,7 @@ def setup(cfg: RunConfig, data: TaskData | None = None) -> Context:
     # in bf16 would be a rounded copy of the base model, and that rounding alone shows up as drift.
     model = build_task_model(model_dir, spec, cfg.model, head_seed=cfg.seed, dtype=torch.float32)
     ctx = Context(cfg, spec, data, model_dir, tokenizer, model, device, dtype)
+    ctx.threads = threads
     ctx.feats = SplitFeatures(lambda split: encode(spec, tokenizer, getattr(data, split), cfg))
     ctx.engine = eng = resolve_engine(cfg.train.engine, device, total_steps_for(cfg, len(ctx.feats["train"])))
     if eng.gradient_checkpointing:
@@ -875,6 +881,7 @@ def _train_locked(cfg: RunConfig, rd: Path, chash: str, store: ResultsStore, for
         "tokens_per_s": tokens / max(train_time, 1e-9), "padded_tokens": padded_tokens,
         "padded_tokens_per_s": padded_tokens / max(train_time, 1e-9), "peak_memory_mb": peak_memory_mb(ctx.device),
         "device": str(ctx.device), "dtype": str(ctx.dtype).replace("torch.", ""), "data_source": ctx.data.source,
+        "torch_threads": ctx.threads,
     }
     write_model_card(ctx, rd, result)
     tracker.summary({"val": result["val"], "dev": result["dev"] or {},

@@ -311,6 +311,7 @@ def run_serve_bench(
     engine_restarts: int | None = None,
     max_num_seqs: int | None = None,
     log: Callable[..., Any] = print,
+    progress: Callable[[int, int], None] | None = None,  # (timed rounds done, all of them): configs x rounds x backends
 ) -> dict:
     """Benchmark base, merged-<task> and adapters-<k> on each backend; write ``out_dir`` tables.
 
@@ -376,6 +377,7 @@ def run_serve_bench(
 
         torch.set_num_threads(int(cpu_threads))
     seqs = int(max_num_seqs or max(batch_sizes))
+    timed = 0
 
     rows: list[dict] = []
     check_out: dict[str, dict[str, Any]] = {}
@@ -394,6 +396,10 @@ def run_serve_bench(
         loaded: dict[str, Any] = {}
         try:
             for what, cname, n in plan:
+                if what == "round":
+                    if progress:
+                        progress(timed, rounds * len(configs) * len(backends))
+                    timed += 1
                 cfg = by_name[cname]
                 if what == "load":
                     log(f"[serve] {bname}: loading {cname} (start {n + 1}/{restarts})")

@@ -366,3 +366,21 @@ def test_summary_states_the_scope_of_each_verdict():
                           "not decided on": "the pre-registered H3 (needs vLLM)"}
     h["H3_backend"] = {"backend": "vllm", "device": "cuda", "pre_registered": True}
     assert {r["hypothesis"]: r for r in _verdict_scope(h)}["H3"]["decided on"] == "vllm backend on cuda"
+
+
+def test_figure_captions_over_runs_that_did_not_learn_say_so(tmp_path):
+    """Issue 26: figures over runs of a task that did not learn say so in their captions."""
+    import json as _json
+
+    from loradrift.report import Artefacts, _not_learned_caveat
+
+    (tmp_path / "stats").mkdir()
+    (tmp_path / "stats" / "hypotheses.json").write_text(_json.dumps(
+        {"learning_gate": {"not_learned": {"rte": "FT did not learn", "squad_v2": "LoRA did not learn"}}}))
+    art = Artefacts(tmp_path)
+    assert _not_learned_caveat(art, "final_by_layer_sst2") == ""
+    assert _not_learned_caveat(art, "final_by_layer_rte") == " (rte: did not learn, so no conclusion about LoRA)"
+    assert _not_learned_caveat(art, "over_training_squad_v2") == " (squad_v2: did not learn, so no conclusion about LoRA)"
+    assert "includes runs of rte, squad_v2" in _not_learned_caveat(art, "drift_vs_forgetting")
+    (tmp_path / "stats" / "hypotheses.json").write_text(_json.dumps({"learning_gate": {"not_learned": {}}}))
+    assert _not_learned_caveat(Artefacts(tmp_path), "drift_vs_forgetting") == ""

@@ -301,15 +301,31 @@ def caption(stem: str) -> str:
     return stem.replace("_", " ")
 
 
-def _figures(sec: Section, art: Artefacts, rel_dir: str, what: str, skip: str | None = None) -> None:
-    """Every PNG of `rel_dir` with its caption, but those whose name matches `skip` (shown elsewhere)."""
+def _figures(sec: Section, art: Artefacts, rel_dir: str, what: str, skip: str | None = None, gated: bool = False) -> None:
+    """Every PNG of `rel_dir` with its caption, but those whose name matches `skip` (shown elsewhere).
+    `gated`: the figures show runs, so a caption over a task that did not learn says so."""
     pngs = [p for p in art.pngs(rel_dir) if not (skip and re.fullmatch(skip, p.stem))]
     if not pngs:
         sec.note(f"No {'other ' if skip else ''}figures: {rel_dir}/ holds no {'other ' if skip else ''}PNG files.")
         return
     sec.h3(f"{what} ({rel_dir}/)")
     for p in pngs:
-        sec.figure(p.read_bytes(), caption(p.stem))
+        sec.figure(p.read_bytes(), caption(p.stem) + (_not_learned_caveat(art, p.stem) if gated else ""))
+
+
+def _not_learned_caveat(art: Artefacts, stem: str) -> str:
+    """A figure over runs of a task that either method did not learn shows the pipeline, not
+    evidence about LoRA (the learning gate of stats/hypotheses.json); its caption says so."""
+    hyp = art.json("stats/hypotheses.json")
+    not_learned = sorted(((hyp.get("learning_gate") or {}).get("not_learned") or {}) if isinstance(hyp, dict) else {},
+                         key=_task_order)
+    named = [t for t in TASKS if re.search(rf"(^|_){re.escape(t)}($|_)", stem)]
+    bad = [t for t in named if t in not_learned] if named else not_learned
+    if not bad:
+        return ""
+    if named:
+        return f" ({', '.join(bad)}: did not learn, so no conclusion about LoRA)"
+    return f" (includes runs of {', '.join(bad)}, which did not learn: no conclusion about LoRA from those)"
 
 
 def _primary(task: str) -> str | None:
@@ -385,7 +401,7 @@ def sec_summary(art: Artefacts) -> Section:
     if not figs:
         sec.not_run("Drift by layer", "drift/figures/final_by_layer_<task>.png", "is missing")
     for p in figs:
-        sec.figure(p.read_bytes(), caption(p.stem))
+        sec.figure(p.read_bytes(), caption(p.stem) + _not_learned_caveat(art, p.stem))
     return sec
 
 
@@ -803,7 +819,7 @@ def sec_drift(art: Artefacts) -> Section:
         if not items:
             sec.p("The comparison lists no tasks (no task had finished runs of both methods).")
     sec.p("The final drift by layer, LoRA vs full fine-tuning, is in the summary.")
-    _figures(sec, art, "drift/figures", "Drift figures", skip=DRIFT_BY_LAYER)
+    _figures(sec, art, "drift/figures", "Drift figures", skip=DRIFT_BY_LAYER, gated=True)
     return sec
 
 
@@ -831,7 +847,7 @@ def sec_weights(art: Artefacts) -> Section:
                                             "mean_effective_rank", "total_intruders"]), caption="Per run")
         if not summ:
             sec.p("The weight summary lists no runs.")
-    _figures(sec, art, "weights/figures", "Weight figures")
+    _figures(sec, art, "weights/figures", "Weight figures", gated=True)
     return sec
 
 
@@ -864,7 +880,7 @@ def sec_forgetting(art: Artefacts) -> Section:
               labels={"rho": "Spearman rho", "p_value": "permutation p", "min_p": "smallest attainable p"},
               caption="Does the representation that moved more forget more? Final drift (H2's aggregate) vs Δloss, across runs")
     sec.bullets(f.get("notes") or [])
-    _figures(sec, art, "forgetting/figures", "Forgetting figures")
+    _figures(sec, art, "forgetting/figures", "Forgetting figures", gated=True)
     return sec
 
 
@@ -900,7 +916,7 @@ def sec_rank_ablation(art: Artefacts) -> Section:
             sec.bullets([*(r.get("notes") or []),
                          *([f"LoRA ranks {', '.join(r['phase2_reused'])} are the Phase 2 runs (the best config's rank)"]
                            if r.get("phase2_reused") else [])])
-        _figures(sec, art, f"{rel}/figures", "Rank ablation figures")
+        _figures(sec, art, f"{rel}/figures", "Rank ablation figures", gated=True)
     return sec
 
 

@@ -103,19 +103,20 @@ def bench_threads(threads: int, args) -> list[dict]:
             ctx.model.train()
             for s in range(args.warmup):
                 train_step(ctx, order, s, opt, sched)
+            steps = sorted({round((i + 0.5) * run_steps / args.steps) for i in range(args.steps)})
             tokens = padded = 0
             c0, t0 = time.process_time(), time.perf_counter()
-            for s in sorted({round((i + 0.5) * run_steps / args.steps) for i in range(args.steps)}):
+            for s in steps:
                 st = train_step(ctx, order, s, opt, sched)
                 tokens, padded = tokens + st.tokens, padded + st.padded_tokens
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-            length = padded / (args.steps * batch)
-            rate = model_gflops(mc, round(padded / args.steps))
+            length = padded / (len(steps) * batch)
+            rate = model_gflops(mc, round(padded / len(steps)))
             per_token = flops_per_step(n_lin, layers, hidden, round(length), 1, method)
             bound = rate * 1e9 / per_token
             rows.append({"threads": threads, "what": "train step", "method": method, "batch_size": batch, "padded_len": length,
                          "gflops": rate, "bound_tokens_per_s": bound, "padded_tokens_per_s": padded / dt, "tokens_per_s": tokens / dt,
-                         "fraction": padded / dt / bound, "step_time_s": dt / args.steps, "achieved_gflops": per_token * padded / dt / 1e9,
+                         "fraction": padded / dt / bound, "step_time_s": dt / len(steps), "achieved_gflops": per_token * padded / dt / 1e9,
                          "cpu_s": cpu, "wall_s": dt, "cpu_per_wall": cpu / dt, "padded_tokens": padded, "load": f"{before}→{load()}"})
             print_table(rows[-1:], COLUMNS)
         before = load()
@@ -124,7 +125,7 @@ def bench_threads(threads: int, args) -> list[dict]:
         evaluate(ctx, "dev")
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         n_tok = sum(len(f["input_ids"]) for f in feats)  # evaluation batches are length-sorted: little padding
-        m = round(n_tok / max(1, len(feats)) * cfg.train.eval_batch_size)
+        m = round(n_tok / len(feats) * cfg.train.eval_batch_size)
         rate = model_gflops(mc, m)
         per_token = 2 * n_lin + 4 * layers * hidden * round(n_tok / len(feats))
         bound = rate * 1e9 / per_token

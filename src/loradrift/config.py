@@ -490,7 +490,7 @@ def _read_yaml(path: Path | str, what: str) -> dict:
 
 def default_preset() -> tuple[str, str]:
     """The preset used where none is named, and why: `smollm2-gpu` where CUDA is available (the
-    CPU preset's 8-step runs would waste a GPU), `smollm2` elsewhere. Every command resolves the
+    CPU preset's runs, sized for 45 minutes on 2 cores, would waste a GPU), `smollm2` elsewhere. Every command resolves the
     same way on a machine, so `report` after `study` finds the same output folder."""
     import torch
 

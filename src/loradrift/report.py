@@ -313,12 +313,25 @@ def _figures(sec: Section, art: Artefacts, rel_dir: str, what: str, skip: str | 
         sec.figure(p.read_bytes(), caption(p.stem) + (_not_learned_caveat(art, p.stem) if gated else ""))
 
 
+def _not_learned(art: Artefacts) -> list[str]:
+    """The tasks the learning gate of stats/hypotheses.json found not learned, in task order."""
+    hyp = art.json("stats/hypotheses.json")
+    gate = (hyp.get("learning_gate") or {}) if isinstance(hyp, dict) else {}
+    return sorted(gate.get("not_learned") or {}, key=_task_order)
+
+
+def _steps_by_task(runs: list[dict]) -> dict[str, str]:
+    """{task: the optimizer steps of its final runs, '80' or '4/8' where runs differ}."""
+    steps: dict[str, set] = {}
+    for r in runs:
+        steps.setdefault(r["task"], set()).add((r["metrics"] or {}).get("steps"))
+    return {t: "/".join(fmt(v) for v in sorted(x for x in v if x is not None)) or "?" for t, v in steps.items()}
+
+
 def _not_learned_caveat(art: Artefacts, stem: str) -> str:
     """A figure over runs of a task that either method did not learn shows the pipeline, not
     evidence about LoRA (the learning gate of stats/hypotheses.json); its caption says so."""
-    hyp = art.json("stats/hypotheses.json")
-    not_learned = sorted(((hyp.get("learning_gate") or {}).get("not_learned") or {}) if isinstance(hyp, dict) else {},
-                         key=_task_order)
+    not_learned = _not_learned(art)
     named = [t for t in TASKS if re.search(rf"(^|_){re.escape(t)}($|_)", stem)]
     bad = [t for t in named if t in not_learned] if named else not_learned
     if not bad:
@@ -451,14 +464,11 @@ def _model_scale(art: Artefacts) -> str:
     dev = man.get("device") or {}
     where = dev.get("gpu") or ("CUDA GPU" if dev.get("cuda") else "CPU")
     data = {r["task"]: r["metrics"] for r in _latest(art.rows("data") or [], lambda r: (r["model"], r["task"]))[0]}
-    steps: dict[str, set] = {}
-    for r in art.rows("run") or []:
-        steps.setdefault(r["task"], set()).add((r["metrics"] or {}).get("steps"))
+    steps = _steps_by_task(art.rows("run") or [])
     parts = []
     for t in sorted(set(data) | set(steps), key=_task_order):
-        st = "/".join(fmt(v) for v in sorted(x for x in steps.get(t, ()) if x is not None)) or "?"
         d = data.get(t) or {}
-        parts.append(f"{t} {st} steps on {fmt(d.get('train_used'))} train examples, dev {fmt(d.get('dev_used'))} of "
+        parts.append(f"{t} {steps.get(t, '?')} steps on {fmt(d.get('train_used'))} train examples, dev {fmt(d.get('dev_used'))} of "
                      f"{fmt(d.get('dev_rows'))}")
     return (f"Model {model}" + (f" ({fmt(int(n))} parameters)" if n else "") + f", preset {man.get('preset', '?')}, "
             f"trained on {where}; per final run: " + ("; ".join(parts) or "no runs") + ".")
@@ -1175,14 +1185,11 @@ def sec_limitations(art: Artefacts) -> Section:
         facts.append('Seeds: unknown (results.sqlite is missing or has no kind="run" rows).')
     by_task = man.get("configs_by_task") or {}
     if runs and by_task:
-        steps = {}
-        for r in runs:
-            steps.setdefault(r["task"], set()).add((r["metrics"] or {}).get("steps"))
-        parts = [f"{t} {'/'.join(fmt(v) for v in sorted(x for x in steps.get(t, ()) if x is not None)) or '?'} steps, "
+        steps = _steps_by_task(runs)
+        parts = [f"{t} {steps.get(t, '?')} steps, "
                  f"{fmt(((by_task[t].get('model') or {}).get('max_length')))} tokens"
                  for t in sorted(by_task, key=_task_order)]
-        not_learned = sorted((((art.json("stats/hypotheses.json") or {}).get("learning_gate") or {}).get("not_learned") or {}),
-                             key=_task_order)
+        not_learned = _not_learned(art)
         facts.append("Short training on short inputs (optimizer steps per final run; inputs or SQuAD windows cut to "
                      "this many tokens): " + "; ".join(parts) + "."
                      + (f" {', '.join(not_learned)}: at least one method did not learn the task at this scale, so "

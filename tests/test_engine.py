@@ -127,6 +127,8 @@ def test_engine_switches_do_not_change_what_is_computed(tiny_cfg, switch, method
         assert ctx.engine.pad_to_multiple_of == 48
 
 
+# Inductor compiles C++ on the CPU: minutes per case on 2 cores (one took over 4), so these run with -m slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("scope,extra", [("model", []), ("blocks", []), ("blocks", ["train.engine.gradient_checkpointing=true"])])
 def test_compiled_step_matches_eager_on_cpu(tiny_cfg, scope, extra):
     base = ["method.lora.dropout=0", *extra]
@@ -137,6 +139,7 @@ def test_compiled_step_matches_eager_on_cpu(tiny_cfg, scope, extra):
     np.testing.assert_allclose(compiled, eager, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_serve_training_only(tiny_cfg):
     from torch._dynamo.utils import counters
 

@@ -69,10 +69,47 @@ def test_tiny_study_end_to_end(tmp_path):
     # Off a terminal every phase prints "k/N, ETA" lines (loradrift.progress), down to its last item.
     for stage in ("phase 0: checks and baselines", "phase 1: search", "phase 2: final runs", "phase 3: analyses", "report"):
         assert re.search(rf"^\[\d\d:\d\d:\d\d\] {stage}: (\d+)/\1, elapsed \d:\d\d:\d\d, ETA", r.stderr, re.M), stage
+    _check_outcome_is_golden(out)
     if extra:
         _check_trackers(out, hyp)
     _check_bundle_rebuilds_the_report(out)  # before the next check reruns the serving benchmark
     _check_serving_reused_only_when_current(out)
+
+
+GOLDEN = Path(__file__).parent / "golden" / "tiny_study.json"
+
+
+def study_outcome(out: Path) -> dict:
+    """What a refactor must not change: every run's validation and dev scores, the learning gate, and
+    H1/H2's decisions and H1's estimates (drift and serving estimates are left out: the tiny model's
+    drift sits at float-noise level and serving is timed, so neither reproduces across machines)."""
+    runs = {}
+    for f in sorted(out.glob("runs/*/*/*/seed*/result.json")):
+        r = json.loads(f.read_text())
+        runs[f"{r['task']}/{r['method']}/seed{r['seed']}"] = {"val": r["val"][r["primary_metric"]],
+                                                               "dev": r["dev"][r["primary_metric"]]}
+    hyp = json.loads((out / "stats" / "hypotheses.json").read_text())
+    rows = {f"{h}/{r['scope']}": {"decision": r["decision"], **({"estimate": r["estimate"], "ci": [r["ci_low"], r["ci_high"]]}
+                                                                if h == "H1" else {})}
+            for h in ("H1", "H2") for r in hyp[h]}
+    verdict = {k: hyp["verdict"]["decisions"][k] for k in ("H1", "H2", "overall")}
+    return {"runs": runs, "not_learned": hyp["learning_gate"]["not_learned"], "tests": rows, "verdict": verdict}
+
+
+def _check_outcome_is_golden(out: Path) -> None:
+    """The tiny study's outcome, captured before the trainer/report split (issue 27) at commit
+    fbd0aba: `python tests/test_study.py OUT` prints it for a study folder."""
+    golden = json.loads(GOLDEN.read_text())
+    got = study_outcome(out)
+    assert got["verdict"] == golden["verdict"] and got["not_learned"] == golden["not_learned"]
+    assert got["runs"].keys() == golden["runs"].keys()
+    for key, want in golden["runs"].items():
+        assert got["runs"][key] == pytest.approx(want, abs=1e-6), key
+    for key, want in golden["tests"].items():
+        assert got["tests"][key]["decision"] == want["decision"], key
+        if "estimate" in want:
+            assert got["tests"][key]["estimate"] == pytest.approx(want["estimate"], abs=1e-6), key
+            assert got["tests"][key]["ci"] == pytest.approx(want["ci"], abs=1e-6), key
 
 
 def same_report(a: str, b: str) -> bool:
@@ -305,3 +342,7 @@ def test_study_passes_its_serving_settings(tmp_path, monkeypatch):
         study.serve_online(cfg, resolve_model_dir(cfg.model), {"sst2": tmp_path / "a"}, {"sst2": tmp_path / "m"},
                            {"sst2": ["a short prompt"]}, meta)
     assert seen["online_settings"]["max_num_seqs"] == 8 != cfg.serve.online_requests
+
+
+if __name__ == "__main__":
+    print(json.dumps(study_outcome(Path(sys.argv[1])), indent=1))

@@ -79,3 +79,38 @@ def test_the_package_errors_include_serve_error():
     from loradrift.serving import ServeError
 
     assert ServeError in _loradrift_errors()
+
+
+def test_sigterm_unwinds_the_command_and_a_rerun_resumes(tmp_path):
+    """SIGTERM runs every `finally` on the way out (issue 28 item 14: the vLLM engines' processes
+    outlived a terminated serve-bench): exit 143, one line and no traceback, and the checkpoint a
+    rerun resumes from intact."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    cmd = [sys.executable, "-m", "loradrift", "train", "--preset", "tiny", "--task", "sst2", "--method", "lora",
+           "--out", str(tmp_path), "train.max_steps=400", "train.checkpoint_every=5", "train.eval_every=1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, step = time.time() + 180, 0
+    while time.time() < deadline and proc.poll() is None:
+        last = list(tmp_path.glob("runs/*/sst2/lora/seed42/checkpoints/last.pt"))
+        try:
+            step = torch.load(last[0], weights_only=True)["step"] if last else 0
+        except (RuntimeError, EOFError, OSError):  # caught mid-rename
+            step = 0
+        if step >= 5:
+            break
+        time.sleep(0.1)
+    assert step >= 5 and proc.poll() is None, "the run ended before it could be terminated"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "interrupted; finished work is kept" in err and "Traceback" not in err
+    # the checkpoint a rerun resumes from is whole (a run killed mid-write would leave the previous one)
+    last = next(tmp_path.glob("runs/*/sst2/lora/seed42/checkpoints/last.pt"))
+    assert torch.load(last, weights_only=True)["step"] >= 5
+    assert not list(tmp_path.glob("runs/*/sst2/lora/seed42/result.json"))

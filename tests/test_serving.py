@@ -650,3 +650,45 @@ def test_progress_counts_the_timed_rounds(tiny, tmp_path):
                             include_base=False, check_prompts=2, check_tokens=2, log=lambda *_: None,
                             progress=lambda done, n: calls.append((done, n)))
     assert calls == [(k, 6) for k in range(6)]  # merged-sst2 and adapters-1, three rounds each
+
+
+def test_loaded_configurations_share_equal_weights_and_answer_the_same(tiny):
+    """Issue 28 item 14: the hf backend's configurations stay loaded together, so tensors equal
+    across them are held once; what each configuration generates does not change."""
+    merged = {t: tiny["merged"]["sst2"] for t in TASKS}
+    cfgs = {c.name: c for c in serving.plan_configs(tiny["base"], tiny["adapters"], merged)}
+    serving.backends._LOADED.clear()  # models of earlier tests may still be alive
+    loaded = {}
+    for name in ("base", "merged-sst2", "adapters-2"):
+        be = serving.HFBackend(tiny["base"], "cpu", "float32", 64, 8)
+        be.load(cfgs[name])
+        loaded[name] = be
+    assert loaded["base"].settings["weights_shared_mb"] == 0
+    base_params = dict(loaded["base"].model.named_parameters())
+    merged_params = dict(loaded["merged-sst2"].model.named_parameters())
+    # LoRA targeted every projection, so the merged model shares exactly the rest: embeddings,
+    # norms and the LM head
+    shared = {n for n, p in merged_params.items() if p.data_ptr() == base_params[n].data_ptr()}
+    assert shared == {n for n in merged_params if not any(t in n for t in TARGETS)} and shared
+    assert loaded["merged-sst2"].settings["weights_shared_mb"] > 0
+    # under the adapters, every base weight is the base configuration's own
+    peft_base = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+                 for n, p in loaded["adapters-2"].model.named_parameters() if "lora_" not in n}
+    assert all(p.data_ptr() == base_params[n].data_ptr() for n, p in peft_base.items())
+    ids = serving.encode_prompts(loaded["base"].tokenizer, tiny["prompts"]["sst2"][:3], 32)
+    got = {n: be.generate(ids, ["sst2", "squad_v2", "sst2"] if n == "adapters-2" else None, 6).tokens
+           for n, be in loaded.items()}
+    for be in loaded.values():
+        be.close()
+    for name in loaded:  # each alone, nothing to share with
+        serving.backends._LOADED.clear()
+        be = serving.HFBackend(tiny["base"], "cpu", "float32", 64, 8)
+        be.load(cfgs[name])
+        assert be.generate(ids, ["sst2", "squad_v2", "sst2"] if name == "adapters-2" else None, 6).tokens == got[name]
+        be.close()
+
+
+def test_too_few_check_prompts_for_the_adapters_is_an_error_before_any_timing(tiny, tmp_path):
+    # two check prompts, round-robin over four adapters, would check two of them and crash on the rest
+    with pytest.raises(ServeError, match=r"check_prompts=2 gives 2 correctness prompt\(s\) for 4 adapters"):
+        _bench(tiny, tmp_path, tiny["adapters"], check_prompts=2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -547,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         ap.print_help()
         return 0
+    previous = _stop_on_sigterm()
     try:
         return args.func(args, Configs(args))
     except (ConfigError, DataError, ModelError, ValueError, FileNotFoundError, RuntimeError) as e:
@@ -556,9 +558,30 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"loradrift {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that every `finally` runs on the way out: locks are
+    released, and the vLLM engines' own processes, which a default SIGTERM death would leave
+    running (issue 28 item 14), are shut down by their backend's close()."""
+
+
+def _stop_on_sigterm():
+    """Turn SIGTERM into `Terminated` for the duration of a command; returns the handler it replaced
+    (None off the main thread, where Python allows no signal handler)."""
+    def stop(signum, frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:
+        return None
 
 
 def _quiet_libraries() -> None:

@@ -9,6 +9,7 @@ import os
 import platform
 import resource
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -157,6 +158,44 @@ def engine_cli_args(settings: dict[str, Any]) -> list[str]:
     return args
 
 
+# ---------------------------------------------------------------------------
+# Weights the hf backend's loaded configurations share
+# ---------------------------------------------------------------------------
+
+# The hf backend keeps every configuration loaded at once (its rounds interleave them), and each is
+# a whole model: base, a merged model per task, and a base under each adapters-<k>. Most of their
+# tensors are equal (embeddings, norms, every projection LoRA did not target, and every base weight
+# under the adapters), so a tensor equal to one already loaded, under the same name, points at that
+# one's storage instead of holding a copy (issue 28: SmolLM2's serving RSS rose from 4.3 to ~10 GB).
+# The models only run inference, so nothing writes through a shared tensor. Weak references: a
+# closed configuration's tensors go when no loaded model holds them.
+_LOADED: dict[str, list[weakref.ref]] = {}
+
+
+def share_equal_weights(model: Any) -> int:
+    """Point each parameter and buffer of `model` at an equal, already loaded tensor of the same
+    name (shape, dtype, device and values equal); returns the bytes no longer held twice."""
+    import torch
+
+    saved = 0
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, t in tensors:
+        refs = _LOADED.setdefault(name, [])
+        refs[:] = [r for r in refs if r() is not None]
+        for r in refs:
+            other = r()
+            if other is t:
+                break
+            if (other.shape == t.shape and other.dtype == t.dtype and other.device == t.device
+                    and other.data_ptr() != t.data_ptr() and torch.equal(other.data, t.data)):
+                t.data = other.data
+                saved += t.numel() * t.element_size()
+                break
+        else:
+            refs.append(weakref.ref(t))
+    return saved
+
+
 class HFBackend:
     """transformers + PEFT, static batches with left padding."""
 
@@ -179,6 +218,7 @@ class HFBackend:
         self.model = None
         self.config: ServeConfig | None = None
         self.settings: dict[str, Any] = {}
+        self.shared_bytes = 0
 
     def _load_causal_lm(self, path: Path):
         from transformers import AutoModelForCausalLM
@@ -191,7 +231,9 @@ class HFBackend:
         m.generation_config.pad_token_id = self.pad_id
         for k in ("temperature", "top_p", "top_k"):
             setattr(m.generation_config, k, None)
-        return m.to(self.device).eval()
+        m = m.to(self.device).eval()
+        self.shared_bytes += share_equal_weights(m)
+        return m
 
     def load(self, config: ServeConfig) -> None:
         if self.device.startswith("cuda"):
@@ -202,17 +244,19 @@ class HFBackend:
             else "PEFT, unmerged: mixed-batch forward (adapter_names)")
         self.settings = {"dtype": self.dtype_name, "device": self.device, "batching": "static batches, left padding",
                          "torch_threads": self.torch.get_num_threads(), "lora": lora}
+        self.shared_bytes = 0
         if config.kind != "adapters":
             self.model = self._load_causal_lm(config.model_dir)
-            return
-        from peft import PeftModel
+        else:
+            from peft import PeftModel
 
-        base = self._load_causal_lm(self.base_dir)
-        first, *rest = config.tasks
-        model = PeftModel.from_pretrained(base, str(config.adapter_dirs[first]), adapter_name=first)
-        for t in rest:
-            model.load_adapter(str(config.adapter_dirs[t]), adapter_name=t)
-        self.model = model.to(self.device).eval()
+            base = self._load_causal_lm(self.base_dir)
+            first, *rest = config.tasks
+            model = PeftModel.from_pretrained(base, str(config.adapter_dirs[first]), adapter_name=first)
+            for t in rest:
+                model.load_adapter(str(config.adapter_dirs[t]), adapter_name=t)
+            self.model = model.to(self.device).eval()
+        self.settings["weights_shared_mb"] = round(self.shared_bytes / 2**20, 1)
 
     def generate(self, batch: Sequence[Sequence[int]], adapter_names: Sequence[str] | None, max_tokens: int,
                  logprobs: bool = False) -> GenOut:

@@ -33,6 +33,7 @@ from .adapters import (
 )
 from .backends import (
     _INTERLEAVED,
+    _LOADED,
     BACKENDS,
     BASE_ROW,
     GenOut,
@@ -364,6 +365,9 @@ def run_serve_bench(
     check_ids = pool[:check_prompts]
     need = check_rows(configs, len(check_ids))
     widest = max((c for c in configs if c.kind == "adapters"), key=lambda c: len(c.tasks))
+    if len(check_ids) < len(widest.tasks):  # round-robin would leave an adapter without a checked row
+        raise ServeError(f"check_prompts={check_prompts} gives {len(check_ids)} correctness prompt(s) for "
+                         f"{len(widest.tasks)} adapters: each adapter needs at least one; raise check_prompts")
     base_cfg = json.loads((base_dir / "config.json").read_text())
     max_model_len = max(len(p) for p in pool) + max(max_tokens, check_tokens)
     if base_cfg.get("max_position_embeddings") and max_model_len > base_cfg["max_position_embeddings"]:
@@ -421,6 +425,7 @@ def run_serve_bench(
         finally:
             for be in loaded.values():
                 be.close()
+            _LOADED.clear()  # a later benchmark in this process shares nothing with this one's models
 
     correctness = correctness_report(check_out, configs, resolved_dtype)
     findings = corr.findings(correctness)

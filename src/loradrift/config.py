@@ -21,6 +21,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from loradrift.methods import LORA, METHOD_NAMES, METHODS, MethodName
+from loradrift.tasks import TASKS
+
 CPU_PRESET, GPU_PRESET = "smollm2", "smollm2-gpu"
 ALL_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -90,7 +93,7 @@ class LoraSettings(_Strict):
 
 
 class MethodConfig(_Strict):
-    name: Literal["full", "lora"] = "lora"
+    name: MethodName = LORA
     lora: LoraSettings = LoraSettings()
 
 
@@ -146,7 +149,7 @@ class TrainConfig(_Strict):
     engine: EngineConfig = EngineConfig()
 
     def lr_for(self, method: str) -> float:
-        return self.lr if self.lr is not None else {"full": 2e-5, "lora": 2e-4}[method]
+        return self.lr if self.lr is not None else METHODS[method].default_lr
 
 
 class ProbeConfig(_Strict):
@@ -259,8 +262,8 @@ class SearchConfig(_Strict):
     trial_max_steps: int | None = Field(None, gt=0, description="optimizer steps of one trial (null = train.max_steps); "
                                         "shorter trials buy more trials in a fixed budget; not written to the best config")
     pruner: PrunerConfig = PrunerConfig()
-    spaces: dict[Literal["full", "lora"], list[ParamSpec]] = Field(default_factory=_default_spaces)
-    fixed: dict[Literal["full", "lora"], dict[str, Any]] = Field(
+    spaces: dict[MethodName, list[ParamSpec]] = Field(default_factory=_default_spaces)
+    fixed: dict[MethodName, dict[str, Any]] = Field(
         default_factory=lambda: {"lora": {"method.lora.r": 8}},
         description="dotted overrides every trial of a method gets (the hypotheses are about rank 8)",
     )
@@ -283,7 +286,7 @@ class SearchConfig(_Strict):
         space = list(self.spaces.get(method, []))
         fixed = dict(self.fixed.get(method, {}))
         if tune_rank:
-            if method != "lora":
+            if method not in METHODS or not METHODS[method].adapter:
                 raise ConfigError("--tune-rank: only LoRA has a rank to search")
             space = [p for p in space if p.name != self.rank.name] + [self.rank]
             fixed.pop(self.rank.name, None)
@@ -348,8 +351,8 @@ class StatsConfig(_Strict):
 
 class StudyConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [42, 1337, 2024], description="Phase 2 seeds")
-    tasks: list[str] = Field(default_factory=lambda: ["mrpc", "sst2", "rte", "squad_v2"])
-    methods: list[Literal["full", "lora"]] = Field(default_factory=lambda: ["full", "lora"])
+    tasks: list[str] = Field(default_factory=lambda: list(TASKS))
+    methods: list[MethodName] = Field(default_factory=lambda: list(METHOD_NAMES))
     search: bool = Field(True, description="run Phase 1; off = Phase 2 uses the config as it is")
     serve: bool = Field(True, description="run the serving benchmark in Phase 3")
 

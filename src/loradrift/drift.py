@@ -80,6 +80,7 @@ import torch
 from safetensors import safe_open
 
 from loradrift.io import atomic_path, atomic_write_json, json_safe, write_csv
+from loradrift.methods import FULL, LORA
 from loradrift.representations import floor_path
 from loradrift.similarity import BaseSide, cka_against_base, cosine_layers, debiased_cka, linear_cka, rbf_cka
 
@@ -98,7 +99,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FULL, LORA = "full", "lora"
 METRICS = ("linear", "debiased", "rbf")
 
 LAYER_COLUMNS = [

@@ -55,6 +55,7 @@ import torch
 
 from loradrift.config import RunConfig
 from loradrift.io import atomic_path, atomic_write_json, json_safe, write_csv
+from loradrift.methods import METHOD_NAMES, METHODS
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,9 @@ RUN_COLUMNS = ["task", "method", "seed", "loss", "base_loss", "delta_loss", "n_t
 def general_text(cfg: RunConfig) -> tuple[list[str], dict]:
     """(paragraphs, provenance): the seeded sample of held-out Wikipedia paragraphs."""
     from loradrift.data import _read_hub, read_squad_json, resolve_data_dir, verify_checksum
-    from loradrift.tasks import get_task
+    from loradrift.tasks import heldout_text_task
 
-    spec = get_task("squad_v2")
+    spec = heldout_text_task()
     data_dir = resolve_data_dir(cfg)
     if data_dir is not None:
         for rel in (spec.dev_file, spec.train_file):
@@ -350,7 +351,7 @@ def _drift_by_run(out: Path) -> dict[tuple[str, str, int], float]:
     comp = json.loads(path.read_text()) if path.is_file() else {}
     found = {}
     for task, c in comp.items():
-        for method in ("full", "lora"):
+        for method in METHOD_NAMES:
             for seed, d in (c.get(f"drift_{method}_by_seed") or {}).items():
                 found[(task, method, int(seed))] = float(d)
     return found
@@ -435,7 +436,7 @@ def _plot(rows: list[dict], groups: list[dict], path: Path) -> None:
 
     fig = Figure(figsize=(11, 4), layout="constrained")
     ax_bar, ax_sc = fig.subplots(1, 2)
-    colors = {"full": "#4C72B0", "lora": "#DD8452"}
+    colors = {m.name: m.color for m in METHODS.values()}
     for i, g in enumerate(groups):
         err = None if g["ci_low"] is None else [[g["mean"] - g["ci_low"]], [g["ci_high"] - g["mean"]]]
         ax_bar.bar(i, g["mean"], yerr=err, capsize=4, color=colors.get(g["method"], "#8c8c8c"))

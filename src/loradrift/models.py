@@ -349,8 +349,12 @@ class SpanAnswerabilityHead(nn.Module):
         return out
 
 
-HEADS = {"classification": lambda hidden, spec, decoder: ClassificationHead(hidden, spec.num_labels, bias=not decoder),
-         "extractive_qa": lambda hidden, spec, decoder: SpanAnswerabilityHead(hidden)}
+def classification_head(hidden: int, spec, decoder: bool) -> nn.Module:
+    return ClassificationHead(hidden, spec.num_labels, bias=not decoder)
+
+
+def span_head(hidden: int, spec, decoder: bool) -> nn.Module:
+    return SpanAnswerabilityHead(hidden)
 
 
 def hf_task_type(spec, decoder: bool, pooling: str) -> str | None:
@@ -358,7 +362,7 @@ def hf_task_type(spec, decoder: bool, pooling: str) -> str | None:
     or None where none does: only a decoder's classification head with last-token pooling
     (SEQ_CLS, `score`). SQuAD v2's span head has no HF twin for its answerability logit, and an
     encoder's HF classifier sits on a pooler layer this head does not use."""
-    return "SEQ_CLS" if spec.kind == "classification" and decoder and pooling == "last" else None
+    return spec.task_kind.peft_task_type if decoder and pooling == "last" else None
 
 
 class TaskModel(nn.Module):
@@ -403,6 +407,6 @@ def build_task_model(model_dir: Path, spec, mcfg: ModelConfig, head_seed: int, d
     # The head's init depends only on the seed, so full FT and LoRA with one seed start identical.
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(head_seed)
-    head = HEADS[spec.kind](backbone.config.hidden_size, spec, decoder)
+    head = spec.handler("head")(backbone.config.hidden_size, spec, decoder)
     torch.random.set_rng_state(gen_state)
     return TaskModel(backbone, head, resolve_pooling(mcfg, decoder))

@@ -27,12 +27,18 @@ from loradrift.models import pool
 
 def encode_probe(spec, tokenizer, rows: list[dict], max_length: int) -> list[dict]:
     """One sequence per probe example (SQuAD: question + the first window of its context)."""
-    if spec.kind == "extractive_qa":
-        enc = tokenizer([r["question"].lstrip() for r in rows], [r["context"] for r in rows],
-                        truncation="only_second", max_length=max_length)
-    else:
-        b = [r["text_b"] for r in rows] if rows[0]["text_b"] is not None else None
-        enc = tokenizer([r["text_a"] for r in rows], b, truncation=True, max_length=max_length)
+    return spec.handler("probe_encode")(tokenizer, rows, max_length)
+
+
+def probe_text_features(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+    b = [r["text_b"] for r in rows] if rows[0]["text_b"] is not None else None
+    enc = tokenizer([r["text_a"] for r in rows], b, truncation=True, max_length=max_length)
+    return [{"input_ids": ids, "label": 0} for ids in enc["input_ids"]]
+
+
+def probe_squad_features(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+    enc = tokenizer([r["question"].lstrip() for r in rows], [r["context"] for r in rows],
+                    truncation="only_second", max_length=max_length)
     return [{"input_ids": ids, "label": 0} for ids in enc["input_ids"]]
 
 

@@ -32,6 +32,7 @@ from rich.console import Console
 from loradrift import tracking
 from loradrift.config import RunConfig
 from loradrift.io import ResultsStore, atomic_write_json, make_dir, serve_adapter_dir
+from loradrift.methods import LORA
 from loradrift.models import model_key
 from loradrift.progress import Reporter, Stage
 from loradrift.runtime import set_threads
@@ -350,7 +351,7 @@ def _serve_adapters(cfg: RunConfig, tasks: list[str]) -> dict[str, Path]:
     out = {}
     for task in tasks:
         rcfg = cfg.model_copy(update={"task": task, "seed": cfg.serve.seed})
-        rcfg.method.name = "lora"
+        rcfg.method.name = LORA
         out[task] = serve_adapter_dir(run_dir_for(rcfg))
     return out
 

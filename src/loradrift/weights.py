@@ -57,6 +57,7 @@ from safetensors import safe_open
 from threadpoolctl import threadpool_limits
 
 from loradrift.io import atomic_path, atomic_write_json, serve_adapter_dir, write_csv
+from loradrift.methods import FULL, LORA
 
 __all__ = [
     "PROJECTIONS",
@@ -78,7 +79,6 @@ _BLOCK_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.[A-Za-z0-9_]+\.(" + "|".join(PR
 # PEFT keys; older PEFT versions kept the adapter name ("lora_A.default.weight")
 _LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 _SEED_DIR = re.compile(r"^seed(\d+)$")
-FULL, LORA = "full", "lora"
 
 
 # --------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from loradrift import layout
 from loradrift.config import RankAblationConfig, RunConfig
 from loradrift.io import atomic_path, atomic_write_json, json_safe, write_csv
 from loradrift.methods import FULL, LORA, METHODS
@@ -56,7 +57,7 @@ def variant(acfg: RankAblationConfig) -> str:
 
 
 def ablation_dir(out: Path, acfg: RankAblationConfig) -> Path:
-    return Path(out) / "ablation" / "rank" / variant(acfg)
+    return layout.path(out, "ablation", variant=variant(acfg))
 
 
 def scaled_alpha(alpha_best: float, r_best: int, r: int, rule: str) -> int | float:
@@ -74,9 +75,8 @@ def lora_scale_of(alpha: float, r: int, rslora: bool) -> float:
 
 
 def _best_files(cfg_for: Callable[..., RunConfig], task: str, method: str) -> list[Path]:
-    from loradrift.study import best_config_path
-
-    best = best_config_path(cfg_for(task, method), task, method)
+    cfg = cfg_for(task, method)
+    best = layout.best_config_for(cfg.out_dir, layout.model_key(cfg.model), task, method)
     return [best] if best.exists() else []
 
 
@@ -92,7 +92,7 @@ def rank_config(cfg_for: Callable[..., RunConfig], task: str, rank: int, seed: i
                                                      f"method.lora.use_rslora={str(acfg.rslora).lower()}"])
     if cfg.science_hash() == ref.science_hash():
         return ref, True
-    return cfg.model_copy(update={"out_dir": ablation_dir(ref.out_dir, acfg) / f"r{rank}"}), False
+    return cfg.model_copy(update={"out_dir": layout.path(ref.out_dir, "ablation_rank", variant=variant(acfg), rank=rank)}), False
 
 
 def train_grid(cfg_for: Callable[..., RunConfig], task: str, acfg: RankAblationConfig, seeds: Sequence[int],
@@ -100,7 +100,7 @@ def train_grid(cfg_for: Callable[..., RunConfig], task: str, acfg: RankAblationC
     """Train (or find finished) every run of one task's ablation, full FT reference first, then
     rank by rank; returns [{label, rank, seed, cfg, result}]. ``progress(runs_done, runs)`` before
     each run."""
-    from loradrift.train import run_dir_for, train_run
+    from loradrift.train import train_run
 
     full_files = _best_files(cfg_for, task, FULL)
     todo: list[tuple[str, int | None, RunConfig]] = [(FULL, None, cfg_for(task, FULL, s, full_files)) for s in seeds]
@@ -111,7 +111,7 @@ def train_grid(cfg_for: Callable[..., RunConfig], task: str, acfg: RankAblationC
     for label, rank, cfg in todo:
         if progress:
             progress(len(runs), len(todo))
-        finished = (run_dir_for(cfg) / "result.json").exists()
+        finished = layout.run_path(layout.run_dir_for(cfg), "result").exists()
         result = train_run(cfg)
         if not finished:
             say(f"ablation {task} {label} seed {cfg.seed}: dev {result['primary_metric']} "
@@ -135,16 +135,14 @@ def analyse_task(cfg_for: Callable[..., RunConfig], task: str, runs: list[dict],
     from loradrift.drift import run_final_drift
     from loradrift.hypotheses import baseline_bars, h1_metric
     from loradrift.models import is_decoder, model_key, resolve_model_dir
-    from loradrift.representations import base_path
-    from loradrift.train import run_dir_for
     from loradrift.weights import run_weight_summary
 
     tcfg = cfg_for(task)
     out = Path(tcfg.out_dir)
     d = tcfg.drift
     model_dir = resolve_model_dir(tcfg.model)
-    bpath = base_path(tcfg, model_key(tcfg.model), task)
-    dirs = {(r["label"], r["seed"]): run_dir_for(r["cfg"]) for r in runs}
+    bpath = layout.base_file(tcfg.out_dir, model_key(tcfg.model), task)
+    dirs = {(r["label"], r["seed"]): layout.run_dir_for(r["cfg"]) for r in runs}
     _, wsum = run_weight_summary(model_dir, [(task, label, seed, rd) for (label, seed), rd in dirs.items()],
                                  modules=d.weight_modules, rank_threshold=d.rank_threshold,
                                  intruder_k=d.intruder_k, intruder_eps=d.intruder_eps)
@@ -224,7 +222,7 @@ def _plot(task: str, res: dict, ranks: list[int], fig_dir: Path, title: str) -> 
             ms = [g["mean"] for _, g in pts if g["mean"] is not None]
             lo = [g["mean"] - g["ci_low"] if g["ci_low"] is not None else 0 for _, g in pts if g["mean"] is not None]
             hi = [g["ci_high"] - g["mean"] if g["ci_high"] is not None else 0 for _, g in pts if g["mean"] is not None]
-            ax.errorbar(xs, ms, yerr=[lo, hi], marker="o", capsize=3, color="#DD8452", label="LoRA")
+            ax.errorbar(xs, ms, yerr=[lo, hi], marker="o", capsize=3, color=METHODS[LORA].color, label=METHODS[LORA].label)
             for row in res["rows"]:
                 if row["label"] != FULL and row[q] is not None:
                     ax.scatter(row["rank"], row[q], s=8, color="black", zorder=3)
@@ -283,5 +281,5 @@ def run_rank_ablation(cfg_for: Callable[..., RunConfig], tasks: Sequence[str],
     summary = {"variant": variant(acfg), "settings": {**acfg.model_dump(), "seeds": seeds, "title": title},
                "tasks": tasks_out}
     write_csv(adir / "runs.csv", RUN_COLUMNS, rows)
-    atomic_write_json(adir / "summary.json", json_safe(summary))
+    atomic_write_json(layout.path(base.out_dir, "ablation_summary", variant=variant(acfg)), json_safe(summary))
     return summary

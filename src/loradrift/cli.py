@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from loradrift import layout
 from loradrift.methods import METHOD_NAMES, get_method
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -321,7 +322,7 @@ def cmd_store_repair(args, configs: Configs) -> int:
 
     out = Path(configs().out_dir)
     counts = reconcile_store(out)
-    print(f"{out / 'results.sqlite'}: run rows rebuilt from {out / 'runs'}: "
+    print(f"{layout.results_db(out)}: run rows rebuilt from {layout.runs_dir(out)}: "
           f"{counts['added']} added, {counts['updated']} updated, {counts['removed']} removed")
     return 0
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from loradrift import stats
+from loradrift import layout, stats
 from loradrift.config import RunConfig
 from loradrift.io import ResultsStore, atomic_write_json, reconcile_store
 from loradrift.methods import FULL, LORA, METHOD_NAMES, METHODS
-from loradrift.models import model_key
+from loradrift.layout import model_key
 from loradrift.serving.offline import round_starts
 from loradrift.tasks import TASKS
 
@@ -38,7 +38,7 @@ def performance_by_seed(cfg: RunConfig, metric=h1_metric) -> dict[str, dict[str,
     the dev metric (None leaves the task out)."""
     out: dict[str, dict[str, dict[int, float]]] = {m: {} for m in METHOD_NAMES}
     reconcile_store(Path(cfg.out_dir))
-    rows = ResultsStore(Path(cfg.out_dir) / "results.sqlite").rows("run", model=model_key(cfg.model))
+    rows = ResultsStore(layout.results_db(cfg.out_dir)).rows("run", model=model_key(cfg.model))
     for r in rows:
         name = metric(r["task"])
         if r["seed"] not in cfg.study.seeds or r["task"] not in cfg.study.tasks or name is None:
@@ -56,7 +56,7 @@ def baseline_bars(cfg: RunConfig) -> dict[str, dict]:
     majority and random rows. A store from before Phase 0 recorded the dev-majority rate still
     gives it for two labels (the train-majority class's rate or its complement); with more labels
     the bar is None, with the reason. SQuAD v2 (F1): the always-no-answer row."""
-    rows = ResultsStore(Path(cfg.out_dir) / "results.sqlite").rows("baseline", model=model_key(cfg.model))
+    rows = ResultsStore(layout.results_db(cfg.out_dir)).rows("baseline", model=model_key(cfg.model))
     latest: dict[tuple[str, str], dict] = {}
     for r in rows:
         key = (r["task"], r["method"])
@@ -157,11 +157,11 @@ def _h3(cfg: RunConfig, out: Path, notes: list[str]) -> tuple[list[stats.Hypothe
     """H3's results and what they were measured on; on the PEFT backend every result is secondary
     evidence and the pre-registered H3 has no primary result."""
     s = cfg.stats
-    over_file = out / "serve" / "overhead.json"
+    over_file = layout.path(out, "serve_overhead")
     if not over_file.exists():
         notes.append(f"H3: no serving benchmark ({over_file} missing)")
         return [], None
-    meta_file = out / "serve" / "meta.json"
+    meta_file = layout.path(out, "serve_meta")
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else None
     picked = _h3_inputs(cfg, json.loads(over_file.read_text()), meta)
     if not picked or s.h3_batch not in picked[1]:
@@ -214,7 +214,7 @@ def run_stats(cfg: RunConfig) -> dict:
 
     h2 = []
     gate: dict[str, str] = not_learned(perf, bars, cfg.study.tasks)
-    comp_file = out / "drift" / "comparison.json"
+    comp_file = layout.path(out, "drift_comparison")
     if comp_file.exists():
         comp = json.loads(comp_file.read_text())
         ok = {t: c for t, c in comp.items() if c.get("drift_full_by_seed") and c.get("drift_lora_by_seed")}
@@ -256,7 +256,7 @@ def run_stats(cfg: RunConfig) -> dict:
 
     # Not part of the family or the verdict: analyses the plan did not pre-register.
     result["secondary_analyses"] = {"forgetting": secondary_result(out, gate)}
-    atomic_write_json(out / "stats" / "hypotheses.json", result)
+    atomic_write_json(layout.path(out, "hypotheses"), result)
     return result
 
 

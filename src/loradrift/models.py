@@ -15,7 +15,6 @@ cache, so training, probes and serving all read the same weights:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import inspect
 import json
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from loradrift.config import ModelConfig
+from loradrift.layout import model_key  # noqa: F401  (re-exported: loradrift.models.model_key)
 
 
 class ModelError(ValueError):
@@ -63,21 +63,6 @@ MODELS: dict[str, ModelSource] = {
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LORADRIFT_CACHE", Path.home() / ".cache" / "loradrift"))
-
-
-def model_key(mcfg: ModelConfig) -> str:
-    """The name used in artefact paths: registry name, or a sanitised path / Hub id."""
-    if mcfg.name == "tiny":
-        d = mcfg.tiny.model_dump()
-        # Shape options added later enter the key only when set, so existing tiny models keep their key.
-        for k, default in (("vocab_size", None), ("tie_word_embeddings", True)):
-            if d[k] == default:
-                del d[k]
-        tiny = json.dumps(d, sort_keys=True)
-        return "tiny-" + hashlib.sha256(tiny.encode()).hexdigest()[:8]
-    if mcfg.name in MODELS:
-        return mcfg.name
-    return mcfg.name.strip("/").replace("/", "--").replace(":", "_")
 
 
 def public_base(mcfg: ModelConfig, model_dir: Path) -> tuple[str, str]:

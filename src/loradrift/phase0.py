@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loradrift import layout
 from loradrift.config import RunConfig
 from loradrift.data import load_task, probe_examples, rows_as_squad_json
 from loradrift.io import ResultsStore
@@ -29,7 +30,7 @@ from loradrift.tasks import get_task
 
 
 def _store(cfg: RunConfig) -> ResultsStore:
-    return ResultsStore(Path(cfg.out_dir) / "results.sqlite")
+    return ResultsStore(layout.results_db(cfg.out_dir))
 
 
 # ---------------------------------------------------------------------------------------------

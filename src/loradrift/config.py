@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from loradrift.methods import LORA, METHOD_NAMES, METHODS, MethodName
+from loradrift.methods import FULL, LORA, METHOD_NAMES, METHODS, MethodName
 from loradrift.tasks import TASKS
 
 CPU_PRESET, GPU_PRESET = "smollm2", "smollm2-gpu"
@@ -223,14 +223,14 @@ def _p(name: str, type: str, low=None, high=None, log=False, choices=None) -> Pa
 def _default_spaces() -> dict[str, list[ParamSpec]]:
     # The seed's spaces (docs/search.md); only method.lora.r is left out, see SearchConfig.rank.
     return {
-        "full": [
+        FULL: [
             _p("train.lr", "float", 1e-6, 1e-4, log=True),
             _p("train.batch_size", "categorical", choices=[4, 8, 16]),
             _p("train.warmup_ratio", "float", 0.0, 0.2),
             _p("train.weight_decay", "float", 1e-5, 1e-1, log=True),
             _p("train.grad_accum", "categorical", choices=[1, 2, 4]),
         ],
-        "lora": [
+        LORA: [
             _p("train.lr", "float", 5e-5, 5e-3, log=True),
             _p("method.lora.alpha", "int", 8, 64),
             _p("method.lora.dropout", "float", 0.0, 0.2),
@@ -264,7 +264,7 @@ class SearchConfig(_Strict):
     pruner: PrunerConfig = PrunerConfig()
     spaces: dict[MethodName, list[ParamSpec]] = Field(default_factory=_default_spaces)
     fixed: dict[MethodName, dict[str, Any]] = Field(
-        default_factory=lambda: {"lora": {"method.lora.r": 8}},
+        default_factory=lambda: {LORA: {"method.lora.r": 8}},
         description="dotted overrides every trial of a method gets (the hypotheses are about rank 8)",
     )
     rank: ParamSpec = Field(

@@ -111,3 +111,13 @@ def test_iter_runs(tmp_path):
     assert runs[0].path == tmp_path / "runs" / "m" / "rte" / "full" / "seed1"
     assert [r.task for r in layout.iter_runs(tmp_path, model="m", method="lora")] == ["sst2"]
     assert list(layout.iter_runs(tmp_path / "absent")) == []
+
+
+def test_the_declarations_are_import_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, loradrift.layout, loradrift.tasks, loradrift.methods; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'pydantic') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

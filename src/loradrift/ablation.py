@@ -39,8 +39,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from loradrift import layout
 from loradrift.config import RankAblationConfig, RunConfig
 from loradrift.io import atomic_path, atomic_write_json, json_safe, write_csv
+from loradrift.methods import FULL, LORA, METHODS
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ def variant(acfg: RankAblationConfig) -> str:
 
 
 def ablation_dir(out: Path, acfg: RankAblationConfig) -> Path:
-    return Path(out) / "ablation" / "rank" / variant(acfg)
+    return layout.path(out, "ablation", variant=variant(acfg))
 
 
 def scaled_alpha(alpha_best: float, r_best: int, r: int, rule: str) -> int | float:
@@ -73,9 +75,8 @@ def lora_scale_of(alpha: float, r: int, rslora: bool) -> float:
 
 
 def _best_files(cfg_for: Callable[..., RunConfig], task: str, method: str) -> list[Path]:
-    from loradrift.study import best_config_path
-
-    best = best_config_path(cfg_for(task, method), task, method)
+    cfg = cfg_for(task, method)
+    best = layout.best_config_for(cfg.out_dir, layout.model_key(cfg.model), task, method)
     return [best] if best.exists() else []
 
 
@@ -83,15 +84,15 @@ def rank_config(cfg_for: Callable[..., RunConfig], task: str, rank: int, seed: i
                 acfg: RankAblationConfig) -> tuple[RunConfig, bool]:
     """(the run's config, whether it is a Phase 2 run). `cfg_for(task, method, seed, files, extra)`
     builds configs from one command line (loradrift.cli.Configs)."""
-    files = _best_files(cfg_for, task, "lora")
-    ref = cfg_for(task, "lora", seed, files)
+    files = _best_files(cfg_for, task, LORA)
+    ref = cfg_for(task, LORA, seed, files)
     lo = ref.method.lora
     alpha = scaled_alpha(lo.alpha, lo.r, rank, acfg.alpha_rule)
-    cfg = cfg_for(task, "lora", seed, files, extra=[f"method.lora.r={rank}", f"method.lora.alpha={alpha}",
+    cfg = cfg_for(task, LORA, seed, files, extra=[f"method.lora.r={rank}", f"method.lora.alpha={alpha}",
                                                      f"method.lora.use_rslora={str(acfg.rslora).lower()}"])
     if cfg.science_hash() == ref.science_hash():
         return ref, True
-    return cfg.model_copy(update={"out_dir": ablation_dir(ref.out_dir, acfg) / f"r{rank}"}), False
+    return cfg.model_copy(update={"out_dir": layout.path(ref.out_dir, "ablation_rank", variant=variant(acfg), rank=rank)}), False
 
 
 def train_grid(cfg_for: Callable[..., RunConfig], task: str, acfg: RankAblationConfig, seeds: Sequence[int],
@@ -99,10 +100,10 @@ def train_grid(cfg_for: Callable[..., RunConfig], task: str, acfg: RankAblationC
     """Train (or find finished) every run of one task's ablation, full FT reference first, then
     rank by rank; returns [{label, rank, seed, cfg, result}]. ``progress(runs_done, runs)`` before
     each run."""
-    from loradrift.train import run_dir_for, train_run
+    from loradrift.train import train_run
 
-    full_files = _best_files(cfg_for, task, "full")
-    todo: list[tuple[str, int | None, RunConfig]] = [("full", None, cfg_for(task, "full", s, full_files)) for s in seeds]
+    full_files = _best_files(cfg_for, task, FULL)
+    todo: list[tuple[str, int | None, RunConfig]] = [(FULL, None, cfg_for(task, FULL, s, full_files)) for s in seeds]
     for rank in acfg.ranks:
         for s in seeds:
             todo.append((f"r{rank}", rank, rank_config(cfg_for, task, rank, s, acfg)[0]))
@@ -110,7 +111,7 @@ def train_grid(cfg_for: Callable[..., RunConfig], task: str, acfg: RankAblationC
     for label, rank, cfg in todo:
         if progress:
             progress(len(runs), len(todo))
-        finished = (run_dir_for(cfg) / "result.json").exists()
+        finished = layout.run_path(layout.run_dir_for(cfg), "result").exists()
         result = train_run(cfg)
         if not finished:
             say(f"ablation {task} {label} seed {cfg.seed}: dev {result['primary_metric']} "
@@ -134,16 +135,14 @@ def analyse_task(cfg_for: Callable[..., RunConfig], task: str, runs: list[dict],
     from loradrift.drift import run_final_drift
     from loradrift.hypotheses import baseline_bars, h1_metric
     from loradrift.models import is_decoder, model_key, resolve_model_dir
-    from loradrift.representations import base_path
-    from loradrift.train import run_dir_for
     from loradrift.weights import run_weight_summary
 
     tcfg = cfg_for(task)
     out = Path(tcfg.out_dir)
     d = tcfg.drift
     model_dir = resolve_model_dir(tcfg.model)
-    bpath = base_path(tcfg, model_key(tcfg.model), task)
-    dirs = {(r["label"], r["seed"]): run_dir_for(r["cfg"]) for r in runs}
+    bpath = layout.base_file(tcfg.out_dir, model_key(tcfg.model), task)
+    dirs = {(r["label"], r["seed"]): layout.run_dir_for(r["cfg"]) for r in runs}
     _, wsum = run_weight_summary(model_dir, [(task, label, seed, rd) for (label, seed), rd in dirs.items()],
                                  modules=d.weight_modules, rank_threshold=d.rank_threshold,
                                  intruder_k=d.intruder_k, intruder_eps=d.intruder_eps)
@@ -163,7 +162,7 @@ def analyse_task(cfg_for: Callable[..., RunConfig], task: str, runs: list[dict],
         res, lc = r["result"], r["cfg"].method.lora
         fd = run_final_drift(bpath, rd, metric=d.metric, task=task)
         w = weights.get((r["label"], r["seed"]), {})
-        lora = r["label"] != "full"
+        lora = r["label"] != FULL
         rows.append({
             "task": task, "label": r["label"], "rank": r["rank"], "seed": r["seed"],
             "alpha": lc.alpha if lora else None, "scale": lora_scale_of(lc.alpha, lc.r, lc.use_rslora) if lora else None,
@@ -176,14 +175,14 @@ def analyse_task(cfg_for: Callable[..., RunConfig], task: str, runs: list[dict],
         per_layer.setdefault(r["label"], []).append(fd["per_layer"])
         h1_scores.setdefault(r["label"], []).append(float(res["dev"][h1_metric(task)]))
     level = tcfg.stats.confidence
-    labels = ["full"] + [f"r{k}" for k in acfg.ranks]
+    labels = [FULL] + [f"r{k}" for k in acfg.ranks]
     bar = baseline_bars(tcfg).get(task, {})
     by_label = {}
     for label in labels:
         sel = [x for x in rows if x["label"] == label]
         # the study's learning gate: a rank whose runs did not learn the task says nothing about LoRA there
         why = (f"no baseline bar ({bar.get('reason') or 'no Phase 0 baseline rows'})" if bar.get("bar") is None
-               else stats.did_not_learn("full FT" if label == "full" else f"LoRA {label}", h1_scores[label], bar["bar"])
+               else stats.did_not_learn(METHODS[FULL].label if label == FULL else f"{METHODS[LORA].label} {label}", h1_scores[label], bar["bar"])
                if label in h1_scores else "no runs")
         by_label[label] = {"rank": sel[0]["rank"] if sel else None, "learned": why is None, "not_learned": why,
                            **{q: _interval([x[q] for x in sel], level) for q, _ in QUANTITIES},
@@ -193,12 +192,12 @@ def analyse_task(cfg_for: Callable[..., RunConfig], task: str, runs: list[dict],
         notes.append(f"did not learn {task} (the study's learning gate, H1's rule): {', '.join(bad)}; their drift, "
                      "intruder dimensions and Δloss describe runs that learned nothing, so no conclusion about rank "
                      "(or against full FT) is drawn from them")
-    best = _best_files(cfg_for, task, "lora")
+    best = _best_files(cfg_for, task, LORA)
     if not best:
         notes.append("no Phase 1 best LoRA config was found: the ablation uses the LoRA config as it is")
     return {"task": task, "rows": rows, "by_label": by_label, "ci_level": level, "notes": notes,
             "best_config": str(best[0]) if best else None,
-            "phase2_reused": sorted({x["label"] for x in rows if x["label"] != "full" and not x["run_dir"].startswith("ablation")})}
+            "phase2_reused": sorted({x["label"] for x in rows if x["label"] != FULL and not x["run_dir"].startswith("ablation")})}
 
 
 def _band(ax, xs, g: dict, color: str) -> None:
@@ -223,11 +222,11 @@ def _plot(task: str, res: dict, ranks: list[int], fig_dir: Path, title: str) -> 
             ms = [g["mean"] for _, g in pts if g["mean"] is not None]
             lo = [g["mean"] - g["ci_low"] if g["ci_low"] is not None else 0 for _, g in pts if g["mean"] is not None]
             hi = [g["ci_high"] - g["mean"] if g["ci_high"] is not None else 0 for _, g in pts if g["mean"] is not None]
-            ax.errorbar(xs, ms, yerr=[lo, hi], marker="o", capsize=3, color="#DD8452", label="LoRA")
+            ax.errorbar(xs, ms, yerr=[lo, hi], marker="o", capsize=3, color=METHODS[LORA].color, label=METHODS[LORA].label)
             for row in res["rows"]:
-                if row["label"] != "full" and row[q] is not None:
+                if row["label"] != FULL and row[q] is not None:
                     ax.scatter(row["rank"], row[q], s=8, color="black", zorder=3)
-        _band(ax, xs, res["by_label"]["full"][q], "#4C72B0")
+        _band(ax, xs, res["by_label"][FULL][q], METHODS[FULL].color)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [str(k) for k in ranks])
         ax.set(xlabel="LoRA rank r", title=name)
@@ -245,7 +244,7 @@ def _plot(task: str, res: dict, ranks: list[int], fig_dir: Path, title: str) -> 
         layer = res["by_label"][f"r{k}"]["drift_per_layer"]
         if layer is not None:
             ax.plot(range(len(layer)), layer, marker="o", ms=2, color=cmap(i / max(1, len(ranks) - 1)), label=f"r={k}")
-    full = res["by_label"]["full"]["drift_per_layer"]
+    full = res["by_label"][FULL]["drift_per_layer"]
     if full is not None:
         ax.plot(range(len(full)), full, color="black", ls="--", label="full FT")
     ax.set(xlabel="layer (0 = embeddings)", ylabel="final drift (1 - CKA), mean over seeds")
@@ -282,5 +281,5 @@ def run_rank_ablation(cfg_for: Callable[..., RunConfig], tasks: Sequence[str],
     summary = {"variant": variant(acfg), "settings": {**acfg.model_dump(), "seeds": seeds, "title": title},
                "tasks": tasks_out}
     write_csv(adir / "runs.csv", RUN_COLUMNS, rows)
-    atomic_write_json(adir / "summary.json", json_safe(summary))
+    atomic_write_json(layout.path(base.out_dir, "ablation_summary", variant=variant(acfg)), json_safe(summary))
     return summary

@@ -16,11 +16,13 @@ import os
 import shutil
 from pathlib import Path
 
+from loradrift import layout
+
 # Folders of weights (docs/layout.md); nothing in them is read by the report.
-WEIGHT_DIRS = frozenset({"model", "merged", "adapter", "serve_adapter", "checkpoints", "snapshots", "merged_cache"})
+WEIGHT_DIRS = layout.WEIGHT_DIRS
 WEIGHT_SUFFIXES = frozenset({".safetensors", ".pt", ".bin", ".gguf"})
 # Tracker copies of what the study folder already holds (report_to=[...]); nothing reads them.
-TRACKER_ENTRIES = frozenset({"mlflow.db", "mlflow-artifacts", "tensorboard", "wandb"})
+TRACKER_ENTRIES = frozenset(layout.PATHS[k].split("/")[0] for k in ("mlflow_db", "mlflow_artifacts", "tensorboard", "wandb"))
 
 
 def bundle_files(out: Path) -> list[Path]:
@@ -43,7 +45,7 @@ def write_bundle(out: Path, dest: Path) -> dict:
     """Copy the bundle of `out` to `dest`, which must not exist yet (nothing is overwritten). It
     is built beside `dest` and renamed into place, so `dest` is either complete or absent."""
     out, dest = Path(out), Path(dest)
-    if not (out / "study").is_dir() and not (out / "results.sqlite").is_file():
+    if not layout.path(out, "manifest").parent.is_dir() and not layout.results_db(out).is_file():
         raise FileNotFoundError(f"{out}: not a study folder (no study/ and no results.sqlite)")
     if dest.exists():
         raise FileExistsError(f"{dest}: already exists; name a new folder (a bundle never overwrites)")

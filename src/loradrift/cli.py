@@ -14,6 +14,9 @@ import signal
 import sys
 from pathlib import Path
 
+from loradrift import layout
+from loradrift.methods import METHOD_NAMES, get_method
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -65,11 +68,9 @@ def _tasks(value: str) -> list[str]:
 
 
 def _methods(value: str) -> list[str]:
-    methods = [m.strip() for m in value.split(",") if m.strip()]
-    for m in methods:
-        if m not in ("full", "lora"):
-            raise ValueError(f"--method: unknown method {m!r} (full, lora)")
-    return methods
+    from loradrift.methods import parse_methods
+
+    return parse_methods(value)
 
 
 def _table(title: str, rows: list[dict], columns: list[str]) -> None:
@@ -123,11 +124,12 @@ def cmd_model_info(args, configs: Configs) -> int:
 
 
 def cmd_score(args, configs: Configs) -> int:
-    from loradrift.metrics import score_squad_v2_files
+    from loradrift.tasks import TASKS, file_scorer_tasks, resolve
 
-    if args.task != "squad_v2":
-        raise ValueError(f"score: only squad_v2 has an official file scorer (got {args.task!r})")
-    out = score_squad_v2_files(args.data, args.preds, args.na_prob_file, args.na_prob_thresh, allow_missing=args.allow_missing,
+    spec = TASKS.get(args.task)
+    if spec is None or not spec.task_kind.file_scorer:
+        raise ValueError(f"score: only {', '.join(file_scorer_tasks())} has an official file scorer (got {args.task!r})")
+    out = resolve(spec.task_kind.file_scorer)(args.data, args.preds, args.na_prob_file, args.na_prob_thresh, allow_missing=args.allow_missing,
                                allow_extra=args.allow_extra)
     print(json.dumps(out, indent=2))
     return 0
@@ -195,7 +197,7 @@ def cmd_search(args, configs: Configs) -> int:
     from loradrift.search import run_search
 
     methods = _methods(args.method)
-    if args.tune_rank and "full" in methods:
+    if args.tune_rank and any(not get_method(m).adapter for m in methods):
         raise ValueError("--tune-rank: only LoRA has a rank to search; add --method lora")
     rows = []
     pairs = [(task, method) for task in _tasks(args.task) for method in methods]
@@ -321,7 +323,7 @@ def cmd_store_repair(args, configs: Configs) -> int:
 
     out = Path(configs().out_dir)
     counts = reconcile_store(out)
-    print(f"{out / 'results.sqlite'}: run rows rebuilt from {out / 'runs'}: "
+    print(f"{layout.results_db(out)}: run rows rebuilt from {layout.runs_dir(out)}: "
           f"{counts['added']} added, {counts['updated']} updated, {counts['removed']} removed")
     return 0
 
@@ -442,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("train", parents=[parent], help=COMMANDS["train"][1])
     c.add_argument("--task", required=True, help="one task: sst2, mrpc, rte or squad_v2")
-    c.add_argument("--method", choices=["full", "lora"], default=None, help="default: the config's method.name")
+    c.add_argument("--method", choices=list(METHOD_NAMES), default=None, help="default: the config's method.name")
     c.add_argument("--force", action="store_true",
                    help="redo the run from step 0: empties its folder (after the new config has been built)")
     c.set_defaults(func=cmd_train)

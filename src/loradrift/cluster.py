@@ -29,6 +29,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from loradrift import layout
 from loradrift.config import RunConfig
 
 # Environment a task needs to find what the driver finds (model cache, data, Hub settings).
@@ -88,7 +89,7 @@ def run_grid_on_ray(grid: list[RunConfig], address: str | None = None, say: Call
     not stop the others; once all have ended a GridError lists the failed ones. `progress(done,
     runs, already_done)` as runs end (`already_done`: those found finished, which took no time)."""
     ray = import_ray()
-    from loradrift.train import RunConflict, run_dir_for, train_run
+    from loradrift.train import RunConflict, train_run
 
     # Tasks may start in another working directory (or machine): a relative --out would
     # scatter run folders. out_dir is not part of the science hash, so finished runs still match.
@@ -101,7 +102,7 @@ def run_grid_on_ray(grid: list[RunConfig], address: str | None = None, say: Call
     # imports torch, which is most of a re-run's time when nearly everything is done.
     todo = []
     for i, cfg in enumerate(grid):
-        if (run_dir_for(cfg) / "result.json").exists():
+        if layout.run_path(layout.run_dir_for(cfg), "result").exists():
             try:
                 results[i] = train_run(cfg)
             except (RunConflict, ValueError, OSError) as e:  # another config's run, or an unreadable result.json

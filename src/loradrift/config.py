@@ -21,6 +21,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from loradrift.methods import FULL, LORA, METHOD_NAMES, METHODS, MethodName
+from loradrift.tasks import TASKS
+
 CPU_PRESET, GPU_PRESET = "smollm2", "smollm2-gpu"
 ALL_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -90,7 +93,7 @@ class LoraSettings(_Strict):
 
 
 class MethodConfig(_Strict):
-    name: Literal["full", "lora"] = "lora"
+    name: MethodName = LORA
     lora: LoraSettings = LoraSettings()
 
 
@@ -146,7 +149,7 @@ class TrainConfig(_Strict):
     engine: EngineConfig = EngineConfig()
 
     def lr_for(self, method: str) -> float:
-        return self.lr if self.lr is not None else {"full": 2e-5, "lora": 2e-4}[method]
+        return self.lr if self.lr is not None else METHODS[method].default_lr
 
 
 class ProbeConfig(_Strict):
@@ -220,14 +223,14 @@ def _p(name: str, type: str, low=None, high=None, log=False, choices=None) -> Pa
 def _default_spaces() -> dict[str, list[ParamSpec]]:
     # The seed's spaces (docs/search.md); only method.lora.r is left out, see SearchConfig.rank.
     return {
-        "full": [
+        FULL: [
             _p("train.lr", "float", 1e-6, 1e-4, log=True),
             _p("train.batch_size", "categorical", choices=[4, 8, 16]),
             _p("train.warmup_ratio", "float", 0.0, 0.2),
             _p("train.weight_decay", "float", 1e-5, 1e-1, log=True),
             _p("train.grad_accum", "categorical", choices=[1, 2, 4]),
         ],
-        "lora": [
+        LORA: [
             _p("train.lr", "float", 5e-5, 5e-3, log=True),
             _p("method.lora.alpha", "int", 8, 64),
             _p("method.lora.dropout", "float", 0.0, 0.2),
@@ -259,9 +262,9 @@ class SearchConfig(_Strict):
     trial_max_steps: int | None = Field(None, gt=0, description="optimizer steps of one trial (null = train.max_steps); "
                                         "shorter trials buy more trials in a fixed budget; not written to the best config")
     pruner: PrunerConfig = PrunerConfig()
-    spaces: dict[Literal["full", "lora"], list[ParamSpec]] = Field(default_factory=_default_spaces)
-    fixed: dict[Literal["full", "lora"], dict[str, Any]] = Field(
-        default_factory=lambda: {"lora": {"method.lora.r": 8}},
+    spaces: dict[MethodName, list[ParamSpec]] = Field(default_factory=_default_spaces)
+    fixed: dict[MethodName, dict[str, Any]] = Field(
+        default_factory=lambda: {LORA: {"method.lora.r": 8}},
         description="dotted overrides every trial of a method gets (the hypotheses are about rank 8)",
     )
     rank: ParamSpec = Field(
@@ -283,7 +286,7 @@ class SearchConfig(_Strict):
         space = list(self.spaces.get(method, []))
         fixed = dict(self.fixed.get(method, {}))
         if tune_rank:
-            if method != "lora":
+            if method not in METHODS or not METHODS[method].adapter:
                 raise ConfigError("--tune-rank: only LoRA has a rank to search")
             space = [p for p in space if p.name != self.rank.name] + [self.rank]
             fixed.pop(self.rank.name, None)
@@ -348,8 +351,8 @@ class StatsConfig(_Strict):
 
 class StudyConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [42, 1337, 2024], description="Phase 2 seeds")
-    tasks: list[str] = Field(default_factory=lambda: ["mrpc", "sst2", "rte", "squad_v2"])
-    methods: list[Literal["full", "lora"]] = Field(default_factory=lambda: ["full", "lora"])
+    tasks: list[str] = Field(default_factory=lambda: list(TASKS))
+    methods: list[MethodName] = Field(default_factory=lambda: list(METHOD_NAMES))
     search: bool = Field(True, description="run Phase 1; off = Phase 2 uses the config as it is")
     serve: bool = Field(True, description="run the serving benchmark in Phase 3")
 

@@ -192,7 +192,22 @@ def _need_str(obj: dict, key: str, at: str) -> str:
     return obj[key]
 
 
-READERS = {"classification": read_classification_tsv, "extractive_qa": lambda path, spec: read_squad_json(path)}
+def read_squad_task(path: Path, spec: TaskSpec) -> list[dict]:
+    """The extractive-QA kind's reader (`TaskKind.read`): a SQuAD-format JSON file."""
+    return read_squad_json(path)
+
+
+def hub_classification_row(ex: dict, i: int, spec: TaskSpec) -> dict:
+    c = spec.hub.columns
+    return {"idx": i, "text_a": ex[c["text_a"]], "text_b": ex[c["text_b"]] if "text_b" in c else None, "label": int(ex[c["label"]])}
+
+
+def hub_squad_row(ex: dict, i: int, spec: TaskSpec) -> dict:
+    return {
+        "id": ex["id"], "title": ex["title"], "paragraph": ex["context"], "context": ex["context"],
+        "question": ex["question"], "answers": {"text": list(ex["answers"]["text"]), "answer_start": list(ex["answers"]["answer_start"])},
+        "is_impossible": len(ex["answers"]["text"]) == 0,
+    }
 
 
 def _read_hub(spec: TaskSpec, split: str, tried: str = "") -> list[dict]:
@@ -206,20 +221,8 @@ def _read_hub(spec: TaskSpec, split: str, tried: str = "") -> list[dict]:
 
     hub = spec.hub
     ds = load_dataset(hub.path, hub.name, split=hub.train_split if split == "train" else hub.dev_split)
-    rows = []
-    for i, ex in enumerate(ds):
-        if spec.kind == "classification":
-            c = hub.columns
-            rows.append({"idx": i, "text_a": ex[c["text_a"]], "text_b": ex[c["text_b"]] if "text_b" in c else None, "label": int(ex[c["label"]])})
-        else:
-            rows.append(
-                {
-                    "id": ex["id"], "title": ex["title"], "paragraph": ex["context"], "context": ex["context"],
-                    "question": ex["question"], "answers": {"text": list(ex["answers"]["text"]), "answer_start": list(ex["answers"]["answer_start"])},
-                    "is_impossible": len(ex["answers"]["text"]) == 0,
-                }
-            )
-    return rows
+    row = spec.handler("hub_row")
+    return [row(ex, i, spec) for i, ex in enumerate(ds)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +281,7 @@ def load_task(cfg: RunConfig, spec: TaskSpec | None = None) -> TaskData:
                 raise DataError(f"{data_dir / rel}: file not found (task {spec.name}; data folder {data_dir})")
             if cfg.data.verify_checksums:
                 verify_checksum(data_dir, rel)
-        read = READERS[spec.kind]
+        read = spec.handler("read")
         train_all = read(data_dir / spec.train_file, spec)
         dev_all = read(data_dir / spec.dev_file, spec)
     else:
@@ -286,7 +289,7 @@ def load_task(cfg: RunConfig, spec: TaskSpec | None = None) -> TaskData:
     source = where.describe()
     if data_dir is None:
         source += f" {spec.hub.path}" + (f"/{spec.hub.name}" if spec.hub.name else "")
-    train, val = _carve(train_all, cfg, "paragraph" if spec.kind == "extractive_qa" else None)
+    train, val = _carve(train_all, cfg, spec.task_kind.split_group)
     train = _subset(train, cfg.data.max_train_examples, cfg.seed)
     dev = _subset(dev_all, cfg.data.max_dev_examples, cfg.data.split_seed + 2)
     return TaskData(spec, train, val, dev, source, len(train_all), len(dev_all), label_balance(spec, dev_all))
@@ -413,9 +416,15 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def encode(spec: TaskSpec, tokenizer, rows: list[dict], cfg: RunConfig) -> list[dict]:
-    if spec.kind == "extractive_qa":
-        return encode_squad(tokenizer, rows, cfg.model.max_length, cfg.data.doc_stride)
+    return spec.handler("encode")(tokenizer, rows, cfg)
+
+
+def classification_features(tokenizer, rows: list[dict], cfg: RunConfig) -> list[dict]:
     return encode_classification(tokenizer, rows, cfg.model.max_length)
+
+
+def squad_features(tokenizer, rows: list[dict], cfg: RunConfig) -> list[dict]:
+    return encode_squad(tokenizer, rows, cfg.model.max_length, cfg.data.doc_stride)
 
 
 def rows_as_squad_json(rows: list[dict]) -> list[dict]:
@@ -429,11 +438,17 @@ def rows_as_squad_json(rows: list[dict]) -> list[dict]:
 
 
 def label_balance(spec: TaskSpec, rows: list[dict]) -> dict[str, int]:
-    if spec.kind == "extractive_qa":
-        n_imp = sum(r["is_impossible"] for r in rows)
-        return {"answerable": len(rows) - n_imp, "unanswerable": n_imp}
+    return spec.handler("balance")(spec, rows)
+
+
+def classification_balance(spec: TaskSpec, rows: list[dict]) -> dict[str, int]:
     counts = np.bincount([r["label"] for r in rows], minlength=spec.num_labels)
     return {name: int(c) for name, c in zip(spec.labels, counts)}
+
+
+def squad_balance(spec: TaskSpec, rows: list[dict]) -> dict[str, int]:
+    n_imp = sum(r["is_impossible"] for r in rows)
+    return {"answerable": len(rows) - n_imp, "unanswerable": n_imp}
 
 
 def summary(data: TaskData) -> dict:

@@ -79,7 +79,9 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from loradrift import layout
 from loradrift.io import atomic_path, atomic_write_json, json_safe, write_csv
+from loradrift.methods import FULL, LORA
 from loradrift.representations import floor_path
 from loradrift.similarity import BaseSide, cka_against_base, cosine_layers, debiased_cka, linear_cka, rbf_cka
 
@@ -98,7 +100,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FULL, LORA = "full", "lora"
 METRICS = ("linear", "debiased", "rbf")
 
 LAYER_COLUMNS = [
@@ -116,7 +117,7 @@ COMPARISON_COLUMNS = [
 # Exact enumeration of relabellings up to this many (C(16, 8) = 12870); beyond, Monte Carlo.
 _MAX_EXACT_RELABELLINGS = 100_000
 _N_RANDOM_RELABELLINGS = 100_000
-_SEED_DIR = re.compile(r"^seed(\d+)$")
+_SEED_DIR = layout.SEED_DIR
 _STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
 _LAYER_KEY = re.compile(r"^layer\.(\d+)$")
 
@@ -177,14 +178,14 @@ class _Run:
 
 def _list_snapshots(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, file) pairs. index.json is the authority; missing files are warned about."""
-    snap_dir = run_dir / "snapshots"
+    snap_dir = layout.run_path(run_dir, "snapshots")
     on_disk = {}
     if snap_dir.is_dir():
         for p in snap_dir.iterdir():
             m = _STEP_FILE.match(p.name)
             if m:
                 on_disk[int(m.group(1))] = p
-    index = snap_dir / "index.json"
+    index = layout.run_path(run_dir, "snapshot_index")
     if not index.exists():
         if on_disk:
             log.warning("%s: no index.json; using the %d snapshot files found", snap_dir, len(on_disk))
@@ -214,7 +215,7 @@ def _find_runs(task_dir: Path, methods: Sequence[str]) -> list[_Run]:
             if not snaps:
                 log.warning("%s: no snapshots; skipping this run", sdir)
                 continue
-            if not (sdir / "result.json").exists():
+            if not layout.run_path(sdir, "result").exists():
                 log.warning("%s: no result.json (unfinished run?); its last snapshot, step %d, "
                             "is treated as final", sdir, snaps[-1][0])
             per_method[method].add(seed)
@@ -226,8 +227,8 @@ def _find_runs(task_dir: Path, methods: Sequence[str]) -> list[_Run]:
 
 
 def _discover_tasks(out_dir: Path, model: str) -> list[str]:
-    names = {p.stem for p in (out_dir / "base" / model).glob("*.safetensors") if not p.name.endswith(".floor.safetensors")}
-    runs_dir = out_dir / "runs" / model
+    names = {p.stem for p in layout.base_file(out_dir, model, "*").parent.glob("*.safetensors") if not p.name.endswith(layout.FLOOR_SUFFIX)}
+    runs_dir = layout.runs_dir(out_dir, model)
     if runs_dir.is_dir():
         names |= {p.name for p in runs_dir.iterdir() if p.is_dir()}
     return sorted(names)
@@ -397,12 +398,12 @@ def run_final_drift(base_path: Path, run_dir: Path, metric: str = "debiased", si
 
 def _analyse_task(out_dir: Path, model: str, task: str, methods: Sequence[str], metric: str,
                   sigma_frac: float, ci: float, jackknife: bool) -> tuple[list[dict], dict | None]:
-    runs = _find_runs(out_dir / "runs" / model / task, methods)
+    runs = _find_runs(layout.runs_dir(out_dir, model, task), methods)
     if not runs:
         log.warning("task %s: no runs with snapshots under %s; skipping", task,
-                    out_dir / "runs" / model / task)
+                    layout.runs_dir(out_dir, model, task))
         return [], None
-    base_path = out_dir / "base" / model / f"{task}.safetensors"
+    base_path = layout.base_file(out_dir, model, task)
     if not base_path.exists():
         raise ValueError(f"task {task}: base representation file {base_path} is missing "
                          f"but there are {len(runs)} runs to compare against it")
@@ -688,7 +689,7 @@ def analyse_drift(
         tasks = _discover_tasks(out_dir, model)
     elif isinstance(tasks, str):
         tasks = [tasks]
-    drift_dir = out_dir / "drift"
+    drift_dir = layout.path(out_dir, "drift")
 
     all_rows: list[dict] = []
     all_curves: list[dict] = []

@@ -53,8 +53,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from loradrift import layout
 from loradrift.config import RunConfig
 from loradrift.io import atomic_path, atomic_write_json, json_safe, write_csv
+from loradrift.methods import METHOD_NAMES, METHODS
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +72,9 @@ RUN_COLUMNS = ["task", "method", "seed", "loss", "base_loss", "delta_loss", "n_t
 def general_text(cfg: RunConfig) -> tuple[list[str], dict]:
     """(paragraphs, provenance): the seeded sample of held-out Wikipedia paragraphs."""
     from loradrift.data import _read_hub, read_squad_json, resolve_data_dir, verify_checksum
-    from loradrift.tasks import get_task
+    from loradrift.tasks import heldout_text_task
 
-    spec = get_task("squad_v2")
+    spec = heldout_text_task()
     data_dir = resolve_data_dir(cfg)
     if data_dir is not None:
         for rel in (spec.dev_file, spec.train_file):
@@ -300,7 +302,7 @@ class Forgetting:
         self.paragraphs, self.text_info = general_text(cfg)
         self.seqs = tokenize(self.tokenizer, self.paragraphs, cfg.forgetting.max_tokens)
         self.key = _sha({"model": model_key(cfg.model), "tokens": self.seqs})
-        self.path = self.out / "forgetting" / "cache.json"
+        self.path = layout.path(self.out, "forgetting_cache")
         cache = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.cache: dict = cache if cache.get("text_key") == self.key else {"text_key": self.key, "runs": {}}
         self._scorer: Scorer | None = None
@@ -326,7 +328,7 @@ class Forgetting:
     def run(self, run_dir: Path) -> dict:
         """{loss, base_loss, delta_loss, n_tokens} of one finished run folder."""
         run_dir = Path(run_dir)
-        result = run_dir / "result.json"
+        result = layout.run_path(run_dir, "result")
         fp = _sha({"text": self.key, "result": hashlib.sha256(result.read_bytes()).hexdigest()})
         try:
             rel = str(run_dir.resolve().relative_to(self.out.resolve()))
@@ -346,11 +348,11 @@ class Forgetting:
 
 
 def _drift_by_run(out: Path) -> dict[tuple[str, str, int], float]:
-    path = out / "drift" / "comparison.json"
+    path = layout.path(out, "drift_comparison")
     comp = json.loads(path.read_text()) if path.is_file() else {}
     found = {}
     for task, c in comp.items():
-        for method in ("full", "lora"):
+        for method in METHOD_NAMES:
             for seed, d in (c.get(f"drift_{method}_by_seed") or {}).items():
                 found[(task, method, int(seed))] = float(d)
     return found
@@ -361,7 +363,7 @@ def analyse_forgetting(cfg: RunConfig, tasks: Sequence[str] | None = None,
     """Δloss of every finished Phase 2 run (study tasks, methods and seeds), the per task x method
     intervals and the drift correlations; writes ``<out>/forgetting/``. ``progress(done, runs)``
     after each run looked at."""
-    from loradrift.models import model_key
+    from loradrift.layout import model_key
 
     out = Path(cfg.out_dir)
     tasks = list(tasks or cfg.study.tasks)
@@ -375,8 +377,8 @@ def analyse_forgetting(cfg: RunConfig, tasks: Sequence[str] | None = None,
                 if progress:
                     progress(looked, n_runs)
                 looked += 1
-                rd = out / "runs" / model_key(cfg.model) / task / method / f"seed{seed}"
-                if not (rd / "result.json").is_file():
+                rd = layout.run_dir(out, model_key(cfg.model), task, method, seed)
+                if not layout.run_path(rd, "result").is_file():
                     continue
                 r = fg.run(rd)
                 rows.append({"task": task, "method": method, "seed": seed, **r,
@@ -422,9 +424,9 @@ def analyse_forgetting(cfg: RunConfig, tasks: Sequence[str] | None = None,
         "notes": notes,
         "seconds_this_call": fg.seconds,
     }
-    fdir = out / "forgetting"
+    fdir = layout.path(out, "forgetting")
     write_csv(fdir / "runs.csv", RUN_COLUMNS, rows)
-    atomic_write_json(fdir / "summary.json", json_safe(summary))
+    atomic_write_json(layout.path(out, "forgetting_summary"), json_safe(summary))
     if rows:
         _plot(rows, by_group, fdir / "figures" / "forgetting.png")
     return summary
@@ -435,7 +437,7 @@ def _plot(rows: list[dict], groups: list[dict], path: Path) -> None:
 
     fig = Figure(figsize=(11, 4), layout="constrained")
     ax_bar, ax_sc = fig.subplots(1, 2)
-    colors = {"full": "#4C72B0", "lora": "#DD8452"}
+    colors = {m.name: m.color for m in METHODS.values()}
     for i, g in enumerate(groups):
         err = None if g["ci_low"] is None else [[g["mean"] - g["ci_low"]], [g["ci_high"] - g["mean"]]]
         ax_bar.bar(i, g["mean"], yerr=err, capsize=4, color=colors.get(g["method"], "#8c8c8c"))
@@ -484,7 +486,7 @@ def gate_correlations(correlation: Mapping[str, Any], not_learned: Mapping[str, 
 def secondary_result(out: Path, not_learned: Mapping[str, str]) -> dict | None:
     """The forgetting analysis as `stats/hypotheses.json` carries it (None when it did not run),
     its correlations behind the learning gate (`not_learned`: {task: why})."""
-    path = Path(out) / "forgetting" / "summary.json"
+    path = layout.path(out, "forgetting_summary")
     if not path.is_file():
         return None
     s = json.loads(path.read_text())

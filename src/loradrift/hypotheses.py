@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from loradrift import stats
+from loradrift import layout, stats
 from loradrift.config import RunConfig
 from loradrift.io import ResultsStore, atomic_write_json, reconcile_store
-from loradrift.models import model_key
+from loradrift.methods import FULL, LORA, METHOD_NAMES, METHODS
+from loradrift.layout import model_key
 from loradrift.serving.offline import round_starts
 from loradrift.tasks import TASKS
 
@@ -29,15 +30,15 @@ LEARNING_RULE = ("a method learned a task when its mean dev score on H1's metric
 
 def h1_metric(task: str) -> str:
     """H1's metric: accuracy for the GLUE tasks (MRPC's F1 is reported beside it), F1 for SQuAD v2."""
-    return "f1" if TASKS[task].kind == "extractive_qa" else "accuracy"
+    return TASKS[task].h1_metric
 
 
 def performance_by_seed(cfg: RunConfig, metric=h1_metric) -> dict[str, dict[str, dict[int, float]]]:
     """{method: {task: {seed: dev score}}} for the Phase 2 seeds of this model; `metric(task)` names
     the dev metric (None leaves the task out)."""
-    out: dict[str, dict[str, dict[int, float]]] = {"full": {}, "lora": {}}
+    out: dict[str, dict[str, dict[int, float]]] = {m: {} for m in METHOD_NAMES}
     reconcile_store(Path(cfg.out_dir))
-    rows = ResultsStore(Path(cfg.out_dir) / "results.sqlite").rows("run", model=model_key(cfg.model))
+    rows = ResultsStore(layout.results_db(cfg.out_dir)).rows("run", model=model_key(cfg.model))
     for r in rows:
         name = metric(r["task"])
         if r["seed"] not in cfg.study.seeds or r["task"] not in cfg.study.tasks or name is None:
@@ -55,7 +56,7 @@ def baseline_bars(cfg: RunConfig) -> dict[str, dict]:
     majority and random rows. A store from before Phase 0 recorded the dev-majority rate still
     gives it for two labels (the train-majority class's rate or its complement); with more labels
     the bar is None, with the reason. SQuAD v2 (F1): the always-no-answer row."""
-    rows = ResultsStore(Path(cfg.out_dir) / "results.sqlite").rows("baseline", model=model_key(cfg.model))
+    rows = ResultsStore(layout.results_db(cfg.out_dir)).rows("baseline", model=model_key(cfg.model))
     latest: dict[tuple[str, str], dict] = {}
     for r in rows:
         key = (r["task"], r["method"])
@@ -64,25 +65,34 @@ def baseline_bars(cfg: RunConfig) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for task in sorted({t for t, _ in latest}):
         spec = TASKS[task]
-        if spec.kind == "extractive_qa":
-            row = latest.get((task, "no_answer"))
-            parts = {"no_answer": float(row["metrics"]["f1"])} if row else {}
-            reason = None if row else "no always-no-answer row in the Phase 0 store"
-        else:
-            parts = {"chance": 1.0 / spec.num_labels}
-            parts.update({name: float(latest[(task, name)]["metrics"]["accuracy"])
-                          for name in ("majority", "random") if (task, name) in latest})
-            maj = latest.get((task, "majority"))
-            reason = None
-            if maj and "dev_majority_accuracy" in maj["metrics"]:
-                parts["dev_majority"] = float(maj["metrics"]["dev_majority_accuracy"])
-            elif maj and spec.num_labels == 2:
-                parts["dev_majority"] = max(parts["majority"], 1.0 - parts["majority"])
-            else:
-                reason = (f"the Phase 0 store has no dev-majority rate for {task} ({spec.num_labels} labels); "
-                          "rerun `loradrift baselines`")
+        parts, reason = spec.handler("bar")(spec, latest)
         out[task] = {"bar": max(parts.values()) if reason is None else None, "from": parts, "reason": reason}
     return out
+
+
+def no_answer_bar(spec, latest: dict[tuple[str, str], dict]) -> tuple[dict[str, float], str | None]:
+    """The extractive-QA kind's `bar`: the always-no-answer row's F1."""
+    row = latest.get((spec.name, "no_answer"))
+    parts = {"no_answer": float(row["metrics"]["f1"])} if row else {}
+    return parts, None if row else "no always-no-answer row in the Phase 0 store"
+
+
+def classification_bar(spec, latest: dict[tuple[str, str], dict]) -> tuple[dict[str, float], str | None]:
+    """The classification kind's `bar`: chance, the dev-majority rate, the majority and random rows."""
+    task = spec.name
+    parts = {"chance": 1.0 / spec.num_labels}
+    parts.update({name: float(latest[(task, name)]["metrics"]["accuracy"])
+                  for name in ("majority", "random") if (task, name) in latest})
+    maj = latest.get((task, "majority"))
+    reason = None
+    if maj and "dev_majority_accuracy" in maj["metrics"]:
+        parts["dev_majority"] = float(maj["metrics"]["dev_majority_accuracy"])
+    elif maj and spec.num_labels == 2:
+        parts["dev_majority"] = max(parts["majority"], 1.0 - parts["majority"])
+    else:
+        reason = (f"the Phase 0 store has no dev-majority rate for {task} ({spec.num_labels} labels); "
+                  "rerun `loradrift baselines`")
+    return parts, reason
 
 
 def not_learned(perf: dict, bars: dict[str, dict], tasks) -> dict[str, str]:
@@ -91,13 +101,13 @@ def not_learned(perf: dict, bars: dict[str, dict], tasks) -> dict[str, str]:
     out = {}
     for task in tasks:
         bar = (bars.get(task) or {}).get("bar")
-        if task not in perf["full"] or task not in perf["lora"]:
+        if task not in perf[FULL] or task not in perf[LORA]:
             out[task] = "no finished Phase 2 runs of both methods"
         elif bar is None:
             out[task] = f"no baseline bar: {(bars.get(task) or {}).get('reason') or 'no Phase 0 baseline rows'}"
         else:
-            why = [w for w in (stats.did_not_learn("FT", list(perf["full"][task].values()), bar),
-                               stats.did_not_learn("LoRA", list(perf["lora"][task].values()), bar)) if w]
+            why = [w for w in (stats.did_not_learn(METHODS[FULL].short, list(perf[FULL][task].values()), bar),
+                               stats.did_not_learn(METHODS[LORA].short, list(perf[LORA][task].values()), bar)) if w]
             if why:
                 out[task] = "; ".join(why)
     return out
@@ -147,11 +157,11 @@ def _h3(cfg: RunConfig, out: Path, notes: list[str]) -> tuple[list[stats.Hypothe
     """H3's results and what they were measured on; on the PEFT backend every result is secondary
     evidence and the pre-registered H3 has no primary result."""
     s = cfg.stats
-    over_file = out / "serve" / "overhead.json"
+    over_file = layout.path(out, "serve_overhead")
     if not over_file.exists():
         notes.append(f"H3: no serving benchmark ({over_file} missing)")
         return [], None
-    meta_file = out / "serve" / "meta.json"
+    meta_file = layout.path(out, "serve_meta")
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else None
     picked = _h3_inputs(cfg, json.loads(over_file.read_text()), meta)
     if not picked or s.h3_batch not in picked[1]:
@@ -187,10 +197,10 @@ def run_stats(cfg: RunConfig) -> dict:
     perf = performance_by_seed(cfg)
     bars = baseline_bars(cfg)
     notes += [f"baseline bar of {t}: {b['reason']}" for t, b in bars.items() if b["reason"]]
-    tasks = sorted(set(perf["full"]) & set(perf["lora"]))
+    tasks = sorted(set(perf[FULL]) & set(perf[LORA]))
     h1 = []
     if tasks:
-        h1 = stats.h1_performance({t: perf["full"][t] for t in tasks}, {t: perf["lora"][t] for t in tasks},
+        h1 = stats.h1_performance({t: perf[FULL][t] for t in tasks}, {t: perf[LORA][t] for t in tasks},
                                   s.h1_threshold, baselines={t: b["bar"] for t, b in bars.items() if b["bar"] is not None},
                                   confidence=s.confidence)
         f1 = performance_by_seed(cfg, metric=lambda t: "f1" if TASKS[t].metric == "accuracy_f1" else None)
@@ -204,7 +214,7 @@ def run_stats(cfg: RunConfig) -> dict:
 
     h2 = []
     gate: dict[str, str] = not_learned(perf, bars, cfg.study.tasks)
-    comp_file = out / "drift" / "comparison.json"
+    comp_file = layout.path(out, "drift_comparison")
     if comp_file.exists():
         comp = json.loads(comp_file.read_text())
         ok = {t: c for t, c in comp.items() if c.get("drift_full_by_seed") and c.get("drift_lora_by_seed")}
@@ -246,7 +256,7 @@ def run_stats(cfg: RunConfig) -> dict:
 
     # Not part of the family or the verdict: analyses the plan did not pre-register.
     result["secondary_analyses"] = {"forgetting": secondary_result(out, gate)}
-    atomic_write_json(out / "stats" / "hypotheses.json", result)
+    atomic_write_json(layout.path(out, "hypotheses"), result)
     return result
 
 

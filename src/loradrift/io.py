@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from loradrift import layout
+
 
 class OutputError(RuntimeError):
     """An output folder or file cannot be written; the message names the path."""
@@ -260,9 +262,9 @@ def reconcile_store(out_dir: Path) -> dict[str, int]:
     the store), refresh a stale one, drop one whose folder holds another run or none (redone
     with --force, or being redone). Rows without a folder, and other row kinds, are left alone. Returns the counts {"added", "updated", "removed"}."""
     out = Path(out_dir)
-    store_path = out / "results.sqlite"
+    store_path = layout.results_db(out)
     found: dict[tuple, tuple[dict, float]] = {}
-    for f in sorted(out.glob("runs/*/*/*/seed*/result.json")):
+    for f in (p for run in layout.iter_runs(out) if (p := layout.run_path(run.path, "result")).exists()):
         try:
             r = json.loads(f.read_text())
             key = (r["model"], r["task"], r["method"], int(r["seed"]), r["config_hash"])
@@ -280,7 +282,7 @@ def reconcile_store(out_dir: Path) -> dict[str, int]:
         model, task, method, seed, _ = key
         # A row whose folder is absent is kept: the heavy runs/ tree may have been left behind
         # when <out> was copied for the report. A folder that exists holds one run, or none yet.
-        if key not in found and (out / "runs" / model / task / method / f"seed{seed}").is_dir():
+        if key not in found and layout.run_dir(out, model, task, method, seed).is_dir():
             store.delete("run", *key)
             counts["removed"] += 1
     for key, (r, mtime) in found.items():
@@ -298,8 +300,8 @@ def serve_adapter_dir(run_dir: Path) -> Path:
     """A LoRA run's adapter with CausalLM keys and no head (vLLM, merging, the weight analysis):
     `serve_adapter/`; runs made before the PEFT-native `adapter/` existed kept it in `adapter/`."""
     run_dir = Path(run_dir)
-    new = run_dir / "serve_adapter"
-    return new if new.is_dir() or not (run_dir / "adapter").is_dir() else run_dir / "adapter"
+    new, old = layout.run_path(run_dir, "serve_adapter"), layout.run_path(run_dir, "adapter")
+    return new if new.is_dir() or not old.is_dir() else old
 
 
 def json_safe(o: Any) -> Any:

@@ -15,7 +15,6 @@ cache, so training, probes and serving all read the same weights:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import inspect
 import json
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from loradrift.config import ModelConfig
+from loradrift.layout import model_key  # noqa: F401  (re-exported: loradrift.models.model_key)
 
 
 class ModelError(ValueError):
@@ -63,21 +63,6 @@ MODELS: dict[str, ModelSource] = {
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LORADRIFT_CACHE", Path.home() / ".cache" / "loradrift"))
-
-
-def model_key(mcfg: ModelConfig) -> str:
-    """The name used in artefact paths: registry name, or a sanitised path / Hub id."""
-    if mcfg.name == "tiny":
-        d = mcfg.tiny.model_dump()
-        # Shape options added later enter the key only when set, so existing tiny models keep their key.
-        for k, default in (("vocab_size", None), ("tie_word_embeddings", True)):
-            if d[k] == default:
-                del d[k]
-        tiny = json.dumps(d, sort_keys=True)
-        return "tiny-" + hashlib.sha256(tiny.encode()).hexdigest()[:8]
-    if mcfg.name in MODELS:
-        return mcfg.name
-    return mcfg.name.strip("/").replace("/", "--").replace(":", "_")
 
 
 def public_base(mcfg: ModelConfig, model_dir: Path) -> tuple[str, str]:
@@ -349,8 +334,12 @@ class SpanAnswerabilityHead(nn.Module):
         return out
 
 
-HEADS = {"classification": lambda hidden, spec, decoder: ClassificationHead(hidden, spec.num_labels, bias=not decoder),
-         "extractive_qa": lambda hidden, spec, decoder: SpanAnswerabilityHead(hidden)}
+def classification_head(hidden: int, spec, decoder: bool) -> nn.Module:
+    return ClassificationHead(hidden, spec.num_labels, bias=not decoder)
+
+
+def span_head(hidden: int, spec, decoder: bool) -> nn.Module:
+    return SpanAnswerabilityHead(hidden)
 
 
 def hf_task_type(spec, decoder: bool, pooling: str) -> str | None:
@@ -358,7 +347,7 @@ def hf_task_type(spec, decoder: bool, pooling: str) -> str | None:
     or None where none does: only a decoder's classification head with last-token pooling
     (SEQ_CLS, `score`). SQuAD v2's span head has no HF twin for its answerability logit, and an
     encoder's HF classifier sits on a pooler layer this head does not use."""
-    return "SEQ_CLS" if spec.kind == "classification" and decoder and pooling == "last" else None
+    return spec.task_kind.peft_task_type if decoder and pooling == "last" else None
 
 
 class TaskModel(nn.Module):
@@ -403,6 +392,6 @@ def build_task_model(model_dir: Path, spec, mcfg: ModelConfig, head_seed: int, d
     # The head's init depends only on the seed, so full FT and LoRA with one seed start identical.
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(head_seed)
-    head = HEADS[spec.kind](backbone.config.hidden_size, spec, decoder)
+    head = spec.handler("head")(backbone.config.hidden_size, spec, decoder)
     torch.random.set_rng_state(gen_state)
     return TaskModel(backbone, head, resolve_pooling(mcfg, decoder))

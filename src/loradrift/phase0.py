@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loradrift import layout
 from loradrift.config import RunConfig
 from loradrift.data import load_task, probe_examples, rows_as_squad_json
 from loradrift.io import ResultsStore
+from loradrift.methods import METHOD_NAMES, METHODS
 from loradrift.metrics import compute_metrics, squad_v2_evaluate
 from loradrift.models import build_task_model, is_decoder, load_tokenizer, model_key, resolve_model_dir
 from loradrift.representations import base_path, encode_probe, extract, floor_batch_size, floor_path, probe_key, save_snapshot
@@ -28,7 +30,7 @@ from loradrift.tasks import get_task
 
 
 def _store(cfg: RunConfig) -> ResultsStore:
-    return ResultsStore(Path(cfg.out_dir) / "results.sqlite")
+    return ResultsStore(layout.results_db(cfg.out_dir))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,7 +44,7 @@ def sanity_check(cfg: RunConfig, on_step: Callable[[int, int], None] | None = No
     from loradrift.train import batch_order, evaluate, make_optimizer, setup, train_step
 
     s = cfg.sanity
-    lr = s.lr_full if cfg.method.name == "full" else s.lr_lora
+    lr = getattr(s, METHODS[cfg.method.name].sanity_lr)
     run_cfg = cfg.model_copy(deep=True)
     run_cfg.method.lora.dropout = 0.0
     run_cfg.train.grad_accum = 1
@@ -59,8 +61,8 @@ def sanity_check(cfg: RunConfig, on_step: Callable[[int, int], None] | None = No
     order = batch_order(ctx, s.batch_size, cfg.seed)
     t0 = time.time()
     ctx.model.train()
-    threshold = s.min_squad_f1 if ctx.spec.kind == "extractive_qa" else s.min_accuracy
-    metric = "f1" if ctx.spec.kind == "extractive_qa" else "accuracy"
+    threshold = getattr(s, ctx.spec.task_kind.sanity_threshold)
+    metric = ctx.spec.h1_metric
     score, steps, loss = float("nan"), 0, float("nan")
     for step in range(s.max_steps):
         loss = train_step(ctx, order, step, opt, sched).loss
@@ -76,7 +78,7 @@ def sanity_check(cfg: RunConfig, on_step: Callable[[int, int], None] | None = No
             "passed": bool(score >= threshold), "seconds": time.time() - t0}
 
 
-def run_sanity(cfg_for, tasks: list[str], methods=("full", "lora")) -> list[dict]:
+def run_sanity(cfg_for, tasks: list[str], methods=METHOD_NAMES) -> list[dict]:
     rows = []
     for task in tasks:
         for method in methods:
@@ -98,33 +100,43 @@ def baselines(cfg: RunConfig) -> list[dict]:
     data = load_task(cfg)
     spec = data.spec
     rng = random.Random(cfg.seed)
-    rows = []
-    if spec.kind == "extractive_qa":
-        dataset = rows_as_squad_json(data.dev)
-        empty = {r["id"]: "" for r in data.dev}
-        rows.append({"baseline": "no_answer", **squad_v2_evaluate(dataset, empty)})
-        spans = {}
-        for r in data.dev:
-            words = r["context"].split()
-            i = rng.randrange(len(words))
-            spans[r["id"]] = " ".join(words[i : i + rng.randint(1, 5)])
-        rows.append({"baseline": "random_span", **squad_v2_evaluate(dataset, spans)})
-    else:
-        labels = [r["label"] for r in data.dev]
-        train_labels = [r["label"] for r in data.train]
-        # Majority is taken from train (the dev labels are the test set).
-        majority = int(np.bincount(train_labels, minlength=spec.num_labels).argmax())
-        rows.append({"baseline": "majority", "predicts": spec.labels[majority], **compute_metrics(spec.metric, [majority] * len(labels), labels),
-                     # not predictors but bars: a constant model scores the dev-majority rate, and the
-                     # train-majority class can be the dev minority (hypotheses.baseline_bars)
-                     "dev_majority_accuracy": float(np.bincount(labels, minlength=spec.num_labels).max() / len(labels)),
-                     "chance_accuracy": 1.0 / spec.num_labels})
-        guesses = [rng.randrange(spec.num_labels) for _ in labels]
-        rows.append({"baseline": "random", **compute_metrics(spec.metric, guesses, labels)})
+    rows = spec.handler("baselines")(spec, data, rng)
     store = _store(cfg)
     for r in rows:
         r.update(task=spec.name, dev_examples=len(data.dev))
         store.put("baseline", model_key(cfg.model), spec.name, r["baseline"], cfg.seed, cfg.science_hash(), r)
+    return rows
+
+
+def squad_baselines(spec, data, rng: random.Random) -> list[dict]:
+    """Always-no-answer and a seeded random-span guess (the extractive-QA kind's `baselines`)."""
+    rows = []
+    dataset = rows_as_squad_json(data.dev)
+    empty = {r["id"]: "" for r in data.dev}
+    rows.append({"baseline": "no_answer", **squad_v2_evaluate(dataset, empty)})
+    spans = {}
+    for r in data.dev:
+        words = r["context"].split()
+        i = rng.randrange(len(words))
+        spans[r["id"]] = " ".join(words[i : i + rng.randint(1, 5)])
+    rows.append({"baseline": "random_span", **squad_v2_evaluate(dataset, spans)})
+    return rows
+
+
+def classification_baselines(spec, data, rng: random.Random) -> list[dict]:
+    """Majority class and a seeded uniform-random guess (the classification kind's `baselines`)."""
+    rows = []
+    labels = [r["label"] for r in data.dev]
+    train_labels = [r["label"] for r in data.train]
+    # Majority is taken from train (the dev labels are the test set).
+    majority = int(np.bincount(train_labels, minlength=spec.num_labels).argmax())
+    rows.append({"baseline": "majority", "predicts": spec.labels[majority], **compute_metrics(spec.metric, [majority] * len(labels), labels),
+                 # not predictors but bars: a constant model scores the dev-majority rate, and the
+                 # train-majority class can be the dev minority (hypotheses.baseline_bars)
+                 "dev_majority_accuracy": float(np.bincount(labels, minlength=spec.num_labels).max() / len(labels)),
+                 "chance_accuracy": 1.0 / spec.num_labels})
+    guesses = [rng.randrange(spec.num_labels) for _ in labels]
+    rows.append({"baseline": "random", **compute_metrics(spec.metric, guesses, labels)})
     return rows
 
 

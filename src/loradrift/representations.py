@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from loradrift import layout
 from loradrift.config import RunConfig
 from loradrift.data import collate, length_sorted_batches
 from loradrift.io import atomic_path, atomic_write_json
@@ -27,12 +28,18 @@ from loradrift.models import pool
 
 def encode_probe(spec, tokenizer, rows: list[dict], max_length: int) -> list[dict]:
     """One sequence per probe example (SQuAD: question + the first window of its context)."""
-    if spec.kind == "extractive_qa":
-        enc = tokenizer([r["question"].lstrip() for r in rows], [r["context"] for r in rows],
-                        truncation="only_second", max_length=max_length)
-    else:
-        b = [r["text_b"] for r in rows] if rows[0]["text_b"] is not None else None
-        enc = tokenizer([r["text_a"] for r in rows], b, truncation=True, max_length=max_length)
+    return spec.handler("probe_encode")(tokenizer, rows, max_length)
+
+
+def probe_text_features(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+    b = [r["text_b"] for r in rows] if rows[0]["text_b"] is not None else None
+    enc = tokenizer([r["text_a"] for r in rows], b, truncation=True, max_length=max_length)
+    return [{"input_ids": ids, "label": 0} for ids in enc["input_ids"]]
+
+
+def probe_squad_features(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+    enc = tokenizer([r["question"].lstrip() for r in rows], [r["context"] for r in rows],
+                    truncation="only_second", max_length=max_length)
     return [{"input_ids": ids, "label": 0} for ids in enc["input_ids"]]
 
 
@@ -116,27 +123,27 @@ def load_snapshot(path: Path) -> dict[str, torch.Tensor]:
 
 
 def snapshot_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "snapshots" / f"step_{step:06d}.safetensors"
+    return layout.run_path(run_dir, "snapshot", step=step)
 
 
 def write_index(run_dir: Path, pooling: str) -> dict:
-    snap_dir = Path(run_dir) / "snapshots"
+    snap_dir = layout.run_path(run_dir, "snapshots")
     steps = sorted(int(p.stem.split("_")[1]) for p in snap_dir.glob("step_*.safetensors"))
     first = load_file(str(snapshot_path(run_dir, steps[0])))
     index = {"steps": steps, "final_step": steps[-1], "n_layers": len(first), "n_examples": int(first["layer.0"].shape[0]), "pooling": pooling}
-    atomic_write_json(snap_dir / "index.json", index)
+    atomic_write_json(layout.run_path(run_dir, "snapshot_index"), index)
     return index
 
 
 def base_path(cfg: RunConfig, model_key: str, task: str) -> Path:
-    return Path(cfg.out_dir) / "base" / model_key / f"{task}.safetensors"
+    return layout.base_file(cfg.out_dir, model_key, task)
 
 
 def floor_path(base: Path) -> Path:
     """The base model's probe representations extracted a second time with another batch
     composition: drift between the two is the numerical noise floor of the drift measure."""
-    return Path(base).with_suffix(".floor.safetensors")
+    return Path(base).with_suffix(layout.FLOOR_SUFFIX)
 
 
 def read_index(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "snapshots" / "index.json").read_text())
+    return json.loads(layout.run_path(run_dir, "snapshot_index").read_text())

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import yaml
 from pydantic import ValidationError
 
-from loradrift import tracking
+from loradrift import layout, tracking
 from loradrift.config import ConfigError, ParamSpec, PrunerConfig, RunConfig, SearchConfig, _validate, deep_merge
 from loradrift.io import LockBusy, atomic_write_json, atomic_write_text, exclusive_lock
 
@@ -36,7 +36,7 @@ from loradrift.io import LockBusy, atomic_write_json, atomic_write_text, exclusi
 # must not look at) would cost time and change none of the training numbers.
 TRIAL_ONLY = {"probe": {"enabled": False}, "train": {"eval_dev": False}}
 # Run folders keep these after a trial; weights and snapshots go unless keep_trial_weights.
-_TRIAL_KEEP = {"config.yaml", "result.json", "log.jsonl", ".lock"}
+_TRIAL_KEEP = {layout.RUN_PATHS[k] for k in ("config", "result", "log", "lock")}
 
 
 class SearchError(RuntimeError):
@@ -110,7 +110,7 @@ def validate_space(cfg: RunConfig, space: list[ParamSpec], fixed: dict[str, Any]
 
 
 def default_storage(out_dir: Path) -> str:
-    return f"sqlite:///{(Path(out_dir) / 'search' / 'optuna.db').resolve()}"
+    return f"sqlite:///{layout.path(out_dir, 'search_db').resolve()}"
 
 
 @contextmanager
@@ -276,7 +276,7 @@ def run_search(cfg: RunConfig, search_cfg: SearchConfig | dict | None = None, tr
     import optuna
     from optuna.trial import TrialState
 
-    from loradrift.models import model_key
+    from loradrift.layout import model_key
     from loradrift.tasks import get_task
     from loradrift.train import train_run
 
@@ -299,7 +299,7 @@ def run_search(cfg: RunConfig, search_cfg: SearchConfig | dict | None = None, tr
              "primary_metric": spec.primary}
     study = open_study(store, name, attrs, scfg.seed, scfg.pruner)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    trial_root = Path(cfg.out_dir) / "search" / model / (f"{cfg.task}_{method}" + ("_rank" if tune_rank else ""))
+    trial_root = layout.path(cfg.out_dir, "search_trials", model=model, task=cfg.task, method=method, suffix="_rank" if tune_rank else "")
 
     class Surplus(Exception):
         """Another worker started the last trial first; this one is recorded as a failed no-op."""
@@ -394,7 +394,7 @@ def run_search(cfg: RunConfig, search_cfg: SearchConfig | dict | None = None, tr
     if not complete:
         raise SearchError(f"{name}: no trial completed (all pruned or failed); nothing to write")
     best = study.best_trial
-    path = best_config_path(cfg.out_dir, model, cfg.task, method, tune_rank)
+    path = layout.best_config_for(cfg.out_dir, model, cfg.task, method, tune_rank)
     write_best_config(path, study, best)
     return {"study": name, "storage": _safe_url(url), "best_value": best.value, "best_trial": best.number,
             "best_params": dict(best.params), "best_overrides": best.user_attrs.get("overrides", {}),
@@ -471,11 +471,11 @@ def _is_surplus(study, me, n_target: int) -> bool:
 def _strip_trial(trial_dir: Path) -> None:
     """Drop the bulky parts of a trial's run folder; config, log and result stay for the report.
     Only a killed worker leaves a checkpoint behind (it never gets here): its retry resumes it."""
-    for run_dir in trial_dir.glob("runs/*/*/*/seed*"):
+    for run_dir in (run.path for run in layout.iter_runs(trial_dir)):
         try:
             # A worker declared dead by mistake may still train here (its retry was refused
             # with "run in progress"): its folder is not ours to strip.
-            with exclusive_lock(run_dir / ".lock"):
+            with exclusive_lock(layout.run_path(run_dir, "lock")):
                 for child in run_dir.iterdir():
                     if child.name not in _TRIAL_KEEP:
                         shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -485,10 +485,6 @@ def _strip_trial(trial_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # best config
-
-
-def best_config_path(out_dir: Path, model: str, task: str, method: str, tune_rank: bool = False) -> Path:
-    return Path(out_dir) / "configs" / "best" / model / (f"{task}_{method}" + ("_rank" if tune_rank else "") + ".yaml")
 
 
 def write_best_config(path: Path, study, trial) -> None:
@@ -516,10 +512,10 @@ def search_report(out_dir: Path, storage: str | None = None, tasks: list[str] | 
 
     scfg = load_search_config(search_cfg)
     url = storage or scfg.storage or default_storage(out_dir)
-    if url == default_storage(out_dir) and not (Path(out_dir) / "search" / "optuna.db").exists():
-        raise SearchError(f"no search storage at {Path(out_dir) / 'search' / 'optuna.db'}; run `loradrift search` first")
+    if url == default_storage(out_dir) and not layout.path(out_dir, "search_db").exists():
+        raise SearchError(f"no search storage at {layout.path(out_dir, 'search_db')}; run `loradrift search` first")
     store = open_storage(url, scfg)
-    report_dir = Path(out_dir) / "search" / "report"
+    report_dir = layout.path(out_dir, "search_report")
     fig_dir = report_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     studies, rows = [], []

@@ -29,10 +29,11 @@ from typing import Callable
 
 from rich.console import Console
 
-from loradrift import tracking
+from loradrift import layout, tracking
 from loradrift.config import RunConfig
 from loradrift.io import ResultsStore, atomic_write_json, make_dir, serve_adapter_dir
-from loradrift.models import model_key
+from loradrift.methods import LORA
+from loradrift.layout import model_key
 from loradrift.progress import Reporter, Stage
 from loradrift.runtime import set_threads
 
@@ -46,12 +47,6 @@ class StudyStop(RuntimeError):
     """A phase found a result that makes going on pointless (a failed sanity check)."""
 
 
-def best_config_path(cfg: RunConfig, task: str, method: str) -> Path:
-    from loradrift.search import best_config_path as path
-
-    return path(cfg.out_dir, model_key(cfg.model), task, method)
-
-
 # ---------------------------------------------------------------------------------------------
 # phases
 
@@ -60,8 +55,6 @@ def phase0(cfg_for: ConfigFor, tasks: list[str], methods: list[str], store: Resu
     """`st`: counts data checks, sanity checks, baselines, base extractions and memory profiles."""
     from loradrift.data import load_task, summary
     from loradrift.phase0 import baselines, extract_base, memory_profile_isolated, sanity_check
-    from loradrift.representations import base_path
-
     st.update(0, total=len(tasks) * (3 + 2 * len(methods)))
     for task in tasks:
         cfg = cfg_for(task)
@@ -97,7 +90,7 @@ def phase0(cfg_for: ConfigFor, tasks: list[str], methods: list[str], store: Resu
             baselines(cfg)
         st.advance(cached=done)
         st.start(f"base representations {task}")
-        done = base_path(cfg, model_key(cfg.model), task).exists()
+        done = layout.base_file(cfg.out_dir, model_key(cfg.model), task).exists()
         extract_base(cfg)
         st.advance(cached=done)
         for method in methods:
@@ -118,7 +111,7 @@ def phase1(cfg_for: ConfigFor, tasks: list[str], methods: list[str], say, st: St
     for task in tasks:
         for method in methods:
             cfg = cfg_for(task, method)
-            if best_config_path(cfg, task, method).exists():
+            if layout.best_config_for(cfg.out_dir, model_key(cfg.model), task, method).exists():
                 st.advance(cached=True)
                 continue
             st.start(f"search {task}/{method}")
@@ -128,7 +121,7 @@ def phase1(cfg_for: ConfigFor, tasks: list[str], methods: list[str], say, st: St
     cfg = cfg_for()
     st.start("search report")
     search_report(cfg.out_dir, storage=cfg.search.storage, tasks=tasks, methods=methods, search_cfg=cfg.search)
-    say(f"search report: {cfg.out_dir}/search/report")
+    say(f"search report: {layout.path(cfg.out_dir, 'search_report')}")
     st.advance()
 
 
@@ -137,7 +130,7 @@ def phase2_grid(cfg_for: ConfigFor, tasks: list[str], methods: list[str], seeds:
     for task in tasks:
         for method in methods:
             probe = cfg_for(task, method)
-            best = best_config_path(probe, task, method)
+            best = layout.best_config_for(probe.out_dir, model_key(probe.model), task, method)
             files = [best] if best.exists() else []
             for seed in seeds:
                 grid.append(cfg_for(task, method, seed, files))
@@ -146,11 +139,11 @@ def phase2_grid(cfg_for: ConfigFor, tasks: list[str], methods: list[str], seeds:
 
 def phase2(grid: list[RunConfig], st: Stage, say) -> None:
     """`st`: counts the runs; the steps of the running one move it within a run."""
-    from loradrift.train import run_dir_for, train_run
+    from loradrift.train import train_run
 
     for cfg in grid:
         st.start(f"{cfg.task}/{cfg.method.name}/seed{cfg.seed}")
-        finished = (run_dir_for(cfg) / "result.json").exists()
+        finished = layout.run_path(layout.run_dir_for(cfg), "result").exists()
         r = train_run(cfg, on_step=st.inner)
         if not finished:
             say(f"run {cfg.task}/{cfg.method.name}/seed{cfg.seed}: dev {r['primary_metric']} {r['dev'][r['primary_metric']]:.4g} "
@@ -233,7 +226,7 @@ def run_study(cfg_for: ConfigFor, phases: list[int], tasks: list[str] | None = N
     methods, seeds = list(base.study.methods), list(base.study.seeds)
     out = Path(base.out_dir)
     make_dir(out, "--out folder")
-    store = ResultsStore(out / "results.sqlite")
+    store = ResultsStore(layout.results_db(out))
     set_threads(base.runtime.threads)  # before the manifest, which records them
     write_manifest(base, cfg_for, tasks, command)
     timings: list[dict] = []
@@ -270,7 +263,7 @@ def run_study(cfg_for: ConfigFor, phases: list[int], tasks: list[str] | None = N
             timings.append({"phase": f"phase{phase}", "seconds": time.time() - t0})
             result = {"phases": timings, "total_seconds": time.time() - t_start, "tasks": tasks,
                       "finished": datetime.now(timezone.utc).isoformat()}
-            atomic_write_json(out / "study" / "timings.json", result)
+            atomic_write_json(layout.path(out, "timings"), result)
         if 3 in phases:
             # Last, so the report sees every phase's timing (its own seconds are printed, not reported).
             from loradrift.report import build_report
@@ -324,7 +317,7 @@ def write_manifest(cfg: RunConfig, cfg_for: ConfigFor, tasks: list[str], command
     device = {"cuda": torch.cuda.is_available(), "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         device["gpu"] = torch.cuda.get_device_name(0)
-    atomic_write_json(Path(cfg.out_dir) / "study" / "manifest.json", {
+    atomic_write_json(layout.path(cfg.out_dir, "manifest"), {
         "preset": cfg.preset, "command": command or " ".join(sys.argv), "started": datetime.now(timezone.utc).isoformat(),
         "config": cfg.model_dump(mode="json"),
         "configs_by_task": {t: cfg_for(t).model_dump(mode="json", include={"model", "data", "train", "probe", "method"}) for t in tasks},
@@ -345,13 +338,11 @@ def serve_backend(name: str) -> str:
 
 
 def _serve_adapters(cfg: RunConfig, tasks: list[str]) -> dict[str, Path]:
-    from loradrift.train import run_dir_for
-
     out = {}
     for task in tasks:
         rcfg = cfg.model_copy(update={"task": task, "seed": cfg.serve.seed})
-        rcfg.method.name = "lora"
-        out[task] = serve_adapter_dir(run_dir_for(rcfg))
+        rcfg.method.name = LORA
+        out[task] = serve_adapter_dir(layout.run_dir_for(rcfg))
     return out
 
 
@@ -374,7 +365,7 @@ def serve_is_current(cfg: RunConfig, tasks: list[str], backend: str) -> bool:
     """True when serve/ holds a finished benchmark with the same fingerprint. A benchmark of another
     backend, other settings or other adapters (or one stopped before it finished) is not reused:
     the study runs it again, and :func:`serve_bench` moves the old folder aside first."""
-    f = Path(cfg.out_dir) / "serve" / "fingerprint.json"
+    f = layout.path(cfg.out_dir, "serve_fingerprint")
     if not f.exists():
         return False
     return json.loads(f.read_text()) == json.loads(json.dumps(serve_fingerprint(cfg, tasks, backend)))
@@ -411,10 +402,10 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
         rows = load_task(cfg.model_copy(update={"task": task, "seed": sv.seed}), spec).dev[: sv.prompts_per_task]
         prompts[task] = [spec.prompt.format(**{k: v for k, v in r.items() if isinstance(v, str)}) for r in rows]
     fingerprint = serve_fingerprint(cfg, tasks, backend, online)
-    out = Path(cfg.out_dir) / "serve"
+    out = layout.path(cfg.out_dir, "serve")
     if out.exists():
         # nothing computed is overwritten, and nothing of an earlier benchmark mixes with this one
-        old = out.with_name(f"serve.old-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}")
+        old = layout.path(out.parent, "serve_old", time=datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ'))
         out.rename(old)
         console.log(f"serve-bench: the earlier serve/ was moved to {old.name}")
     res = run_serve_bench(base_dir, adapters, merged, prompts, backend=backend,
@@ -449,11 +440,11 @@ def serve_online(cfg: RunConfig, base_dir: Path, adapters: dict, merged: dict, p
     rates = list(sv.online_rates) + ([float("inf")] if sv.online_saturate else [])
     res = run_online(configs, lambda c: engine_settings(c, base_dir, meta["device"], meta["dtype"], max_len,
                                                           meta["max_lora_rank"], meta["max_num_seqs"]),
-                     ids, Path(cfg.out_dir) / "serve" / "online", rates=rates, requests_per_rate=sv.online_requests,
+                     ids, layout.path(cfg.out_dir, "serve_online"), rates=rates, requests_per_rate=sv.online_requests,
                      max_tokens=sv.online_max_tokens,
                      slo_ms={"ttft": sv.slo_ttft_ms, "tpot": sv.slo_tpot_ms, "e2el": sv.slo_e2el_ms},
                      merged_group=group, device=meta["device"], log=console.log)
     res["k_tasks"] = k_tasks_cost(res["summary"], configs)
     res["meta"]["machine"] = meta.get("machine")
-    write_online_results(res, Path(cfg.out_dir) / "serve" / "online")
+    write_online_results(res, layout.path(cfg.out_dir, "serve_online"))
     return res

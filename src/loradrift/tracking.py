@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loradrift import layout
 from loradrift.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,8 @@ class _MLflow:
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         # Without a server, artifacts beside the store: MLflow's default is ./mlruns under
         # whatever folder the command was started in.
-        artifacts = None if uri else (out.resolve() / "mlflow-artifacts").as_uri()
-        self.client = MlflowClient(tracking_uri=uri or f"sqlite:///{out.resolve() / 'mlflow.db'}")
+        artifacts = None if uri else layout.path(out.resolve(), "mlflow_artifacts").as_uri()
+        self.client = MlflowClient(tracking_uri=uri or f"sqlite:///{layout.path(out.resolve(), 'mlflow_db')}")
         exp_name = f"loradrift/{out.resolve().name}"
         exp = self.client.get_experiment_by_name(exp_name)
         exp_id = exp.experiment_id if exp else self._create(exp_name, artifacts)
@@ -146,7 +147,7 @@ class _TensorBoard:
     def __init__(self, out: Path, group: str, name: str, params: dict[str, Any], tags: dict[str, str]):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(out / "tensorboard" / _safe(group) / _safe(name)))
+        self.writer = SummaryWriter(log_dir=str(layout.path(out, "tensorboard", group=_safe(group), run=_safe(name))))
         self.params = params
         table = "\n".join(f"| {k} | {v} |" for k, v in params.items())
         self.writer.add_text("config", "| key | value |\n|---|---|\n" + table)
@@ -181,7 +182,7 @@ class _WandB:
     def __init__(self, out: Path, group: str, name: str, params: dict[str, Any], tags: dict[str, str]):
         import wandb
 
-        (out / "wandb").mkdir(parents=True, exist_ok=True)
+        layout.path(out, "wandb").mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "loradrift"), group=group, name=name,
                               config=params, tags=sorted(f"{k}={v}"[:64] for k, v in tags.items()), dir=str(out),
                               reinit="create_new")

@@ -56,7 +56,9 @@ import torch
 from safetensors import safe_open
 from threadpoolctl import threadpool_limits
 
+from loradrift import layout
 from loradrift.io import atomic_path, atomic_write_json, serve_adapter_dir, write_csv
+from loradrift.methods import FULL, LORA
 
 __all__ = [
     "PROJECTIONS",
@@ -77,8 +79,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 _BLOCK_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.[A-Za-z0-9_]+\.(" + "|".join(PROJECTIONS) + r")\.weight$")
 # PEFT keys; older PEFT versions kept the adapter name ("lora_A.default.weight")
 _LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
-_SEED_DIR = re.compile(r"^seed(\d+)$")
-FULL, LORA = "full", "lora"
+_SEED_DIR = layout.SEED_DIR
 
 
 # --------------------------------------------------------------------------
@@ -291,9 +292,9 @@ class _RunWeights:
         if (adapter / "adapter_model.safetensors").exists():
             self.kind = LORA
             self._read_adapter(adapter)
-        elif (self.run_dir / "model").is_dir():
+        elif layout.run_path(self.run_dir, "model").is_dir():
             self.kind = FULL
-            self._ft = _SafetensorsFolder(self.run_dir / "model")
+            self._ft = _SafetensorsFolder(layout.run_path(self.run_dir, "model"))
             for key in self._ft.keys():
                 if _BLOCK_KEY.search(key):
                     self.updates[key] = _Update(ft_key=key)
@@ -383,14 +384,14 @@ def _discover_runs(out_dir: Path, model: str, tasks: Sequence[str], methods: Seq
     found = []
     for task in tasks:
         for method in methods:
-            mdir = out_dir / "runs" / model / task / method
+            mdir = layout.runs_dir(out_dir, model, task, method)
             seeds = sorted(int(m.group(1)) for p in (mdir.iterdir() if mdir.is_dir() else [])
                            if (m := _SEED_DIR.match(p.name)) and p.is_dir())
             if not seeds:
                 log.warning("weights: no %s runs for task %s under %s", method, task, mdir)
             for seed in seeds:
                 try:
-                    run = _RunWeights(mdir / f"seed{seed}")
+                    run = _RunWeights(layout.run_dir(out_dir, model, task, method, seed))
                 except FileNotFoundError as e:
                     log.warning("weights: skipping %s/seed%d of task %s: %s", method, seed, task, e)
                     continue
@@ -522,7 +523,7 @@ def analyse_weights(
     """
     out_dir = Path(out_dir)
     if tasks is None or tasks == "all":
-        runs_root = out_dir / "runs" / model
+        runs_root = layout.runs_dir(out_dir, model)
         tasks = sorted(p.name for p in runs_root.iterdir() if p.is_dir()) if runs_root.is_dir() else []
     elif isinstance(tasks, str):
         tasks = [tasks]
@@ -530,7 +531,7 @@ def analyse_weights(
     if not wanted <= set(PROJECTIONS):
         raise ValueError(f"modules must be among {PROJECTIONS}, got {sorted(wanted - set(PROJECTIONS))}")
     runs = _discover_runs(out_dir, model, list(tasks), list(methods))
-    weights_dir = out_dir / "weights"
+    weights_dir = layout.path(out_dir, "weights")
     if not runs:
         log.warning("weights: no runs found for model %s, tasks %s; nothing written", model, list(tasks))
         return {"summary": [], "files": []}

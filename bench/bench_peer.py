@@ -27,9 +27,9 @@ from common import add_mfu, base_parser, linear_params, print_table, write_rows 
 
 from loradrift.config import resolve_config  # noqa: E402
 from loradrift.data import encode, load_task  # noqa: E402
+from loradrift.engine import peak_memory_mb, pick_device  # noqa: E402
 from loradrift.models import body_of, is_decoder, load_tokenizer, resolve_model_dir  # noqa: E402
 from loradrift.tasks import get_task  # noqa: E402
-from loradrift.train import peak_memory_mb, pick_device  # noqa: E402
 
 COLUMNS = [("system", "system", ""), ("task", "task", ""), ("method", "method", ""), ("batch_size", "batch", "d"),
            ("max_length", "len", "d"), ("step_time_s", "step s", ".4f"), ("tokens_per_s", "tok/s", ",.0f"),

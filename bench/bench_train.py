@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Window, add_mfu, base_parser, linear_params, print_table, write_rows  # noqa: E402
 
 from loradrift.config import resolve_config  # noqa: E402
-from loradrift.train import batch_order, make_optimizer, peak_memory_mb, setup, train_step  # noqa: E402
+from loradrift.context import setup  # noqa: E402
+from loradrift.engine import batch_order, make_optimizer, peak_memory_mb, train_step  # noqa: E402
 
 VARIANTS = {
     "eager": ["train.engine.compile=off"],
@@ -44,7 +45,7 @@ def warmup_steps(ctx, order, warmup: int, timed: range) -> list[int]:
     window has that they miss: each width compiles (and records a CUDA graph) on first sight,
     and that must not happen inside the timed window."""
     from loradrift.data import collate
-    from loradrift.train import _pad_batch
+    from loradrift.engine import _pad_batch
 
     def width(k: int) -> int:
         host = collate([ctx.feats["train"][i] for i in order(k)], ctx.pad_id)

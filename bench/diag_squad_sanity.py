@@ -32,7 +32,9 @@ def main() -> None:
     from loradrift.data import load_task
     from loradrift.metrics import squad_v2_evaluate
     from loradrift.data import rows_as_squad_json
-    from loradrift.train import batch_order, make_optimizer, setup, squad_predictions, train_step
+    from loradrift.context import setup
+    from loradrift.engine import batch_order, make_optimizer, train_step
+    from loradrift.evaluate import squad_predictions
 
     if args.bf16_heads:
         models._fp32 = lambda hidden: contextlib.nullcontext()

@@ -28,9 +28,9 @@ from pathlib import Path
 
 from loradrift.config import resolve_config
 from loradrift.data import encode, load_task, probe_examples
+from loradrift.engine import total_steps_for
 from loradrift.models import is_decoder, load_tokenizer, resolve_model_dir
 from loradrift.tasks import get_task
-from loradrift.train import total_steps_for
 
 # Official train split sizes (questions for SQuAD v2), for scaling a local subset.
 OFFICIAL_TRAIN = {"mrpc": 3668, "sst2": 67349, "rte": 2490, "squad_v2": 130319}

@@ -12,8 +12,11 @@ import torch
 
 from loradrift.config import EngineConfig
 from loradrift.models import ClassificationHead, SpanAnswerabilityHead
-from loradrift.train import (BatchOrder, CheckpointWriter, batch_order, best_spans, evaluate, make_optimizer, resolve_engine, setup,
-                             train_run, train_step, trainable_parameters)
+from loradrift.context import setup
+from loradrift.engine import (BatchOrder, CheckpointWriter, autocast, batch_order, make_optimizer, repeated_blocks, resolve_engine, train_step,
+                              trainable_parameters)
+from loradrift.evaluate import evaluate
+from loradrift.train import train_run
 
 # ---------------------------------------------------------------------------------------------
 # switch resolution
@@ -159,8 +162,6 @@ def test_compiled_blocks_serve_training_only(tiny_cfg):
 
 
 def test_blocks_scope_names_the_option_when_a_model_has_no_blocks():
-    from loradrift.train import repeated_blocks
-
     with pytest.raises(ValueError, match="compile_scope=model"):
         repeated_blocks(torch.nn.Linear(2, 2))
 
@@ -216,10 +217,10 @@ def test_lora_under_bf16_autocast_copies_no_adapter_inputs(tiny_cfg):
             m.cast_input_dtype_enabled = cast
         order = batch_order(ctx, cfg.train.batch_size, cfg.seed)
         from loradrift.data import collate
-        from loradrift.train import _autocast, _to_device
+        from loradrift.engine import _to_device
 
         batch = _to_device(ctx, collate([ctx.feats["train"][i] for i in order(0)], ctx.pad_id))
-        with CountCopies() as copies, _autocast(ctx):
+        with CountCopies() as copies, autocast(ctx):
             loss = ctx.model(batch)["loss"]
         loss.backward()
         grads = [p.grad.clone() for _, p in trainable_parameters(ctx.model)]
@@ -266,20 +267,8 @@ def test_checkpoint_writer_copies_state_and_reports_failures(tmp_path, backgroun
         w.wait()
 
 
-def test_mid_run_validation_can_use_a_subset(tiny_cfg):
-    for task, key in (("sst2", "accuracy"), ("squad_v2", "f1")):
-        ctx = setup(tiny_cfg(task, "lora"))
-        full, sub = evaluate(ctx, "val"), evaluate(ctx, "val", limit=5)
-        assert key in sub and key in full
-        if task == "sst2":
-            labels = [f["label"] for f in ctx.feats["val"][:5]]
-            assert sub["accuracy"] * 5 == pytest.approx(round(sub["accuracy"] * 5)) and len(labels) == 5
-        else:
-            assert sub["total"] == 5 and full["total"] == len(ctx.data.val)
-
-
 # ---------------------------------------------------------------------------------------------
-# heads and SQuAD post-processing
+# heads
 
 
 def test_heads_compute_in_fp32_under_bf16_autocast():
@@ -309,48 +298,6 @@ def test_span_loss_is_the_mean_over_answerable_windows():
     none = {"start_positions": torch.full((4,), -100), "end_positions": torch.full((4,), -100)}
     assert torch.allclose(head(hidden, mask, "last", {"labels": torch.zeros(4, dtype=torch.long), **none})["loss"],
                           torch.nn.functional.binary_cross_entropy_with_logits(out["has_logit"], torch.zeros(4)), atol=1e-6)
-
-
-def _loop_best(start, end, s_idx, e_idx, offsets, max_len):
-    """The per-window candidate loop that best_spans replaces (first strict maximum wins)."""
-    best = None
-    for s in s_idx:
-        for e in e_idx:
-            if s < 0 or e < 0 or offsets[s] is None or offsets[e] is None or e < s or e - s + 1 > max_len:
-                continue
-            score = float(start[s] + end[e])
-            if best is None or score > best[0]:
-                best = (score, s, e)
-    return best
-
-
-def test_vectorised_span_search_matches_the_candidate_loop():
-    from loradrift.train import _span_topk
-
-    rng = np.random.default_rng(1)
-    W, T, n_best, max_len = 40, 30, 5, 6
-    # Integer logits make ties common: the tie-breaking must match too.
-    start = torch.tensor(rng.integers(-4, 5, size=(W, T)), dtype=torch.float32)
-    end = torch.tensor(rng.integers(-4, 5, size=(W, T)), dtype=torch.float32)
-    lengths = rng.integers(3, T + 1, size=W)
-    offsets = [[None if rng.random() < 0.3 else (j, j + 1) for j in range(n)] + [None] * (T - n) for n in lengths]
-    for i, n in enumerate(lengths):  # padding positions carry the head's masking value
-        start[i, n:] = end[i, n:] = torch.finfo(torch.float32).min
-    red = _span_topk(n_best)({"start_logits": start, "end_logits": end, "has_logit": torch.zeros(W)})
-    in_ctx = np.array([[x is not None for x in o] for o in offsets])
-    score, s_best, e_best = best_spans(red["start_val"], red["start_idx"], red["end_val"], red["end_idx"], in_ctx, max_len)
-    for i in range(W):
-        n = int(lengths[i])
-        # The candidates are each window's n-best (which of several tied logits is taken is
-        # torch.topk's choice, as before) ...
-        k = min(n_best, n)
-        assert red["start_val"][i][:k].tolist() == torch.topk(start[i, :n], k).values.tolist()
-        # ... and among them the vectorised search picks exactly what the loop picks.
-        ref = _loop_best(start[i], end[i], red["start_idx"][i].tolist(), red["end_idx"][i].tolist(), offsets[i], max_len)
-        if ref is None:
-            assert score[i] == -np.inf
-        else:
-            assert (float(score[i]), int(s_best[i]), int(e_best[i])) == ref, i
 
 
 def test_snapshots_are_extracted_without_tf32(tiny_cfg):

@@ -10,7 +10,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from loradrift.train import evaluate, load_run_model, predict, setup, train_run
+from loradrift.context import setup
+from loradrift.evaluate import evaluate, predict
+from loradrift.export import load_run_model
+from loradrift.train import train_run
 
 # Run in a fresh interpreter that never imports loradrift: PEFT and transformers alone.
 _LOAD = r"""

@@ -311,7 +311,7 @@ def test_study_passes_its_serving_settings(tmp_path, monkeypatch):
     """Issue 25 point 11: `serve.cpu_threads` never reached the benchmark, and the online servers
     ran with max_num_seqs = max(online requests, batch sizes) while the offline engines had the
     largest batch size; the online benchmark now takes the offline run's value."""
-    from loradrift import serving, study, train
+    from loradrift import export, serving, study
     from loradrift.config import resolve_config
     from loradrift.models import resolve_model_dir
 
@@ -319,7 +319,7 @@ def test_study_passes_its_serving_settings(tmp_path, monkeypatch):
     for d in study._serve_adapters(cfg, ["sst2"]).values():
         d.mkdir(parents=True)
         (d / "adapter_config.json").write_text("{}")
-    monkeypatch.setattr(train, "export_merged", lambda run_dir: run_dir / "merged")
+    monkeypatch.setattr(export, "export_merged", lambda run_dir: run_dir / "merged")
     monkeypatch.setattr(serving, "validate_adapters", lambda *a, **k: None)  # the adapters above are stand-ins
     seen: dict = {}
 

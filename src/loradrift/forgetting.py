@@ -148,7 +148,7 @@ class Scorer:
 
     def __init__(self, base_model_dir: Path, seqs: list[list[int]], batch_size: int, pad_id: int):
         from loradrift.models import load_backbone
-        from loradrift.train import pick_device
+        from loradrift.engine import pick_device
 
         self.base_dir = Path(base_model_dir)
         self.device = pick_device()

@@ -283,7 +283,7 @@ def _fp32(hidden: torch.Tensor):
 class ClassificationHead(nn.Module):
     """A linear layer on the pooled hidden state. On a decoder with last-token pooling it is exactly
     Hugging Face's `*ForSequenceClassification.score` (bias-free, on the last non-padding token),
-    so a trained head can be saved as that model's `score` (see train.export)."""
+    so a trained head can be saved as that model's `score` (see export.export)."""
 
     def __init__(self, hidden: int, num_labels: int, bias: bool = True):
         super().__init__()

@@ -41,7 +41,9 @@ def sanity_check(cfg: RunConfig, on_step: Callable[[int, int], None] | None = No
     """Train on `sanity.n_examples` training examples and score on those same examples: a model
     and loss that are wired correctly drive training accuracy to ≥ 95% (SQuAD v2: F1 ≥ 90).
     `on_step(step, max_steps)` after each step, as `train_run`'s."""
-    from loradrift.train import batch_order, evaluate, make_optimizer, setup, train_step
+    from loradrift.context import setup
+    from loradrift.engine import batch_order, make_optimizer, train_step
+    from loradrift.evaluate import evaluate
 
     s = cfg.sanity
     lr = getattr(s, METHODS[cfg.method.name].sanity_lr)
@@ -148,7 +150,7 @@ def classification_baselines(spec, data, rng: random.Random) -> list[dict]:
 def extract_base(cfg: RunConfig, force: bool = False) -> Path:
     """The base model's probe representations for one task, computed with exactly the code path a
     run uses for its step-0 snapshot (so the two are equal)."""
-    from loradrift.train import pick_device
+    from loradrift.engine import pick_device
 
     key = model_key(cfg.model)
     path = base_path(cfg, key, cfg.task)
@@ -201,7 +203,8 @@ def memory_profile(cfg: RunConfig, steps: int = 1) -> dict:
     CUDA: the allocator's peak. CPU: the process's peak RSS during the steps (reset before them
     where Linux allows; otherwise the whole process's high-water mark, flagged in the row).
     `memory_profile_isolated` runs it in a fresh process."""
-    from loradrift.train import make_optimizer, setup, train_step
+    from loradrift.context import setup
+    from loradrift.engine import make_optimizer, train_step
 
     ctx = setup(cfg)
     opt, sched = make_optimizer(ctx, cfg.train.lr_for(cfg.method.name), steps)

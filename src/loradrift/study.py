@@ -381,7 +381,7 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
     from loradrift.models import resolve_model_dir
     from loradrift.serving import run_serve_bench, validate_adapters
     from loradrift.tasks import get_task
-    from loradrift.train import export_merged
+    from loradrift.export import export_merged
 
     sv = cfg.serve
     backend = serve_backend(backend or sv.backend)

@@ -36,7 +36,7 @@ def worker(args) -> None:
     from loradrift.config import resolve_config
     from loradrift.engine import batch_order, make_optimizer, train_step
     from loradrift.runtime import set_threads
-    from loradrift.train import setup
+    from loradrift.context import setup
 
     cfg = resolve_config(preset=args.preset, task=args.task,
                          overrides=[f"method.name={args.method}", f"runtime.threads={args.worker_threads}", *args.overrides])

@@ -692,3 +692,21 @@ def test_too_few_check_prompts_for_the_adapters_is_an_error_before_any_timing(ti
     # two check prompts, round-robin over four adapters, would check two of them and crash on the rest
     with pytest.raises(ServeError, match=r"check_prompts=2 gives 2 correctness prompt\(s\) for 4 adapters"):
         _bench(tiny, tmp_path, tiny["adapters"], check_prompts=2)
+
+
+@pytest.mark.parametrize("owned,k,threads,expect", [
+    ([0, 1], 1, None, ["0,1"]),            # one engine: every owned core, none left to "auto"'s reserve
+    ([0, 1], 2, None, ["0", "1"]),         # two side by side: one core each, not both on core 0
+    ([0, 1], 4, None, ["0", "1", "0", "1"]),
+    ([2, 3, 5, 7], 2, None, ["2,3", "5,7"]),  # a cpuset's cores, not 0..n-1
+    ([0, 1, 2, 3], 1, 2, ["0,1"]),         # serve.cpu_threads caps the cores taken
+])
+def test_vllm_cpu_engines_share_the_owned_cores_out(monkeypatch, owned, k, threads, expect):
+    from loradrift import runtime
+    from loradrift.serving.backends import cpu_binds
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(owned), raising=False)
+    assert cpu_binds(k, threads) == expect
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # the user's own bind is kept
+    assert cpu_binds(k, threads) == ["0-1"] * k

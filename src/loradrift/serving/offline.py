@@ -39,6 +39,7 @@ from .backends import (
     GenOut,
     _resolve_device,
     _resolve_dtype,
+    cpu_binds,
     cpu_kvcache_gib,
     parse_backends,
 )
@@ -380,6 +381,10 @@ def run_serve_bench(
         import torch
 
         torch.set_num_threads(int(cpu_threads))
+    vllm_bind = None
+    if "vllm" in backends and resolved_device == "cpu":  # one engine at a time: it takes every owned core
+        vllm_bind = cpu_binds(1, cpu_threads)[0]
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = vllm_bind
     seqs = int(max_num_seqs or max(batch_sizes))
     timed = 0
 
@@ -447,6 +452,7 @@ def run_serve_bench(
         "ci_method": ci_method, "cpu_threads": cpu_threads, "order_seed": order_seed,
         "engine_restarts": restarts_used, "engine_settings": settings,
         "vllm_cpu_kvcache_space_gib": cpu_kvcache_gib() if "vllm" in backends else None,
+        "vllm_cpu_omp_threads_bind": vllm_bind,
         "adapter_assignment": "round-robin over the request stream (batch 1 included)",
         "interleaved": [b for b in backends if b in _INTERLEAVED],
         "configs": [{"name": c.name, "tasks": list(c.tasks)} for c in configs],

@@ -49,7 +49,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .adapters import ServeConfig, ServeError
-from .backends import _descendant_pids, cpu_kvcache_gib, engine_cli_args, peak_rss_mb
+from .backends import _descendant_pids, cpu_binds, cpu_kvcache_gib, engine_cli_args, peak_rss_mb
 
 DEFAULT_RATES = (1.0, 2.0, 4.0, float("inf"))
 # A percentile q is reported only over at least 1 / (1 - q) values, so that on average one value
@@ -264,7 +264,7 @@ class VLLMServer:
     log to ``log_path``; a context manager that stops it (SIGTERM, then SIGKILL) on exit."""
 
     def __init__(self, cli_args: Sequence[str], served_name: str, log_path: Path, lora_modules: Mapping[str, Path],
-                 startup_timeout: float = 900.0):
+                 startup_timeout: float = 900.0, cpu_bind: str | None = None):
         self.port = _free_port()
         self.host = "127.0.0.1"
         self.served_name = served_name
@@ -275,6 +275,7 @@ class VLLMServer:
             self.cmd += ["--lora-modules", *[f"{n}={p}" for n, p in lora_modules.items()]]
         self.log_path = Path(log_path)
         self.timeout = startup_timeout
+        self.cpu_bind = cpu_bind  # VLLM_CPU_OMP_THREADS_BIND of this server (backends.cpu_binds)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "VLLMServer":
@@ -283,7 +284,8 @@ class VLLMServer:
         self._log = open(self.log_path, "w")
         self._log.write("$ " + " ".join(self.cmd) + "\n")
         self._log.flush()
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": cpu_kvcache_gib()}
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": cpu_kvcache_gib(),
+               **({"VLLM_CPU_OMP_THREADS_BIND": self.cpu_bind} if self.cpu_bind else {})}
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self._deadline = time.monotonic() + self.timeout
         return self
@@ -416,23 +418,26 @@ def run_online(
         settings = settings_for(cfg)
         names = list(cfg.tasks) if cfg.kind == "adapters" else [cfg.name]
         loras = {t: cfg.adapter_dirs[t] for t in cfg.tasks} if cfg.kind == "adapters" else {}
-        server = VLLMServer(engine_cli_args(settings), cfg.name, out_dir / f"server-{cfg.name}.log", loras)
+        bind = cpu_binds(1)[0] if device == "cpu" else None
+        server = VLLMServer(engine_cli_args(settings), cfg.name, out_dir / f"server-{cfg.name}.log", loras, cpu_bind=bind)
         log(f"[serve] online: starting the vLLM server for {cfg.name} (log {server.log_path})")
         with server:
             sweep(cfg.name, "+".join(cfg.tasks) if cfg.kind == "adapters" else "",
                   [(server.host, server.port, n) for n in names], [server])
-        server_meta[cfg.name] = {"command": server.cmd, "log": str(server.log_path), "engine_settings": settings}
+        server_meta[cfg.name] = {"command": server.cmd, "log": str(server.log_path), "engine_settings": settings,
+                                 "cpu_bind": bind}
 
     if merged_group:
         k, name = len(merged_group), group_name(len(merged_group))
         servers, ports = [], set()
-        for cfg in merged_group:
+        binds = cpu_binds(k) if device == "cpu" else [None] * k  # the k servers share the cores out
+        for cfg, bind in zip(merged_group, binds):
             settings = dict(settings_for(cfg))
             if device.startswith("cuda"):
                 settings["gpu_memory_utilization"] = round(VLLM_GPU_MEMORY_UTILIZATION / k, 4)
-            srv = VLLMServer(engine_cli_args(settings), cfg.name, out_dir / f"server-{name}-{cfg.name}.log", {})
+            srv = VLLMServer(engine_cli_args(settings), cfg.name, out_dir / f"server-{name}-{cfg.name}.log", {}, cpu_bind=bind)
             while srv.port in ports:  # a free port is only free until a server binds it
-                srv = VLLMServer(engine_cli_args(settings), cfg.name, srv.log_path, {})
+                srv = VLLMServer(engine_cli_args(settings), cfg.name, srv.log_path, {}, cpu_bind=bind)
             ports.add(srv.port)
             servers.append((srv, settings))
         log(f"[serve] online: starting {k} vLLM servers at once for {name} "
@@ -445,7 +450,7 @@ def run_online(
                 srv.wait_ready()
             sweep(name, "", [(s.host, s.port, s.served_name) for s, _ in servers],
                   [s for s, _ in servers])
-        server_meta[name] = {"servers": [{"command": s.cmd, "log": str(s.log_path), "engine_settings": st}
+        server_meta[name] = {"servers": [{"command": s.cmd, "log": str(s.log_path), "engine_settings": st, "cpu_bind": s.cpu_bind}
                                          for s, st in servers],
                              "kv_cache": (f"gpu_memory_utilization {VLLM_GPU_MEMORY_UTILIZATION}/{k} each"
                                           if device.startswith("cuda") else

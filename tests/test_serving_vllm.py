@@ -140,3 +140,61 @@ def test_client_metrics_equal_vllms_calculate_metrics():
         pct = dict(getattr(ref, f"percentiles_{name}_ms"))
         for p in (50, 95, 99):
             assert got[f"{name}_p{p}_ms"] == pytest.approx(pct[float(p)])
+
+
+TERM_SCRIPT = """
+import sys
+from pathlib import Path
+from loradrift.cli import Terminated, _stop_on_sigterm
+from loradrift import serving
+from test_serving import make_prompts
+
+_stop_on_sigterm()  # what cli.main does for every command
+base, adapter, out = map(Path, sys.argv[1:4])
+try:
+    serving.run_serve_bench(base, {"sst2": adapter}, {}, make_prompts(8), backend="vllm", batch_sizes=[1],
+                            max_tokens=4, rounds=100000, warmup=0, out_dir=out, device="cpu", check_prompts=2,
+                            check_tokens=2, include_base=False, engine_restarts=1, cache_dir=out / "merged")
+except Terminated:
+    sys.exit(143)
+"""
+
+
+def test_sigterm_leaves_no_vllm_engine_process_behind(tiny_vllm, tmp_path):
+    """Issue 28 item 14: a terminated benchmark left vLLM's engine-core processes running. SIGTERM
+    now unwinds through the backend's close(), which shuts the engine down."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from loradrift.serving.backends import _descendant_pids
+
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.Popen([sys.executable, "-c", TERM_SCRIPT, str(tiny_vllm["base"]), str(tiny_vllm["adapters"]["sst2"]),
+                             str(tmp_path / "serve")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, children = time.time() + 600, []
+    while time.time() < deadline and proc.poll() is None:
+        children = _descendant_pids(proc.pid)
+        if children and (tmp_path / "serve" / "merged").exists():
+            time.sleep(20)  # the engine is up and timing rounds
+            children = _descendant_pids(proc.pid)
+            break
+        time.sleep(1)
+    assert proc.poll() is None and children, "the benchmark ended before its engine could be seen"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    def running(pid):  # a zombie has ended; only its parent's wait is missing
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + 30
+    while time.time() < deadline and [p for p in children if running(p)]:
+        time.sleep(0.5)
+    left = [p for p in children if running(p)]
+    assert not left, f"engine processes still running after SIGTERM: {left}"

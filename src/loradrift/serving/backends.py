@@ -172,6 +172,12 @@ def engine_cli_args(settings: dict[str, Any]) -> list[str]:
 _LOADED: dict[str, list[weakref.ref]] = {}
 
 
+def _same_head(a: Any, b: Any, n: int = 256) -> bool:
+    """The first n values agree: a cheap test that turns away most different tensors (a merged
+    weight differs from the base's everywhere) before a full comparison."""
+    return bool(a.detach().reshape(-1)[:n].equal(b.detach().reshape(-1)[:n]))
+
+
 def share_equal_weights(model: Any) -> int:
     """Point each parameter and buffer of `model` at an equal, already loaded tensor of the same
     name (shape, dtype, device and values equal); returns the bytes no longer held twice."""
@@ -187,7 +193,7 @@ def share_equal_weights(model: Any) -> int:
             if other is t:
                 break
             if (other.shape == t.shape and other.dtype == t.dtype and other.device == t.device
-                    and other.data_ptr() != t.data_ptr() and torch.equal(other.data, t.data)):
+                    and other.data_ptr() != t.data_ptr() and _same_head(other, t) and torch.equal(other.data, t.data)):
                 t.data = other.data
                 saved += t.numel() * t.element_size()
                 break

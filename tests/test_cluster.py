@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from loradrift.train import run_dir_for, train_run
+from loradrift.layout import run_dir_for
+from loradrift.train import train_run
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 import pytest
 
-from loradrift.methods import FULL, LORA, METHOD_NAMES, METHODS, get_method, parse_methods
+from loradrift.methods import FULL, LORA, METHOD_NAMES, METHOD_ROLES, METHODS, get_method, parse_methods
 
 
 def test_the_table():
@@ -11,6 +11,18 @@ def test_the_table():
     assert get_method("lora").label == "LoRA"
     with pytest.raises(ValueError, match=r"unknown method 'dora' \(full, lora\)"):
         get_method("dora")
+
+
+def test_every_method_resolves_its_handlers():
+    from loradrift import context, export
+
+    for m in METHODS.values():
+        for role in METHOD_ROLES:
+            assert callable(m.handler(role)), f"{m.name}: {role}"
+    assert METHODS[FULL].handler("apply") is context.apply_full and METHODS[LORA].handler("apply") is context.apply_lora
+    assert METHODS[FULL].handler("export") is export.export_full and METHODS[LORA].handler("export") is export.export_lora
+    with pytest.raises(ValueError, match="unknown method handler role 'nope'"):
+        METHODS[FULL].handler("nope")
 
 
 def test_parse_methods():

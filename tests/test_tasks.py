@@ -17,6 +17,9 @@ def test_every_task_resolves_its_handlers(name):
     assert spec.task_kind is KINDS[spec.kind]
     for role in HANDLER_ROLES:
         assert callable(spec.handler(role)), f"{name}: {role}"
+    from loradrift import evaluate
+
+    assert spec.handler("evaluate") in (evaluate.evaluate_classification, evaluate.evaluate_squad)
     if spec.task_kind.file_scorer:
         assert callable(resolve(spec.task_kind.file_scorer))
 
@@ -25,6 +28,9 @@ def test_every_kind_names_a_handler_for_every_role():
     for kind in KINDS.values():
         for role in HANDLER_ROLES:
             assert ":" in getattr(kind, role), f"{kind.name}.{role}"
+    assert "evaluate" in HANDLER_ROLES
+    assert KINDS["classification"].evaluate == "loradrift.evaluate:evaluate_classification"
+    assert KINDS["extractive_qa"].evaluate == "loradrift.evaluate:evaluate_squad"
 
 
 def test_unknown_kind_is_a_clear_error():

@@ -172,7 +172,7 @@ def test_wandb_offline(tiny_cfg, monkeypatch, capfd):
     pytest.importorskip("wandb", reason="the [wandb] extra is not installed")
     monkeypatch.setenv("WANDB_MODE", "offline")
     from loradrift.cli import main
-    from loradrift.train import run_dir_for
+    from loradrift.layout import run_dir_for
 
     cfg = tiny_cfg("sst2", "lora", overrides=["report_to=[wandb]"])
     assert main(["train", "--preset", "tiny", "--task", "sst2", "--method", "lora", "--out", str(cfg.out_dir), "report_to=[wandb]"]) == 0

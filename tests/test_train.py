@@ -16,7 +16,8 @@ from loradrift.io import ResultsStore
 from loradrift.phase0 import extract_base
 from loradrift.context import setup
 from loradrift.export import export_merged
-from loradrift.train import RunConflict, run_dir_for, train_run
+from loradrift.layout import run_dir_for
+from loradrift.train import RunConflict, train_run
 
 
 @pytest.mark.parametrize("task", ["sst2", "squad_v2"])

@@ -1,19 +1,21 @@
 """A run's `Context`, the model, data and engine one training process works with, and `setup`,
-which builds it for either method: runs, search trials, Ray tasks, sanity checks and memory
-profiles all start here."""
+which builds it for any method (the method's `apply` handler in loradrift.methods says which
+parameters train: `apply_full`, `apply_lora`): runs, search trials, Ray tasks, sanity checks
+and memory profiles all start here."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from loradrift.config import RunConfig
 from loradrift.data import TaskData, encode, load_task
 from loradrift.engine import BlockCompile, Engine, pick_device, repeated_blocks, resolve_engine, total_steps_for
+from loradrift.methods import Method, get_method
 from loradrift.models import build_task_model, compute_dtype, is_decoder, load_tokenizer, resolve_model_dir
 from loradrift.runtime import set_threads
 from loradrift.tasks import TaskSpec, get_task
@@ -42,7 +44,7 @@ class Context:
     model: torch.nn.Module  # TaskModel
     device: torch.device
     dtype: torch.dtype
-    peft: object | None = None  # the PeftModel wrapper (LoRA only)
+    peft: object | None = None  # the PeftModel wrapper (methods with an adapter)
     feats: dict[str, list[dict]] = field(default_factory=dict)
     engine: Engine = Engine()
     forward: Callable | None = None  # the training forward: the model, or its compiled form
@@ -54,6 +56,11 @@ class Context:
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
+
+    @property
+    def method(self) -> Method:
+        """The run's method, from the methods table."""
+        return get_method(self.cfg.method.name)
 
 
 def setup(cfg: RunConfig, data: TaskData | None = None) -> Context:
@@ -79,7 +86,7 @@ def setup(cfg: RunConfig, data: TaskData | None = None) -> Context:
     # Both methods seed torch's global RNG the same way: it drives LoRA's A init and, for both,
     # dropout (encoders; LoRA dropout), which full FT used to leave unseeded.
     torch.manual_seed(cfg.seed)
-    ctx.peft = apply_method(ctx)
+    ctx.peft = ctx.method.handler("apply")(ctx)
     model.to(device)
     if eng.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -95,24 +102,26 @@ def setup(cfg: RunConfig, data: TaskData | None = None) -> Context:
     return ctx
 
 
+def apply_full(ctx: Context) -> None:
+    """Full FT: everything trains (the head too)."""
+    model = ctx.model
+    for p in model.parameters():
+        p.requires_grad_(True)
+    # An untied LM head (TinyLlama) is not on the classification path: it would get no
+    # gradient, yet sit in every checkpoint. A tied one is the input embedding and trains.
+    backbone = model.backbone
+    out_emb = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
+    if out_emb is not None and out_emb.weight is not backbone.get_input_embeddings().weight:
+        out_emb.weight.requires_grad_(False)
+    return None
 
-def apply_method(ctx: Context):
-    """Full FT: everything trains. LoRA: PEFT adapters on the block projections; the head trains
-    in both methods."""
-    model, cfg = ctx.model, ctx.cfg
-    if cfg.method.name == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        # An untied LM head (TinyLlama) is not on the classification path: it would get no
-        # gradient, yet sit in every checkpoint. A tied one is the input embedding and trains.
-        backbone = model.backbone
-        out_emb = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
-        if out_emb is not None and out_emb.weight is not backbone.get_input_embeddings().weight:
-            out_emb.weight.requires_grad_(False)
-        return None
+
+def apply_lora(ctx: Context):
+    """LoRA: PEFT adapters on the block projections, and the head; returns the PeftModel wrapper."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    model, cfg = ctx.model, ctx.cfg
     lc = cfg.method.lora
     present = {n.split(".")[-1] for n, _ in model.backbone.named_modules()}
     missing = [t for t in lc.target_modules if t not in present]

@@ -301,7 +301,7 @@ class CheckpointWriter:
         try:
             with atomic_path(path) as tmp:
                 torch.save(state, tmp)
-        except BaseException as e:  # re-raised in the training thread by wait()
+        except BaseException as e:  # noqa: BLE001  (re-raised in the training thread by wait())
             self._error = e
 
     def wait(self) -> None:

@@ -5,7 +5,7 @@ compiled engine serves training only)."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -105,24 +105,34 @@ def squad_predictions(ctx: Context, rows: list[dict], feats: list[dict]) -> tupl
 
 
 def evaluate(ctx: Context, split: str, na_thresh: float | None = None, limit: int | None = None) -> dict:
-    """Scores on 'val' or 'dev'. SQuAD: the no-answer threshold is tuned on val (best F1 there)
-    and then applied unchanged to dev; dev also reports the official best_f1 fields. `limit`:
-    only the first N examples (SQuAD: questions, with all their windows)."""
+    """Scores on 'val' or 'dev', by the task kind's `evaluate` handler. SQuAD: the no-answer
+    threshold is tuned on val (best F1 there) and then applied unchanged to dev; dev also reports
+    the official best_f1 fields. `limit`: only the first N examples (SQuAD: questions, with all
+    their windows)."""
     rows, feats = getattr(ctx.data, split), ctx.feats[split]
     if limit is not None and limit < len(rows):
         rows = rows[:limit]
-        feats = [f for f in feats if f["example"] < limit] if ctx.spec.kind == "extractive_qa" else feats[:limit]
-    if ctx.spec.kind == "extractive_qa":
-        preds, na_probs = squad_predictions(ctx, rows, feats)
-        dataset = rows_as_squad_json(rows)
-        if na_thresh is None:
-            tuned = squad_v2_evaluate(dataset, preds, na_probs)
-            na_thresh = float(tuned["best_f1_thresh"])
-        scores = dict(squad_v2_evaluate(dataset, preds, na_probs, na_prob_thresh=na_thresh))
-        scores["na_prob_thresh"] = na_thresh
-        scores["_predictions"] = {q: ("" if na_probs[q] > na_thresh else a) for q, a in preds.items()}
-        scores["_na_probs"] = na_probs
-        return scores
+        feats = [f for f in feats if f["example"] < limit] if ctx.spec.task_kind.windowed else feats[:limit]
+    return ctx.spec.handler("evaluate")(ctx, rows, feats, na_thresh)
+
+
+def evaluate_squad(ctx: Context, rows: list[dict], feats: list[dict], na_thresh: float | None) -> dict:
+    """SQuAD v2 scores of one question per row from its windows; `na_thresh` None: tuned here
+    (best F1). Also "_predictions" (the thresholded answers), "_na_probs" and "na_prob_thresh"."""
+    preds, na_probs = squad_predictions(ctx, rows, feats)
+    dataset = rows_as_squad_json(rows)
+    if na_thresh is None:
+        tuned = squad_v2_evaluate(dataset, preds, na_probs)
+        na_thresh = float(tuned["best_f1_thresh"])
+    scores = dict(squad_v2_evaluate(dataset, preds, na_probs, na_prob_thresh=na_thresh))
+    scores["na_prob_thresh"] = na_thresh
+    scores["_predictions"] = {q: ("" if na_probs[q] > na_thresh else a) for q, a in preds.items()}
+    scores["_na_probs"] = na_probs
+    return scores
+
+
+def evaluate_classification(ctx: Context, rows: list[dict], feats: list[dict], na_thresh: float | None = None) -> dict:
+    """The task metric of one feature per row, and "_predictions" (class ids); `na_thresh` is unused."""
     out = predict(ctx, feats)
     logits = torch.stack(out["logits"])
     preds = logits.argmax(-1).tolist()

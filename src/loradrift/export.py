@@ -4,33 +4,40 @@ adapter in PEFT's format, its model card; and back again (`load_run_model`, `exp
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from loradrift.config import load_run_config
 from loradrift.context import Context
 from loradrift.io import atomic_path, atomic_write_text, respect_umask, serve_adapter_dir
-from loradrift.models import (build_task_model, hf_task_type, is_decoder, load_backbone, load_tokenizer, model_key, public_base,
-                              resolve_model_dir)
+from loradrift.layout import model_key, run_path
+from loradrift.models import build_task_model, hf_task_type, is_decoder, load_backbone, load_tokenizer, public_base, resolve_model_dir
 from loradrift.tasks import get_task
 
 
 def export(ctx: Context, rd: Path) -> None:
-    """Both methods: head.safetensors. Full FT: `model/`, the fine-tuned backbone as a model folder.
-    LoRA: `adapter/`, the PEFT folder users load (see `_save_peft_adapter`), and `serve_adapter/`,
-    the same LoRA weights with the keys PEFT gives a *CausalLM* and no head, which vLLM serves and
-    merging and the weight analysis read."""
+    """Both methods: head.safetensors; then the method's own folders (its `export` handler in
+    loradrift.methods: `export_full`, `export_lora`)."""
     from safetensors.torch import save_file
 
-    with atomic_path(rd / "head.safetensors") as tmp:
+    with atomic_path(run_path(rd, "head")) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in ctx.model.head.state_dict().items()}, str(tmp))
-    if ctx.peft is None:
-        _write_folder(rd / "model", lambda d: (ctx.model.backbone.save_pretrained(d), ctx.tokenizer.save_pretrained(d)))
-        return
-    _write_folder(rd / "serve_adapter", ctx.peft.save_pretrained)
-    _write_folder(rd / "adapter", lambda d: _save_peft_adapter(ctx, d))
+    ctx.method.handler("export")(ctx, rd)
+
+
+def export_full(ctx: Context, rd: Path) -> None:
+    """Full FT: `model/`, the fine-tuned backbone (and the tokenizer) as a model folder."""
+    _write_folder(run_path(rd, "model"), lambda d: (ctx.model.backbone.save_pretrained(d), ctx.tokenizer.save_pretrained(d)))
+
+
+def export_lora(ctx: Context, rd: Path) -> None:
+    """LoRA: `serve_adapter/`, the LoRA weights with the keys PEFT gives a *CausalLM* and no head,
+    which vLLM serves and merging and the weight analysis read; and `adapter/`, the PEFT folder
+    users load (see `_save_peft_adapter`)."""
+    _write_folder(run_path(rd, "serve_adapter"), ctx.peft.save_pretrained)
+    _write_folder(run_path(rd, "adapter"), lambda d: _save_peft_adapter(ctx, d))
 
 
 def _write_folder(target: Path, fill: Callable[[Path], object]) -> None:
@@ -76,14 +83,14 @@ def write_model_card(ctx: Context, rd: Path, result: dict) -> None:
     import yaml
 
     cfg, spec = ctx.cfg, ctx.spec
-    lora = ctx.peft is not None
-    folder = rd / ("adapter" if lora else "model")
+    lora = ctx.method.adapter
+    folder = run_path(rd, ctx.method.card_dir)
     decoder = is_decoder(ctx.model_dir)
     base, origin = public_base(cfg.model, ctx.model_dir)
     task_type = hf_task_type(spec, decoder, ctx.model.pooling)
-    classify = spec.kind == "classification"
+    classify = bool(spec.labels)
     front = {"library_name": "peft" if lora else "transformers", "base_model": base,
-             "pipeline_tag": "text-classification" if classify else "question-answering",
+             "pipeline_tag": spec.task_kind.pipeline_tag,
              "tags": ["loradrift", "lora" if lora else "full-fine-tuning", spec.name]}
     what = "a LoRA adapter (PEFT)" if lora else "the fully fine-tuned backbone"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
@@ -157,7 +164,7 @@ def write_model_card(ctx: Context, rd: Path, result: dict) -> None:
               f"parameters of {result.get('total_params'):,}, {result.get('train_time_s', 0):.0f} s on "
               f"{result.get('device')} ({result.get('dtype')}).", "", "## Config", "",
               "The run's resolved config (`loradrift train --config config.yaml` reruns it):", "", "```yaml",
-              (rd / "config.yaml").read_text().rstrip(), "```", ""]
+              run_path(rd, "config").read_text().rstrip(), "```", ""]
     atomic_write_text(folder / "README.md", "\n".join(lines))
 
 
@@ -174,15 +181,16 @@ def load_run_model(run_dir: Path, model_dir: Path | None = None) -> torch.nn.Mod
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_path(run_dir, "config"))
     model_dir = Path(model_dir) if model_dir else resolve_model_dir(cfg.model)
     model = build_task_model(model_dir, get_task(cfg.task), cfg.model, head_seed=cfg.seed)
-    if (run_dir / "model" / "config.json").exists():
-        model.backbone = load_backbone(run_dir / "model", is_decoder(model_dir), torch.float32, cfg.model.trust_remote_code)
+    backbone_dir = run_path(run_dir, "model")
+    if (backbone_dir / "config.json").exists():
+        model.backbone = load_backbone(backbone_dir, is_decoder(model_dir), torch.float32, cfg.model.trust_remote_code)
     else:
         # Injects the LoRA layers into model.backbone in place; the wrapper itself is not needed.
         PeftModel.from_pretrained(model.backbone, serve_adapter_dir(run_dir))
-    model.head.load_state_dict(load_file(str(run_dir / "head.safetensors")))
+    model.head.load_state_dict(load_file(str(run_path(run_dir, "head"))))
     return model.eval()
 
 
@@ -191,10 +199,10 @@ def export_merged(run_dir: Path, out: Path | None = None) -> Path:
     from peft import PeftModel
 
     run_dir = Path(run_dir)
-    out = Path(out or run_dir / "merged")
+    out = Path(out or run_path(run_dir, "merged"))
     if (out / "config.json").exists():
         return out
-    cfg = load_run_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_path(run_dir, "config"))
     if not (serve_adapter_dir(run_dir) / "adapter_config.json").exists():
         raise FileNotFoundError(f"{run_dir}: no serve_adapter/ folder (only LoRA runs can be merged)")
     model_dir = resolve_model_dir(cfg.model)

@@ -2,14 +2,14 @@
 
 Adding a task: add one `TaskSpec` to `TASKS` (local files, header, label names, metric, H1
 metric, baselines, Hub fallback, prompt template). Everything else (loading, splits,
-preprocessing, metrics, probes, serving prompts) reads the declaration; no code branches on task
-names.
+preprocessing, metrics, evaluation, probes, serving prompts) reads the declaration; no code
+branches on task names.
 
 Adding a kind of task (classification and extractive QA today): add one `TaskKind` to `KINDS`.
 A kind names its handlers, one per role (`HANDLER_ROLES`), as "module:function" strings that
 are imported only when used (`TaskKind.handler`), so this module stays import-light (no torch):
 reading files and Hub rows, building features, label counts, the probe inputs, the model head,
-Phase 0 baselines and H1's baseline bar. No code branches on a kind's name.
+Phase 0 baselines, H1's baseline bar and a split's scores. No code branches on a kind's name.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ HANDLER_ROLES: dict[str, str] = {
     "head": "(hidden_size, spec, decoder) -> nn.Module: the task head (loradrift.models)",
     "baselines": "(spec, data, rng) -> rows: the Phase 0 baseline rows, named as spec.baselines (loradrift.phase0)",
     "bar": "(spec, latest) -> (parts, reason): the values H1's baseline bar is the largest of (loradrift.hypotheses)",
+    "evaluate": "(ctx, rows, feats, na_thresh) -> scores: a split's metrics, its \"_predictions\" and, with na_probs, "
+                "\"_na_probs\" and \"na_prob_thresh\" (loradrift.evaluate)",
 }
 
 
@@ -61,6 +63,7 @@ class TaskKind:
     head: str
     baselines: str
     bar: str
+    evaluate: str
     split_group: str | None = None  # the row field the validation slice is carved by (no field shared)
     sanity_threshold: str = "min_accuracy"  # the `sanity` setting the overfit check must reach
     peft_task_type: str | None = None  # the PEFT task type of a decoder's head with last-token pooling
@@ -89,6 +92,7 @@ KINDS: dict[str, TaskKind] = {
             head="loradrift.models:classification_head",
             baselines="loradrift.phase0:classification_baselines",
             bar="loradrift.hypotheses:classification_bar",
+            evaluate="loradrift.evaluate:evaluate_classification",
             peft_task_type="SEQ_CLS",
             auto_class="AutoModelForSequenceClassification",
             pipeline_tag="text-classification",
@@ -103,6 +107,7 @@ KINDS: dict[str, TaskKind] = {
             head="loradrift.models:span_head",
             baselines="loradrift.phase0:squad_baselines",
             bar="loradrift.hypotheses:no_answer_bar",
+            evaluate="loradrift.evaluate:evaluate_squad",
             split_group="paragraph",
             sanity_threshold="min_squad_f1",
             pipeline_tag="question-answering",

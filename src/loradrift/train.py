@@ -18,9 +18,9 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -29,12 +29,24 @@ from loradrift import tracking
 from loradrift.config import RunConfig, load_run_config, save_config
 from loradrift.context import Context, setup
 from loradrift.data import probe_examples
-from loradrift.engine import (CheckpointWriter, Clock, UnreadableCheckpoint, batch_order, load_checkpoint, make_optimizer, peak_memory_mb,
-                              save_checkpoint, total_steps_for, train_step, trainable_parameters)
+from loradrift.engine import (
+    CheckpointWriter,
+    Clock,
+    UnreadableCheckpoint,
+    batch_order,
+    load_checkpoint,
+    make_optimizer,
+    peak_memory_mb,
+    save_checkpoint,
+    total_steps_for,
+    train_step,
+    trainable_parameters,
+)
 from loradrift.evaluate import evaluate, primary
 from loradrift.export import export, write_model_card
 from loradrift.io import LockBusy, ResultsStore, StoreError, atomic_path, atomic_write_json, exclusive_lock, make_dir
-from loradrift.models import model_key, public_base
+from loradrift.layout import model_key, results_db, run_dir_for, run_path
+from loradrift.models import public_base
 from loradrift.representations import base_path, encode_probe, extract, probe_key, read_snapshot_meta, save_snapshot, snapshot_path, write_index
 
 
@@ -46,14 +58,6 @@ class RunConflict(RuntimeError):
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite; the run stops without a result."""
-
-
-# The run folder's lock file (flock): held by the process that trains in the folder.
-LOCK_NAME = ".lock"
-
-
-def run_dir_for(cfg: RunConfig) -> Path:
-    return Path(cfg.out_dir) / "runs" / model_key(cfg.model) / cfg.task / cfg.method.name / f"seed{cfg.seed}"
 
 
 @dataclass
@@ -111,12 +115,12 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
                                         cfg.model_dump(mode="json"), {"task": cfg.task, "method": cfg.method.name,
                                                                       "seed": cfg.seed, "run_dir": rd})
     # Open the store first: a store that cannot be written fails now, not after the training.
-    store = ResultsStore(Path(cfg.out_dir) / "results.sqlite")
+    store = ResultsStore(results_db(cfg.out_dir))
     # What this call creates, deepest first: removed again if the run fails before writing anything.
-    created = [p for p in (rd / LOCK_NAME, rd, *rd.parents) if not p.exists()]
+    created = [p for p in (run_path(rd, "lock"), rd, *rd.parents) if not p.exists()]
     make_dir(rd, "run folder")
     try:
-        with exclusive_lock(rd / LOCK_NAME), tracker:
+        with exclusive_lock(run_path(rd, "lock")), tracker:
             try:
                 return _train_locked(cfg, rd, chash, store, force, on_step, on_eval, tracker)
             except BaseException:
@@ -129,7 +133,7 @@ def train_run(cfg: RunConfig, force: bool = False, on_step: Callable[[int, int],
 def _train_locked(cfg: RunConfig, rd: Path, chash: str, store: ResultsStore, force: bool,
                   on_step: Callable[[int, int], None] | None, on_eval: Callable[[int, float], None] | None,
                   tracker: tracking.Tracking) -> dict:
-    if (rd / "result.json").exists() and not force:
+    if run_path(rd, "result").exists() and not force:
         return _finished_result(cfg, rd, chash, store)
     if not force:
         recorded = _recorded_hash(rd)
@@ -142,7 +146,7 @@ def _train_locked(cfg: RunConfig, rd: Path, chash: str, store: ResultsStore, for
     if force:
         _clear_run_dir(rd)
     # Written before any other artefact: it records which config the folder's artefacts belong to.
-    save_config(cfg, rd / "config.yaml")
+    save_config(cfg, run_path(rd, "config"))
     run.resume()
     run.train(on_step, on_eval)
     result = run.evaluate_and_export(chash)
@@ -166,9 +170,9 @@ class _Recipe:
         self.opt, self.sched = make_optimizer(ctx, self.lr, self.total)
         self.order = batch_order(ctx, cfg.train.batch_size, cfg.seed)
         self.snapshot = _Snapshots(cfg, rd, ctx)
-        self.ckpt_dir = rd / "checkpoints"
+        self.ckpt_dir = run_path(rd, "checkpoints")
         self.last_ckpt, self.best_ckpt = self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt"
-        self.log_path = rd / "log.jsonl"
+        self.log_path = run_path(rd, "log")
         self.writer = CheckpointWriter(background=ctx.device.type == "cuda")
         self.state = RunState()
 
@@ -281,9 +285,9 @@ class _Recipe:
         dev = evaluate(ctx, "dev", na_thresh=val.get("na_prob_thresh")) if cfg.train.eval_dev else None
         export(ctx, rd)
         if dev is not None:
-            atomic_write_json(rd / "dev_predictions.json", dev.pop("_predictions"))
-            if ctx.spec.kind == "extractive_qa":
-                atomic_write_json(rd / "dev_na_probs.json", dev.pop("_na_probs"))
+            atomic_write_json(run_path(rd, "dev_predictions"), dev.pop("_predictions"))
+            if ctx.spec.task_kind.na_probs:
+                atomic_write_json(run_path(rd, "dev_na_probs"), dev.pop("_na_probs"))
         val.pop("_predictions"), val.pop("_na_probs", None)
         s.curve.append({"step": s.step, ctx.spec.primary: primary(ctx, val)})
         index = write_index(rd, ctx.model.pooling) if cfg.probe.enabled else {"n_examples": 0, "steps": []}
@@ -310,12 +314,12 @@ class _Recipe:
     def record(self, result: dict, store: ResultsStore) -> None:
         """result.json, the trackers' summary and the store's row; then the checkpoints go."""
         cfg, rd, tracker = self.cfg, self.rd, self.tracker
-        result_file = rd / "result.json"
+        result_file = run_path(rd, "result")
         tracker.summary({"val": result["val"], "dev": result["dev"] or {},
                          "cost": {k: result[k] for k in ("steps", "train_time_s", "wall_time_s", "tokens_per_s", "peak_memory_mb",
                                                          "trainable_params")}}, result["steps"])
         atomic_write_json(result_file, result)
-        tracker.artifacts([rd / "config.yaml", result_file, rd / ("adapter" if self.ctx.peft is not None else "model") / "README.md"])
+        tracker.artifacts([run_path(rd, "config"), result_file, run_path(rd, self.ctx.method.card_dir) / "README.md"])
         try:
             store.put_run(result)
         except StoreError as e:
@@ -353,7 +357,7 @@ class _Snapshots:
 
 
 def _finished_result(cfg: RunConfig, rd: Path, chash: str, store: ResultsStore) -> dict:
-    result = _read_result(rd / "result.json")
+    result = _read_result(run_path(rd, "result"))
     if result["config_hash"] != chash:
         raise RunConflict(f"{rd}: a finished run with another config (hash {result['config_hash']}) is there; "
                           f"use --force to redo it or another --out folder")
@@ -361,7 +365,7 @@ def _finished_result(cfg: RunConfig, rd: Path, chash: str, store: ResultsStore) 
     # unindexed: the folder is the record, so index it now; leftover resume state goes too.
     if not store.rows("run", model=result["model"], task=cfg.task, method=cfg.method.name, seed=cfg.seed, config_hash=chash):
         store.put_run(result)
-    shutil.rmtree(rd / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run_path(rd, "checkpoints"), ignore_errors=True)
     return result
 
 
@@ -369,7 +373,7 @@ def _recorded_hash(rd: Path) -> str | None:
     """The science hash of the config the folder was created with (its config.yaml)."""
     from loradrift.config import ConfigError
 
-    path = rd / "config.yaml"
+    path = run_path(rd, "config")
     if not path.exists():
         return None
     try:
@@ -398,8 +402,9 @@ def _restart_hint(rd: Path) -> str:
 
 
 def _clear_run_dir(rd: Path) -> None:
+    lock = run_path(rd, "lock")
     for child in rd.iterdir():
-        if child.name != LOCK_NAME:
+        if child != lock:
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
@@ -408,9 +413,10 @@ def _remove_unused(rd: Path, created: list[Path]) -> None:
     lock file and folders this call created: a run folder holding only `.lock` would look like
     a run that was started. Called with the lock held; a process that opened the lock file
     meanwhile sees it replaced and takes a new one (exclusive_lock)."""
-    if rd / LOCK_NAME not in created or [p.name for p in rd.iterdir()] != [LOCK_NAME]:
+    lock = run_path(rd, "lock")
+    if lock not in created or list(rd.iterdir()) != [lock]:
         return
-    (rd / LOCK_NAME).unlink()
+    lock.unlink()
     for d in created[1:]:
         try:
             d.rmdir()

@@ -53,6 +53,13 @@ use the uncorrected ``1 - alpha`` interval and do not enter the verdict.
 The coverage of each interval at the study's sizes was measured by simulation
 (``tests/test_stats.py::test_interval_coverage``); :data:`MEASURED_COVERAGE` records it and a
 result whose coverage is more than 2 points below nominal says so in its notes.
+
+Outside the family, the other inference of the project lives here too: the drift comparison's
+exact permutation test over seeds (:func:`permutation_test`) and probe-example jackknife
+(:func:`jackknife_variance`, :func:`reduction_interval`; the leave-one-out CKA replicates are
+``loradrift.similarity.jackknife_cka``), the forgetting analysis's Spearman correlation with its
+permutation p (:func:`rank_correlation`), and the mean-and-t-interval records of the secondary
+analyses (:func:`interval`, :func:`finite_interval`).
 """
 
 from __future__ import annotations

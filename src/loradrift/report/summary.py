@@ -22,8 +22,8 @@ from loradrift.report.render import Block, Section, fmt
 def header_facts(art: Artefacts) -> dict[str, str | None]:
     """The report's first lines: what ran (preset, model, training device, serving backend), and
     for a study on the random-init `tiny` model a warning that its results are a pipeline check."""
-    def read(rel: str, expect: type | tuple[type, ...]) -> Any:  # an unreadable file is the business of its section, not of the header
-        try:
+    def read(rel: str, expect: type | tuple[type, ...]) -> Any:
+        try:  # an unreadable file is the business of its section, not of the header
             return art.json(rel, expect)
         except ArtefactError:
             return None

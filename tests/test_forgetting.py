@@ -170,7 +170,7 @@ def test_general_text_is_held_out_and_fixed(tiny):
 
 
 def test_spearman_reference_values():
-    from loradrift.forgetting import rank_correlation
+    from loradrift.stats import rank_correlation
 
     r = rank_correlation([1, 2, 3, 4, 5], [2, 1, 4, 3, 5])
     assert r["rho"] == pytest.approx(0.8)  # 1 - 6 * 4 / (5 * 24)
@@ -185,7 +185,7 @@ def test_spearman_reference_values():
 
 
 def test_spearman_tiny_n_and_constant_input_are_undetermined():
-    from loradrift.forgetting import rank_correlation
+    from loradrift.stats import rank_correlation
 
     assert rank_correlation([1, 2], [3, 4])["decision"] == "undetermined"
     four = rank_correlation([1, 2, 3, 4], [1, 2, 3, 4])  # best attainable p = 2/24 > 0.05

@@ -211,7 +211,7 @@ def test_empty_out_folder_says_not_run(tmp_path):
 
 def test_pdf_fallback_without_browser(study, tmp_path, monkeypatch):
     out, _ = study
-    monkeypatch.setattr(report, "find_browser", lambda: None)
+    monkeypatch.setattr(report.render, "find_browser", lambda: None)
     rep = report.build_report(out)
     assert rep["pdf_renderer"] == "matplotlib"
     data = rep["pdf"].read_bytes()
@@ -229,8 +229,51 @@ def test_malformed_artefact_costs_only_its_section(tmp_path):
     rep = report.build_report(out, pdf=False)
     by_id = {s["id"]: s for s in rep["sections"]}
     assert by_id["drift"]["status"] == "error"
-    assert "could not be built" in rep["html"].read_text()
+    assert by_id["drift"]["error"].startswith("drift/comparison.json is not valid JSON")
+    assert "could not be built from its artefacts: drift/comparison.json is not valid JSON" in rep["html"].read_text()
     assert len(rep["sections"]) == len(SECTION_TITLES)
+    # sections.json beside report.html records the same statuses (written atomically: no temporaries)
+    assert json.loads((out / "report" / "sections.json").read_text()) == rep["sections"]
+    assert not list((out / "report").glob(".*tmp"))
+
+
+def test_an_artefact_of_the_wrong_kind_is_an_error_naming_it(tmp_path):
+    out = make_study(tmp_path / "out")
+    _json(out / "stats" / "hypotheses.json", ["not", "an", "object"])
+    by_id = {s["id"]: s for s in report.build_report(out, pdf=False)["sections"]}
+    assert by_id["hypotheses"]["status"] == by_id["summary"]["status"] == "error"
+    assert by_id["hypotheses"]["error"] == "stats/hypotheses.json holds a JSON list, not a JSON object"
+    assert by_id["performance"]["status"] == "ok"
+
+
+def test_a_section_whose_artefact_is_missing_says_not_run_naming_it(tmp_path):
+    """The reader raises ArtefactError for an artefact a section cannot do without; the section
+    (and only it) says "not run" and names the file, in the HTML and in sections.json."""
+    out = make_study(tmp_path / "out")
+    (out / "stats" / "hypotheses.json").unlink()
+    with pytest.raises(report.ArtefactError, match="stats/hypotheses.json is missing") as e:
+        report.Artefacts(out).require("stats/hypotheses.json", "Hypothesis tests")
+    assert e.value.missing and e.value.rel == "stats/hypotheses.json"
+    rep = report.build_report(out, pdf=False)
+    by_id = {s["id"]: s for s in json.loads((out / "report" / "sections.json").read_text())}
+    assert by_id["hypotheses"] == {"id": "hypotheses", "title": "Hypotheses", "status": "not run",
+                                   "missing": ["stats/hypotheses.json"], "error": None}
+    assert "Hypothesis tests: not run — stats/hypotheses.json is missing." in _text(rep["html"].read_text())
+    assert by_id["performance"]["status"] == by_id["drift"]["status"] == "ok"
+
+
+def test_a_bug_in_a_section_fails_the_report(tmp_path, monkeypatch):
+    """Only ArtefactError costs a section: any other exception is a bug and propagates."""
+    out = make_study(tmp_path / "out")
+
+    def broken(art):
+        raise TypeError("planted bug")
+
+    sections = [(sid, title, broken if sid == "drift" else make) for sid, title, make in report.SECTIONS]
+    monkeypatch.setattr(report.build, "SECTIONS", sections)
+    with pytest.raises(TypeError, match="planted bug"):
+        report.build_report(out, pdf=False)
+    assert not (out / "report" / "report.html").exists() and not (out / "report" / "sections.json").exists()
 
 
 def test_fmt():
@@ -304,9 +347,11 @@ def test_summary_opens_the_report_and_appendices_close_it(tmp_path):
     assert body.index('part">Evidence') < body.index('id="performance"') < body.index('part">Appendices') < body.index('id="setup"')
 
 
-def test_report_py_holds_no_markup():
-    src = (Path(report.__file__)).read_text()
-    assert not re.findall(r"</?(?:html|body|div|section|table|tr|td|th|p|h[1-6]|img|figure|ul|li|pre)\b", src)
+def test_the_report_package_holds_no_markup():
+    files = sorted(Path(report.__file__).parent.glob("*.py"))
+    assert len(files) > 10
+    for f in files:
+        assert not re.findall(r"</?(?:html|body|div|section|table|tr|td|th|p|h[1-6]|img|figure|ul|li|pre)\b", f.read_text()), f
 
 
 def test_header_names_preset_model_device_and_backend(study, tmp_path):
@@ -337,7 +382,7 @@ def test_a_tiny_study_says_on_its_first_screen_that_it_is_a_pipeline_check(tmp_p
     drawn = []
     real_text = Figure.text
     monkeypatch.setattr(Figure, "text", lambda self, x, y, s, *a, **k: (drawn.append(s), real_text(self, x, y, s, *a, **k))[1])
-    monkeypatch.setattr(report, "find_browser", lambda: None)
+    monkeypatch.setattr(report.render, "find_browser", lambda: None)
     report.build_report(out)
     first = " ".join(drawn[:drawn.index("Contents")])
     assert "Preset tiny · model tiny" in first and "Pipeline check, not findings" in first
@@ -345,7 +390,7 @@ def test_a_tiny_study_says_on_its_first_screen_that_it_is_a_pipeline_check(tmp_p
 
 def test_summary_states_the_scope_of_each_verdict():
     """Issue 26: the first screen says which tasks carry H1 and H2 and what H3 was measured on."""
-    from loradrift.report import _verdict_scope
+    from loradrift.report.summary import verdict_scope
 
     def res(name, scope, decision, reason="", primary=False):
         return {"name": name, "scope": scope, "decision": decision, "reason": reason, "primary": primary}
@@ -357,7 +402,7 @@ def test_summary_states_the_scope_of_each_verdict():
                 res("H2", "sst2", "not supported"), res("H2", "pooled", "not supported", "", True)],
          "H3": [res("H3", "hf/adapters-4/batch=8", "not supported")],
          "H3_backend": {"backend": "hf", "device": "cpu", "pre_registered": False}}
-    rows = {r["hypothesis"]: r for r in _verdict_scope(h)}
+    rows = {r["hypothesis"]: r for r in verdict_scope(h)}
     assert rows["H1"] == {"hypothesis": "H1", "decided on": "sst2 (supported)",
                           "not decided on": "rte (did not learn), pooled, primary (built on undetermined tasks)"}
     assert rows["H2"]["decided on"] == "sst2 (not supported), pooled, primary (not supported)"
@@ -365,22 +410,23 @@ def test_summary_states_the_scope_of_each_verdict():
     assert rows["H3"] == {"hypothesis": "H3", "decided on": "hf backend on cpu: secondary evidence only",
                           "not decided on": "the pre-registered H3 (needs vLLM)"}
     h["H3_backend"] = {"backend": "vllm", "device": "cuda", "pre_registered": True}
-    assert {r["hypothesis"]: r for r in _verdict_scope(h)}["H3"]["decided on"] == "vllm backend on cuda"
+    assert {r["hypothesis"]: r for r in verdict_scope(h)}["H3"]["decided on"] == "vllm backend on cuda"
 
 
 def test_figure_captions_over_runs_that_did_not_learn_say_so(tmp_path):
     """Issue 26: figures over runs of a task that did not learn say so in their captions."""
     import json as _json
 
-    from loradrift.report import Artefacts, _not_learned_caveat
+    from loradrift.report import Artefacts
+    from loradrift.report.figures import not_learned_caveat
 
     (tmp_path / "stats").mkdir()
     (tmp_path / "stats" / "hypotheses.json").write_text(_json.dumps(
         {"learning_gate": {"not_learned": {"rte": "FT did not learn", "squad_v2": "LoRA did not learn"}}}))
     art = Artefacts(tmp_path)
-    assert _not_learned_caveat(art, "final_by_layer_sst2") == ""
-    assert _not_learned_caveat(art, "final_by_layer_rte") == " (rte: did not learn, so no conclusion about LoRA)"
-    assert _not_learned_caveat(art, "over_training_squad_v2") == " (squad_v2: did not learn, so no conclusion about LoRA)"
-    assert "includes runs of rte, squad_v2" in _not_learned_caveat(art, "drift_vs_forgetting")
+    assert not_learned_caveat(art, "final_by_layer_sst2") == ""
+    assert not_learned_caveat(art, "final_by_layer_rte") == " (rte: did not learn, so no conclusion about LoRA)"
+    assert not_learned_caveat(art, "over_training_squad_v2") == " (squad_v2: did not learn, so no conclusion about LoRA)"
+    assert "includes runs of rte, squad_v2" in not_learned_caveat(art, "drift_vs_forgetting")
     (tmp_path / "stats" / "hypotheses.json").write_text(_json.dumps({"learning_gate": {"not_learned": {}}}))
-    assert _not_learned_caveat(Artefacts(tmp_path), "drift_vs_forgetting") == ""
+    assert not_learned_caveat(Artefacts(tmp_path), "drift_vs_forgetting") == ""

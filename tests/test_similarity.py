@@ -24,6 +24,7 @@ from loradrift.similarity import (
     cosine_layers,
     cosine_similarity,
     debiased_cka,
+    jackknife_cka,
     linear_cka,
     linear_cka_layers,
     minibatch_cka,
@@ -310,6 +311,35 @@ def test_minibatch_rejects_small_batch():
 
 
 # ---------------------------------------------------------------- rbf
+
+
+# ---------------------------------------------------------------- leave-one-out (jackknife)
+
+
+@pytest.mark.parametrize("metric", ["linear", "debiased", "rbf"])
+def test_jackknife_replicate_is_cka_without_that_row(metric):
+    """Row i of jackknife_cka is CKA computed from scratch (the references above) on the probe
+    examples but i; the closed form for linear and debiased CKA never recomputes it."""
+    r = rng(5)
+    n = 24
+    base = [r.standard_normal((n, 6)) for _ in range(3)]
+    other = [x @ r.standard_normal((6, 5)) + 0.5 * r.standard_normal((n, 5)) for x in base]
+    got = jackknife_cka(metric, base, other)
+    assert got.shape == (n, 3) and got.dtype == np.float64
+    ref = {"linear": ref_linear_cka, "debiased": ref_debiased_linear_cka,
+           "rbf": lambda x, y: ref_cka_from_grams(ref_rbf_gram(x, 1.0), ref_rbf_gram(y, 1.0))}[metric]
+    for i in range(n):
+        keep = np.arange(n) != i
+        want = [ref(x[keep], y[keep]) for x, y in zip(base, other)]
+        np.testing.assert_allclose(got[i], want, rtol=1e-9, atol=1e-12)
+
+
+def test_jackknife_hand_sized_case():
+    """Four examples, one feature each: leaving out row 0 leaves x = (1, 2, 3) and y = (1, 3, 2),
+    whose linear CKA is the squared Pearson correlation, 0.5**2."""
+    x = np.array([[5.0], [1.0], [2.0], [3.0]])
+    y = np.array([[-4.0], [1.0], [3.0], [2.0]])
+    assert jackknife_cka("linear", [x], [y])[0, 0] == pytest.approx(0.25, abs=1e-12)
 
 
 @pytest.mark.parametrize("sigma_frac", [0.5, 1.0, 2.0])

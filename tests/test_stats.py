@@ -517,3 +517,94 @@ def test_scipy_floor_covers_the_keywords_used():
     users = [p.name for p in (root / "src" / "loradrift").rglob("*.py") if re.search(r"\brng=", p.read_text())]
     if tuple(int(v) for v in floor.split(".")[:2]) < (1, 15):
         assert not users, f"{users} pass rng= but pyproject allows scipy {floor}"
+
+
+# --- inference outside the family: drift comparison, forgetting, interval records --------------
+
+
+def _scipy_perm_p(a, b):
+    def diff(x, y, axis):
+        return np.mean(x, axis=axis) - np.mean(y, axis=axis)
+
+    return sps.permutation_test((a, b), diff, permutation_type="independent", alternative="greater",
+                                n_resamples=np.inf, vectorized=True).pvalue
+
+
+def test_permutation_test_by_hand():
+    assert S.permutation_test([3, 4, 5], [0, 1, 2]) == (pytest.approx(0.05), 20, "exact")
+    # Every relabelling gives the same statistic, so all 20 count as "at least as extreme".
+    assert S.permutation_test([1, 1, 1], [1, 1, 1])[0] == pytest.approx(1.0)
+    # LoRA drifts more: the observed labelling is the most extreme in the wrong direction.
+    assert S.permutation_test([0, 1, 2], [3, 4, 5])[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        S.permutation_test([], [1.0])
+
+
+@pytest.mark.parametrize("na,nb,seed", [(3, 3, 0), (3, 3, 1), (4, 5, 2), (6, 4, 3)])
+def test_permutation_test_matches_scipy_exact(na, nb, seed):
+    r = np.random.default_rng(seed)
+    a, b = r.normal(0.3, 1.0, na), r.normal(0.0, 1.0, nb)
+    p, n, kind = S.permutation_test(a, b)
+    assert kind == "exact" and n == math.comb(na + nb, na)
+    assert p == pytest.approx(_scipy_perm_p(a, b), abs=1e-12)
+
+
+def test_permutation_test_monte_carlo_for_large_groups():
+    r = np.random.default_rng(4)
+    a, b = r.normal(0.5, 1.0, 12), r.normal(0.0, 1.0, 12)  # C(24, 12) = 2.7e6 relabellings
+    p, n, kind = S.permutation_test(a, b)
+    assert kind == "monte_carlo" and n == 100_000 and p == S.permutation_test(a, b)[0]  # seeded
+    assert p == pytest.approx(_scipy_perm_p(a, b), abs=0.005)  # scipy: 9999 random resamples
+
+
+def test_jackknife_variance_of_the_mean_is_its_squared_standard_error():
+    """For the mean, the delete-one jackknife variance equals s^2 / n exactly."""
+    x = np.array([0.3, 1.7, 2.2, -0.4, 5.0, 0.9])
+    loo = np.array([np.delete(x, i).mean() for i in range(x.size)])
+    assert S.jackknife_variance(loo) == pytest.approx(x.var(ddof=1) / x.size, rel=1e-12)
+    assert S.jackknife_variance([2.0, 2.0, 2.0]) == 0.0
+
+
+def test_reduction_interval_by_hand():
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.975)
+    est, half = math.log(0.125 / 0.2), z * math.sqrt(0.01)
+    want = [100 * (1 - math.exp(est + half)), 100 * (1 - math.exp(est - half))]
+    got = S.reduction_interval(0.2, 0.125, 0.01, 0.95)
+    assert got == pytest.approx(want, rel=1e-12) and got[0] < 37.5 < got[1]
+
+
+def _brute_force_spearman_p(x, y):
+    """Two-sided permutation p over every ordering of y, Spearman's rho from scipy."""
+    import itertools
+
+    obs = sps.spearmanr(x, y).statistic
+    null = np.array([sps.spearmanr(x, list(p)).statistic for p in itertools.permutations(y)])
+    eps = 1e-12
+    return min(1.0, 2 * min(np.mean(null >= obs - eps), np.mean(null <= obs + eps)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rank_correlation_matches_spearmanr_and_an_exhaustive_permutation_test(seed):
+    r = np.random.default_rng(seed)
+    x = r.normal(size=6)
+    y = 0.8 * x + r.normal(size=6)
+    res = S.rank_correlation(x, y)
+    assert res["rho"] == pytest.approx(sps.spearmanr(x, y).statistic, abs=1e-12)
+    assert res["exact"] and res["p_value"] == pytest.approx(_brute_force_spearman_p(x, y), abs=1e-12)
+    assert res["min_p"] == pytest.approx(2 / math.factorial(6), abs=1e-12)
+    # with ties: average ranks, as scipy
+    xt = np.round(x, 0)
+    assert S.rank_correlation(xt, y)["rho"] == pytest.approx(sps.spearmanr(xt, y).statistic, abs=1e-12)
+
+
+def test_interval_record_is_the_t_interval():
+    x = [0.81, 0.83, 0.85, 0.8]
+    lo, hi = sps.t.interval(0.9, len(x) - 1, loc=np.mean(x), scale=sps.sem(x))
+    rec = S.interval(x, 0.9)
+    assert rec["n"] == 4 and rec["mean"] == pytest.approx(np.mean(x)) and rec["ci_level"] == 0.9
+    assert (rec["ci_low"], rec["ci_high"]) == (pytest.approx(lo, rel=1e-12), pytest.approx(hi, rel=1e-12))
+    assert S.interval([0.5], 0.95)["ci_low"] is None  # one seed: no interval
+    assert S.finite_interval([0.81, None, 0.83, float("nan"), 0.85, 0.8], 0.9) == rec
+    assert S.finite_interval([None, float("inf")], 0.9) == {"n": 0, "mean": None, "ci_low": None, "ci_high": None}

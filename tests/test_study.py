@@ -64,6 +64,10 @@ def test_tiny_study_end_to_end(tmp_path):
                   "Reproducibility manifest"):
         assert title in html, title
     assert "not run —" not in html  # every section had its artefacts
+    # report/sections.json: each of the 14 sections built from its artefacts, none "not run" or "error"
+    sections = json.loads((out / "report" / "sections.json").read_text())
+    assert len(sections) == 14, [s["title"] for s in sections]
+    assert [(s["title"], s["status"]) for s in sections if s["status"] != "ok"] == [], sections
     timings = json.loads((out / "study" / "timings.json").read_text())
     assert [p["phase"] for p in timings["phases"]] == ["phase0", "phase1", "phase2", "phase3"]
     # Off a terminal every phase prints "k/N, ETA" lines (loradrift.progress), down to its last item.
@@ -134,10 +138,12 @@ def _check_bundle_rebuilds_the_report(out: Path) -> None:
     assert not [f for f in files if {"snapshots", "checkpoints", "adapter", "merged", "model"} & set(f.parts)]
     assert len(list(dest.glob("runs/*/*/*/seed*/result.json"))) == 24 and (dest / "stats" / "hypotheses.json").is_file()
     (dest / "report" / "report.html").unlink()
+    (dest / "report" / "sections.json").unlink()
     r = subprocess.run([sys.executable, "-m", "loradrift", "report", "--no-pdf", "--preset", "tiny", "--out", str(dest)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert same_report((dest / "report" / "report.html").read_text(), (out / "report" / "report.html").read_text())
+    assert (dest / "report" / "sections.json").read_text() == (out / "report" / "sections.json").read_text()
     # A bundle never overwrites: the same destination again is an error naming it.
     r = subprocess.run([sys.executable, "-m", "loradrift", "bundle", str(dest), "--preset", "tiny", "--out", str(out)],
                        capture_output=True, text=True, timeout=300)

@@ -33,7 +33,6 @@ full FT as a horizontal line with its interval as a band), ``figures/drift_by_la
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -120,15 +119,6 @@ def train_grid(cfg_for: Callable[..., RunConfig], task: str, acfg: RankAblationC
     return runs
 
 
-def _interval(values: list[float], level: float) -> dict:
-    from loradrift.forgetting import interval
-
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return {"n": 0, "mean": None, "ci_low": None, "ci_high": None}
-    return interval(vals, level)
-
-
 def analyse_task(cfg_for: Callable[..., RunConfig], task: str, runs: list[dict], acfg: RankAblationConfig) -> dict:
     """Per-run quantities and per-rank means for one task (see the module docstring)."""
     from loradrift import stats
@@ -185,7 +175,7 @@ def analyse_task(cfg_for: Callable[..., RunConfig], task: str, runs: list[dict],
                else stats.did_not_learn(METHODS[FULL].label if label == FULL else f"{METHODS[LORA].label} {label}", h1_scores[label], bar["bar"])
                if label in h1_scores else "no runs")
         by_label[label] = {"rank": sel[0]["rank"] if sel else None, "learned": why is None, "not_learned": why,
-                           **{q: _interval([x[q] for x in sel], level) for q, _ in QUANTITIES},
+                           **{q: stats.finite_interval([x[q] for x in sel], level) for q, _ in QUANTITIES},
                            "drift_per_layer": np.nanmean(np.array(per_layer[label]), axis=0).tolist() if label in per_layer else None}
     bad = [label for label in labels if by_label[label]["not_learned"]]
     if bad:

@@ -66,10 +66,8 @@ Speed: each snapshot file is read once (all layers together), the base side of C
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +81,9 @@ from loradrift import layout
 from loradrift.io import atomic_path, atomic_write_json, json_safe, write_csv
 from loradrift.methods import FULL, LORA
 from loradrift.representations import floor_path
-from loradrift.similarity import BaseSide, cka_against_base, cosine_layers, debiased_cka, linear_cka, rbf_cka
+from loradrift.similarity import (BaseSide, cka_against_base, cosine_layers, debiased_cka, jackknife_cka, linear_cka,
+                                  rbf_cka)
+from loradrift.stats import jackknife_variance, permutation_test, reduction_interval
 
 __all__ = [
     "FULL",
@@ -93,8 +93,6 @@ __all__ = [
     "COMPARISON_COLUMNS",
     "analyse_drift",
     "load_layers",
-    "permutation_test",
-    "jackknife_drift",
     "run_final_drift",
 ]
 
@@ -115,8 +113,6 @@ COMPARISON_COLUMNS = [
 ]
 
 # Exact enumeration of relabellings up to this many (C(16, 8) = 12870); beyond, Monte Carlo.
-_MAX_EXACT_RELABELLINGS = 100_000
-_N_RANDOM_RELABELLINGS = 100_000
 _SEED_DIR = layout.SEED_DIR
 _STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
 _LAYER_KEY = re.compile(r"^layer\.(\d+)$")
@@ -237,88 +233,6 @@ def _discover_tasks(out_dir: Path, model: str) -> list[str]:
 # --------------------------------------------------------------------------
 # statistics
 # --------------------------------------------------------------------------
-
-
-def permutation_test(a: Sequence[float], b: Sequence[float], *, seed: int = 0) -> tuple[float, int, str]:
-    """One-sided permutation p-value for ``mean(a) - mean(b)`` being this large by chance.
-
-    Labels are exchanged across the pooled values. Returns ``(p, n_relabellings, kind)`` with
-    kind ``"exact"`` (all C(na+nb, na) relabellings enumerated; the observed one included, so
-    p >= 1/C: 1/20 = 0.05 for 3 + 3 seeds) or ``"monte_carlo"`` (random relabellings, p with
-    the usual +1 correction).
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if len(a) == 0 or len(b) == 0:
-        raise ValueError("permutation test needs at least one value per group")
-    pooled = np.concatenate([a, b])
-    na, total = len(a), len(pooled)
-    observed = a.mean() - b.mean()
-    # Ties with the observed statistic count as "at least as extreme"; the tolerance stops
-    # rounding in a different summation order from turning a tie into a miss.
-    tol = 1e-12 * max(1.0, float(np.abs(pooled).max()))
-    n_comb = math.comb(total, na)
-    if n_comb <= _MAX_EXACT_RELABELLINGS:
-        groups = np.array(list(itertools.combinations(range(total), na)))
-        mask = np.zeros((n_comb, total), dtype=bool)
-        mask[np.arange(n_comb)[:, None], groups] = True
-        kind, n = "exact", n_comb
-    else:
-        rng = np.random.default_rng(seed)
-        mask = np.zeros((_N_RANDOM_RELABELLINGS, total), dtype=bool)
-        perm = rng.permuted(np.tile(np.arange(total), (_N_RANDOM_RELABELLINGS, 1)), axis=1)
-        mask[np.arange(_N_RANDOM_RELABELLINGS)[:, None], perm[:, :na]] = True
-        kind, n = "monte_carlo", _N_RANDOM_RELABELLINGS
-    sum_a = mask @ pooled
-    stats = sum_a / na - (pooled.sum() - sum_a) / (total - na)
-    hits = int(np.count_nonzero(stats >= observed - tol))
-    p = hits / n if kind == "exact" else (hits + 1) / (n + 1)
-    return float(p), n, kind
-
-
-def _loo_terms(K: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, ...]:
-    """For every i, the HSIC building blocks of the Gram matrices with row and column i removed:
-    sum(K*L), sum_j rowsumK_j rowsumL_j, sum(K), sum(L) over the remaining indices."""
-    k, l = K.sum(axis=1), L.sum(axis=1)
-    kl = (K * L).sum(axis=1)
-    dk, dl = np.diag(K), np.diag(L)
-    a = (K * L).sum() - 2.0 * kl + dk * dl
-    cross = k @ l - K @ l - L @ k + kl - (k - dk) * (l - dl)
-    return a, cross, k.sum() - 2.0 * k + dk, l.sum() - 2.0 * l + dl
-
-
-def _loo_hsic(K: np.ndarray, L: np.ndarray, debiased: bool) -> np.ndarray:
-    m = K.shape[0] - 1
-    if debiased:  # Song et al. 2012 on the Gram matrices with zeroed diagonals
-        K, L = K - np.diag(np.diag(K)), L - np.diag(np.diag(L))
-        a, cross, sk, sl = _loo_terms(K, L)
-        return (a + sk * sl / ((m - 1) * (m - 2)) - 2.0 * cross / (m - 2)) / (m * (m - 3))
-    a, cross, sk, sl = _loo_terms(K, L)
-    return a - 2.0 * cross / m + sk * sl / m**2
-
-
-def jackknife_drift(metric: str, base: Sequence[np.ndarray], layers: Sequence[np.ndarray],
-                    sigma_frac: float = 1.0) -> np.ndarray:
-    """Leave-one-out drift ``1 - CKA`` per probe row and layer, shape (n, n_layers), float64:
-    row i is the drift with probe example i left out of base and run alike. Linear and debiased
-    CKA come from the full Gram matrices in closed form (O(n^2) per row); RBF, whose bandwidth
-    depends on the rows kept, is recomputed row by row."""
-    n = base[0].shape[0]
-    out = np.empty((n, len(base)))
-    for j, (x, y) in enumerate(zip(base, layers)):
-        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-        if metric in ("linear", "debiased"):
-            # centring first changes no HSIC (linear kernel) but keeps the sums small
-            x, y = x - x.mean(axis=0), y - y.mean(axis=0)
-            K, L = x @ x.T, y @ y.T
-            deb = metric == "debiased"
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out[:, j] = 1.0 - _loo_hsic(K, L, deb) / np.sqrt(_loo_hsic(K, K, deb) * _loo_hsic(L, L, deb))
-            continue
-        keep = ~np.eye(n, dtype=bool)
-        for i in range(n):
-            out[i, j] = 1.0 - rbf_cka(x[keep[i]], y[keep[i]], sigma_frac=sigma_frac)
-    return out
 
 
 def _reduction_pct(ft: float, lora: float) -> float:
@@ -446,7 +360,7 @@ def _analyse_task(out_dir: Path, model: str, task: str, methods: Sequence[str], 
                     "step": step, "drift": float(primary[agg].mean()),
                     "layer0": float(primary[0]), "last": float(primary[-1]),
                     "drift_cos": float(1.0 - cos[agg].mean(axis=1).mean()),
-                    "jack": (jackknife_drift(metric, base_agg, [layers[i] for i in agg], sigma_frac).mean(axis=1)
+                    "jack": ((1.0 - jackknife_cka(metric, base_agg, [layers[i] for i in agg], sigma_frac)).mean(axis=1)
                              if compare and jackknife else None),
                 }
     if not compare:
@@ -510,17 +424,10 @@ def _compare(task: str, metric: str, final: dict, ci: float, model: str) -> dict
     if all(j is not None for j in jf + jl):
         mf, ml = np.mean(jf, axis=0), np.mean(jl, axis=0)  # per left-out row, mean over seeds
         if np.all(mf > 0) and np.all(ml > 0):
-            theta = np.log(ml / mf)
-            n = theta.size
-            var = float((n - 1) / n * np.sum((theta - theta.mean()) ** 2))
+            var = jackknife_variance(np.log(ml / mf))
             res["probe_var_log_ratio"] = var
             if ft_mean > 0 and lo_mean > 0:
-                from scipy.stats import norm
-
-                z = float(norm.ppf(0.5 + ci / 2))
-                est = math.log(lo_mean / ft_mean)
-                lo_pct, hi_pct = sorted(100.0 * (1.0 - math.exp(est + s * z * math.sqrt(var))) for s in (-1, 1))
-                res["probe_ci"] = [lo_pct, hi_pct]
+                res["probe_ci"] = reduction_interval(ft_mean, lo_mean, var, ci)
         else:
             res["probe_note"] = ("a leave-one-out mean drift is <= 0, so the log ratio is undefined there; "
                                  "the probe variance is not computed (no replicate is dropped)")

@@ -44,7 +44,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +56,7 @@ from loradrift import layout
 from loradrift.config import RunConfig
 from loradrift.io import atomic_path, atomic_write_json, json_safe, write_csv
 from loradrift.methods import METHOD_NAMES, METHODS
+from loradrift.stats import interval, rank_correlation
 
 log = logging.getLogger(__name__)
 
@@ -208,73 +208,6 @@ class Scorer:
         finally:
             for h in hooks:
                 h.remove()
-
-
-# --------------------------------------------------------------------------
-# statistics
-# --------------------------------------------------------------------------
-
-
-def rank_correlation(x: Sequence[float], y: Sequence[float], confidence: float = 0.95, n_resamples: int = 9999,
-                     seed: int = 0) -> dict[str, Any]:
-    """Spearman's rho (scipy; ties get average ranks) with a two-sided permutation p-value (exact
-    over all n! pairings when n! <= n_resamples, else Monte Carlo with `seed`).
-
-    ``decision`` is "undetermined" when rho is undefined (n < 3, or an input is constant) or when
-    even a perfect monotone arrangement of these values could not reach p < alpha (``min_p``: too
-    few pairs, or too many ties); else "positive"/"negative" (p < alpha) or "no evidence"."""
-    from scipy import stats as sps
-
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if x.shape != y.shape:
-        raise ValueError(f"rank_correlation: x and y differ in length ({x.size} vs {y.size})")
-    alpha = 1.0 - confidence
-    out: dict[str, Any] = {"method": "Spearman rho (scipy.stats.spearmanr, average ranks for ties); two-sided "
-                                     "permutation p (scipy.stats.permutation_test, pairings)",
-                           "n": int(x.size), "rho": None, "p_value": None, "min_p": None, "alpha": alpha}
-    if x.size < 3:
-        return {**out, "decision": "undetermined", "reason": f"n = {x.size} < 3 pairs: no rank correlation to estimate"}
-    if np.all(x == x[0]) or np.all(y == y[0]):
-        which = "drift" if np.all(x == x[0]) else "Δloss"
-        return {**out, "decision": "undetermined", "reason": f"{which} is constant over the runs: rho is undefined"}
-
-    # Spearman's rho is Pearson's r of the (average) ranks, and permuting y permutes its ranks:
-    # the permutation distribution is computed on ranks, vectorised over resamples.
-    rx = sps.rankdata(x)
-    rx = (rx - rx.mean()) / np.sqrt(((rx - rx.mean()) ** 2).sum())
-
-    def stat(ry: np.ndarray, axis: int = -1) -> np.ndarray:
-        c = ry - ry.mean(axis=axis, keepdims=True)
-        return (c * rx).sum(axis=axis) / np.sqrt((c * c).sum(axis=axis))
-
-    def p_of(yy: np.ndarray) -> float:
-        res = sps.permutation_test((sps.rankdata(yy),), stat, permutation_type="pairings", vectorized=True,
-                                   n_resamples=n_resamples, alternative="two-sided",
-                                   random_state=np.random.default_rng(seed))
-        return float(res.pvalue)
-
-    rho = float(sps.spearmanr(x, y).statistic)
-    p = p_of(y)
-    # The smallest p these values allow: y in the same rank order as x (ties of either kept).
-    min_p = p_of(np.sort(y)[np.argsort(np.argsort(x, kind="stable"), kind="stable")])
-    out.update(rho=rho, p_value=p, min_p=min_p, exact=math.factorial(x.size) <= n_resamples)
-    if min_p >= alpha:
-        return {**out, "decision": "undetermined",
-                "reason": f"with n = {x.size} pairs (and these ties) no arrangement reaches p < {alpha:g} "
-                          f"(smallest attainable p {min_p:.3g})"}
-    if p < alpha:
-        return {**out, "decision": "positive" if rho > 0 else "negative",
-                "reason": f"rho = {rho:.3g}, p = {p:.3g} < {alpha:g}"}
-    return {**out, "decision": "no evidence", "reason": f"rho = {rho:.3g}, p = {p:.3g} >= {alpha:g}"}
-
-
-def interval(values: Sequence[float], confidence: float) -> dict[str, Any]:
-    from loradrift.stats import t_interval
-
-    mean, lo, hi, _, _ = t_interval(values, confidence)
-    return {"n": len(values), "mean": mean, "ci_low": None if math.isnan(lo) else lo,
-            "ci_high": None if math.isnan(hi) else hi, "ci_level": confidence,
-            "interval": "Student t over seeds (loradrift.stats.t_interval)"}
 
 
 # --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ Contents
   2012), as ``cka(..., debiased=True)`` in Kornblith's reference code.
 - :func:`minibatch_cka` -- Nguyen, Raghu & Kornblith (2021).
 - :func:`rbf_cka` -- RBF kernel, bandwidth relative to the median distance.
+- :func:`jackknife_cka` -- leave-one-out CKA per probe example (the jackknife replicates).
 - :func:`cosine_similarity` -- per-example cosine (needs ``d1 == d2``).
 - :class:`LinearCKAAccumulator` -- streaming linear CKA, O(d^2) memory.
 - :class:`BaseSide`, :func:`cka_against_base`, :func:`linear_cka_layers`,
@@ -38,6 +39,7 @@ __all__ = [
     "debiased_cka",
     "minibatch_cka",
     "rbf_cka",
+    "jackknife_cka",
     "cosine_similarity",
     "LinearCKAAccumulator",
     "BaseSide",
@@ -325,6 +327,53 @@ def rbf_cka(X: ArrayLike, Y: ArrayLike, sigma_frac: float = 1.0, debiased: bool 
     K = _gram_rbf(_center_scaled(X, "X"), sigma_frac)
     L = _gram_rbf(_center_scaled(Y, "Y"), sigma_frac)
     return _cka_from_grams(K, L, unbiased=debiased)
+
+
+def _loo_terms(K: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, ...]:
+    """For every i, the HSIC building blocks of the Gram matrices with row and column i removed:
+    sum(K*L), sum_j rowsumK_j rowsumL_j, sum(K), sum(L) over the remaining indices."""
+    k, l = K.sum(axis=1), L.sum(axis=1)
+    kl = (K * L).sum(axis=1)
+    dk, dl = np.diag(K), np.diag(L)
+    a = (K * L).sum() - 2.0 * kl + dk * dl
+    cross = k @ l - K @ l - L @ k + kl - (k - dk) * (l - dl)
+    return a, cross, k.sum() - 2.0 * k + dk, l.sum() - 2.0 * l + dl
+
+
+def _loo_hsic(K: np.ndarray, L: np.ndarray, debiased: bool) -> np.ndarray:
+    m = K.shape[0] - 1
+    if debiased:  # Song et al. 2012 on the Gram matrices with zeroed diagonals
+        K, L = K - np.diag(np.diag(K)), L - np.diag(np.diag(L))
+        a, cross, sk, sl = _loo_terms(K, L)
+        return (a + sk * sl / ((m - 1) * (m - 2)) - 2.0 * cross / (m - 2)) / (m * (m - 3))
+    a, cross, sk, sl = _loo_terms(K, L)
+    return a - 2.0 * cross / m + sk * sl / m**2
+
+
+def jackknife_cka(metric: str, base: Sequence[ArrayLike], layers: Sequence[ArrayLike],
+                  sigma_frac: float = 1.0) -> np.ndarray:
+    """Leave-one-out CKA per probe row and layer, shape (n, n_layers), float64: row i is the CKA
+    of base and run layer with probe example i left out of both (the replicates of a delete-one
+    jackknife over probe examples). ``metric``: "linear", "debiased" or "rbf" (bandwidth
+    ``sigma_frac`` as in :func:`rbf_cka`). Linear and debiased CKA come from the full Gram
+    matrices in closed form (O(n^2) per row); RBF, whose bandwidth depends on the rows kept, is
+    recomputed row by row; a linear or debiased replicate with no variance left is NaN."""
+    n = np.asarray(base[0]).shape[0]
+    out = np.empty((n, len(base)))
+    for j, (x, y) in enumerate(zip(base, layers)):
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if metric in ("linear", "debiased"):
+            # centring first changes no HSIC (linear kernel) but keeps the sums small
+            x, y = x - x.mean(axis=0), y - y.mean(axis=0)
+            K, L = x @ x.T, y @ y.T
+            deb = metric == "debiased"
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[:, j] = _loo_hsic(K, L, deb) / np.sqrt(_loo_hsic(K, K, deb) * _loo_hsic(L, L, deb))
+            continue
+        keep = ~np.eye(n, dtype=bool)
+        for i in range(n):
+            out[i, j] = rbf_cka(x[keep[i]], y[keep[i]], sigma_frac=sigma_frac)
+    return out
 
 
 def minibatch_cka(

@@ -53,11 +53,19 @@ use the uncorrected ``1 - alpha`` interval and do not enter the verdict.
 The coverage of each interval at the study's sizes was measured by simulation
 (``tests/test_stats.py::test_interval_coverage``); :data:`MEASURED_COVERAGE` records it and a
 result whose coverage is more than 2 points below nominal says so in its notes.
+
+Outside the family, the other inference of the project lives here too: the drift comparison's
+exact permutation test over seeds (:func:`permutation_test`) and probe-example jackknife
+(:func:`jackknife_variance`, :func:`reduction_interval`; the leave-one-out CKA replicates are
+``loradrift.similarity.jackknife_cka``), the forgetting analysis's Spearman correlation with its
+permutation p (:func:`rank_correlation`), and the mean-and-t-interval records of the secondary
+analyses (:func:`interval`, :func:`finite_interval`).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -84,6 +92,12 @@ __all__ = [
     "one_sided_ttest",
     "cohens_d",
     "power_note",
+    "permutation_test",
+    "jackknife_variance",
+    "reduction_interval",
+    "rank_correlation",
+    "interval",
+    "finite_interval",
     "h1_performance",
     "h2_drift",
     "h3_serving",
@@ -395,6 +409,137 @@ def power_note(n: int, effect: float | None, *, alternative: str = "less", alpha
     if effect is None:
         return head + "observed effect undefined (zero spread); " + tail
     return head + f"power at the observed d={effect:.2f} is {_power(n, effect, alternative, alpha):.2f}; " + tail
+
+
+# ---------------------------------------------------------------------------
+# Inference outside the family: the drift comparison's permutation test and probe-example
+# interval, the forgetting correlation, and the interval records of the secondary analyses
+# ---------------------------------------------------------------------------
+
+_MAX_EXACT_RELABELLINGS = 100_000
+_N_RANDOM_RELABELLINGS = 100_000
+
+
+def permutation_test(a: Sequence[float], b: Sequence[float], *, seed: int = 0) -> tuple[float, int, str]:
+    """One-sided permutation p-value for ``mean(a) - mean(b)`` being this large by chance.
+
+    Labels are exchanged across the pooled values. Returns ``(p, n_relabellings, kind)`` with
+    kind ``"exact"`` (all C(na+nb, na) relabellings enumerated; the observed one included, so
+    p >= 1/C: 1/20 = 0.05 for 3 + 3 seeds) or ``"monte_carlo"`` (random relabellings, p with
+    the usual +1 correction).
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if len(a) == 0 or len(b) == 0:
+        raise ValueError("permutation test needs at least one value per group")
+    pooled = np.concatenate([a, b])
+    na, total = len(a), len(pooled)
+    observed = a.mean() - b.mean()
+    # Ties with the observed statistic count as "at least as extreme"; the tolerance stops
+    # rounding in a different summation order from turning a tie into a miss.
+    tol = 1e-12 * max(1.0, float(np.abs(pooled).max()))
+    n_comb = math.comb(total, na)
+    if n_comb <= _MAX_EXACT_RELABELLINGS:
+        groups = np.array(list(itertools.combinations(range(total), na)))
+        mask = np.zeros((n_comb, total), dtype=bool)
+        mask[np.arange(n_comb)[:, None], groups] = True
+        kind, n = "exact", n_comb
+    else:
+        rng = np.random.default_rng(seed)
+        mask = np.zeros((_N_RANDOM_RELABELLINGS, total), dtype=bool)
+        perm = rng.permuted(np.tile(np.arange(total), (_N_RANDOM_RELABELLINGS, 1)), axis=1)
+        mask[np.arange(_N_RANDOM_RELABELLINGS)[:, None], perm[:, :na]] = True
+        kind, n = "monte_carlo", _N_RANDOM_RELABELLINGS
+    sum_a = mask @ pooled
+    stats = sum_a / na - (pooled.sum() - sum_a) / (total - na)
+    hits = int(np.count_nonzero(stats >= observed - tol))
+    p = hits / n if kind == "exact" else (hits + 1) / (n + 1)
+    return float(p), n, kind
+
+
+def jackknife_variance(replicates: Iterable[float]) -> float:
+    """Delete-one jackknife variance of an estimate from its n leave-one-out replicates
+    ``theta_i``: ``(n - 1) / n * sum((theta_i - mean theta)^2)``."""
+    theta = np.asarray(replicates, dtype=np.float64)
+    n = theta.size
+    return float((n - 1) / n * np.sum((theta - theta.mean()) ** 2))
+
+
+def reduction_interval(base: float, other: float, var_log_ratio: float, level: float) -> list[float]:
+    """Two-sided normal interval of the reduction ``(1 - other / base) * 100`` (%), built on the
+    log scale from the variance of ``log(other / base)`` and transformed back: ``[low, high]``."""
+    z = float(_sps.norm.ppf(0.5 + level / 2))
+    est = math.log(other / base)
+    return sorted(100.0 * (1.0 - math.exp(est + s * z * math.sqrt(var_log_ratio))) for s in (-1, 1))
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float], confidence: float = 0.95, n_resamples: int = 9999,
+                     seed: int = 0) -> dict[str, Any]:
+    """Spearman's rho (scipy; ties get average ranks) with a two-sided permutation p-value (exact
+    over all n! pairings when n! <= n_resamples, else Monte Carlo with `seed`).
+
+    ``decision`` is "undetermined" when rho is undefined (n < 3, or an input is constant) or when
+    even a perfect monotone arrangement of these values could not reach p < alpha (``min_p``: too
+    few pairs, or too many ties); else "positive"/"negative" (p < alpha) or "no evidence"."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"rank_correlation: x and y differ in length ({x.size} vs {y.size})")
+    alpha = 1.0 - confidence
+    out: dict[str, Any] = {"method": "Spearman rho (scipy.stats.spearmanr, average ranks for ties); two-sided "
+                                     "permutation p (scipy.stats.permutation_test, pairings)",
+                           "n": int(x.size), "rho": None, "p_value": None, "min_p": None, "alpha": alpha}
+    if x.size < 3:
+        return {**out, "decision": "undetermined", "reason": f"n = {x.size} < 3 pairs: no rank correlation to estimate"}
+    if np.all(x == x[0]) or np.all(y == y[0]):
+        which = "drift" if np.all(x == x[0]) else "Δloss"
+        return {**out, "decision": "undetermined", "reason": f"{which} is constant over the runs: rho is undefined"}
+
+    # Spearman's rho is Pearson's r of the (average) ranks, and permuting y permutes its ranks:
+    # the permutation distribution is computed on ranks, vectorised over resamples.
+    rx = _sps.rankdata(x)
+    rx = (rx - rx.mean()) / np.sqrt(((rx - rx.mean()) ** 2).sum())
+
+    def stat(ry: np.ndarray, axis: int = -1) -> np.ndarray:
+        c = ry - ry.mean(axis=axis, keepdims=True)
+        return (c * rx).sum(axis=axis) / np.sqrt((c * c).sum(axis=axis))
+
+    def p_of(yy: np.ndarray) -> float:
+        res = _sps.permutation_test((_sps.rankdata(yy),), stat, permutation_type="pairings", vectorized=True,
+                                    n_resamples=n_resamples, alternative="two-sided",
+                                    random_state=np.random.default_rng(seed))
+        return float(res.pvalue)
+
+    rho = float(_sps.spearmanr(x, y).statistic)
+    p = p_of(y)
+    # The smallest p these values allow: y in the same rank order as x (ties of either kept).
+    min_p = p_of(np.sort(y)[np.argsort(np.argsort(x, kind="stable"), kind="stable")])
+    out.update(rho=rho, p_value=p, min_p=min_p, exact=math.factorial(x.size) <= n_resamples)
+    if min_p >= alpha:
+        return {**out, "decision": "undetermined",
+                "reason": f"with n = {x.size} pairs (and these ties) no arrangement reaches p < {alpha:g} "
+                          f"(smallest attainable p {min_p:.3g})"}
+    if p < alpha:
+        return {**out, "decision": "positive" if rho > 0 else "negative",
+                "reason": f"rho = {rho:.3g}, p = {p:.3g} < {alpha:g}"}
+    return {**out, "decision": "no evidence", "reason": f"rho = {rho:.3g}, p = {p:.3g} >= {alpha:g}"}
+
+
+def interval(values: Sequence[float], confidence: float) -> dict[str, Any]:
+    """The mean over seeds and its Student t-interval (:func:`t_interval`) as a record:
+    ``{"n", "mean", "ci_low", "ci_high", "ci_level", "interval"}``, bounds None for n < 2."""
+    mean, lo, hi, _, _ = t_interval(values, confidence)
+    return {"n": len(values), "mean": mean, "ci_low": None if math.isnan(lo) else lo,
+            "ci_high": None if math.isnan(hi) else hi, "ci_level": confidence,
+            "interval": "Student t over seeds (loradrift.stats.t_interval)"}
+
+
+def finite_interval(values: Sequence[float | None], confidence: float) -> dict[str, Any]:
+    """:func:`interval` of the values that were measured (not None, finite); with none,
+    ``{"n": 0, "mean": None, "ci_low": None, "ci_high": None}``."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return {"n": 0, "mean": None, "ci_low": None, "ci_high": None}
+    return interval(vals, confidence)
 
 
 # ---------------------------------------------------------------------------

@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import base_parser, flops_per_step, linear_params, print_table, write_rows  # noqa: E402
+from common import base_parser, flops_per_step, linear_params, print_table, write_rows
 
-from loradrift.config import resolve_config  # noqa: E402
-from loradrift.context import setup  # noqa: E402
-from loradrift.engine import batch_order, make_optimizer, train_step  # noqa: E402
-from loradrift.evaluate import evaluate  # noqa: E402
+from loradrift.config import resolve_config
+from loradrift.context import setup
+from loradrift.engine import batch_order, make_optimizer, train_step
+from loradrift.evaluate import evaluate
 
 COLUMNS = [("threads", "threads", "d"), ("what", "what", ""), ("method", "method", ""), ("batch_size", "batch", ""),
            ("padded_len", "pad len", ".1f"), ("gflops", "GFLOP/s", ".1f"), ("bound_tokens_per_s", "bound tok/s", ",.0f"),

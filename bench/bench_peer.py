@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import add_mfu, base_parser, linear_params, print_table, write_rows  # noqa: E402
+from common import add_mfu, base_parser, linear_params, print_table, write_rows
 
-from loradrift.config import resolve_config  # noqa: E402
-from loradrift.data import encode, load_task  # noqa: E402
-from loradrift.engine import peak_memory_mb, pick_device  # noqa: E402
-from loradrift.models import body_of, is_decoder, load_tokenizer, resolve_model_dir  # noqa: E402
-from loradrift.tasks import get_task  # noqa: E402
+from loradrift.config import resolve_config
+from loradrift.data import encode, load_task
+from loradrift.engine import peak_memory_mb, pick_device
+from loradrift.models import body_of, is_decoder, load_tokenizer, resolve_model_dir
+from loradrift.tasks import get_task
 
 COLUMNS = [("system", "system", ""), ("task", "task", ""), ("method", "method", ""), ("batch_size", "batch", "d"),
            ("max_length", "len", "d"), ("step_time_s", "step s", ".4f"), ("tokens_per_s", "tok/s", ",.0f"),
@@ -107,11 +107,25 @@ def bench(preset: str, task: str, method: str, batch: int, steps: int, warmup: i
     per_step_padded = counts["padded"] / steps
     mc = model.config if method == "full" else model.base_model.model.config
     n_lin = linear_params(body_of(model if method == "full" else model.base_model.model))
-    row = {"system": "hf-trainer", "preset": preset, "task": task, "method": method, "device": str(device),
-           "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": "bfloat16" if device.type == "cuda" else "float32",
-           "batch_size": batch, "max_length": cfg.model.max_length, "steps": steps, "warmup_steps": warmup, "step_time_s": step_time,
-           "tokens_per_s": counts["tokens"] / elapsed, "padded_tokens_per_s": counts["padded"] / elapsed,
-           "mean_padded_length": per_step_padded / batch, "peak_memory_mb": peak_memory_mb(device), "linear_params": n_lin}
+    row = {
+        "system": "hf-trainer",
+        "preset": preset,
+        "task": task,
+        "method": method,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "dtype": "bfloat16" if device.type == "cuda" else "float32",
+        "batch_size": batch,
+        "max_length": cfg.model.max_length,
+        "steps": steps,
+        "warmup_steps": warmup,
+        "step_time_s": step_time,
+        "tokens_per_s": counts["tokens"] / elapsed,
+        "padded_tokens_per_s": counts["padded"] / elapsed,
+        "mean_padded_length": per_step_padded / batch,
+        "peak_memory_mb": peak_memory_mb(device),
+        "linear_params": n_lin,
+    }
     add_mfu(row, device, mc, n_lin, per_step_padded, step_time, method)
     return row
 
@@ -124,9 +138,11 @@ def main() -> None:
         for method in args.methods.split(","):
             try:
                 rows.append(bench(args.preset, args.task, method, batch, args.steps, args.warmup, args.overrides))
-            except Exception as e:  # keep the other rows
+            except Exception as e:  # noqa: BLE001 - a failed row is recorded with its error; the other rows are kept
                 traceback.print_exc()
-                rows.append({"system": "hf-trainer", "task": args.task, "method": method, "batch_size": batch, "error": f"{type(e).__name__}: {e}"[:500]})
+                rows.append(
+                    {"system": "hf-trainer", "task": args.task, "method": method, "batch_size": batch, "error": f"{type(e).__name__}: {e}"[:500]}
+                )
             write_rows(out, rows, "python " + " ".join(sys.argv))
     print_table([r for r in rows if "step_time_s" in r], COLUMNS)
 

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, write_rows  # noqa: E402
+from common import print_table, write_rows
 
 COLUMNS = [("sharing", "sharing", ""), ("configs", "configs", "d"), ("peak_rss_mb", "peak RSS MB", ",.0f"),
            ("shared_mb", "shared MB", ",.0f"), ("seconds", "seconds", ".1f")]

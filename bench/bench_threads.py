@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import base_parser, print_table, write_rows  # noqa: E402
+from common import base_parser, print_table, write_rows
 
 COLUMNS = [("scenario", "scenario", ""), ("processes", "procs", "d"), ("threads", "threads", "d"),
            ("tokens_per_s", "tok/s each", ""), ("slowest", "slowest", ",.1f"), ("total", "total tok/s", ",.1f"),
@@ -34,9 +34,9 @@ COLUMNS = [("scenario", "scenario", ""), ("processes", "procs", "d"), ("threads"
 def worker(args) -> None:
     """One process: set its threads, load, warm up, signal ready, wait for go, time the steps."""
     from loradrift.config import resolve_config
+    from loradrift.context import setup
     from loradrift.engine import batch_order, make_optimizer, train_step
     from loradrift.runtime import set_threads
-    from loradrift.context import setup
 
     cfg = resolve_config(preset=args.preset, task=args.task,
                          overrides=[f"method.name={args.method}", f"runtime.threads={args.worker_threads}", *args.overrides])

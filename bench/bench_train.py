@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Window, add_mfu, base_parser, linear_params, print_table, write_rows  # noqa: E402
+from common import Window, add_mfu, base_parser, linear_params, print_table, write_rows
 
-from loradrift.config import resolve_config  # noqa: E402
-from loradrift.context import setup  # noqa: E402
-from loradrift.engine import batch_order, make_optimizer, peak_memory_mb, train_step  # noqa: E402
+from loradrift.config import resolve_config
+from loradrift.context import setup
+from loradrift.engine import batch_order, make_optimizer, peak_memory_mb, train_step
 
 VARIANTS = {
     "eager": ["train.engine.compile=off"],
@@ -148,7 +148,7 @@ def main() -> None:
                 try:
                     rows.append(bench(args.preset, args.task, method, batch, variant, args.steps, args.warmup, args.fixed_length, args.overrides,
                                       args.profile))
-                except Exception as e:  # one failing variant must not lose the others' rows
+                except Exception as e:  # noqa: BLE001 - recorded in its row; one failing variant must not lose the others' rows
                     traceback.print_exc()
                     rows.append({"system": "loradrift", "variant": variant, "task": args.task, "method": method, "batch_size": batch,
                                  "error": f"{type(e).__name__}: {e}"[:500]})

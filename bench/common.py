@@ -17,6 +17,7 @@ the same way, so their MFU columns compare:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import subprocess
 import time
@@ -76,11 +77,9 @@ def machine() -> dict:
             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-        try:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
             info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                             capture_output=True, text=True, timeout=20).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
     return info
 
 

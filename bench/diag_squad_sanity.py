@@ -29,12 +29,11 @@ def main() -> None:
 
     import loradrift.models as models
     from loradrift.config import resolve_config
-    from loradrift.data import load_task
-    from loradrift.metrics import squad_v2_evaluate
-    from loradrift.data import rows_as_squad_json
     from loradrift.context import setup
+    from loradrift.data import load_task, rows_as_squad_json
     from loradrift.engine import batch_order, make_optimizer, train_step
     from loradrift.evaluate import squad_predictions
+    from loradrift.metrics import squad_v2_evaluate
 
     if args.bf16_heads:
         models._fp32 = lambda hidden: contextlib.nullcontext()

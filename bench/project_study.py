@@ -64,7 +64,11 @@ def count(preset: str, task: str, tokenizer_model: str | None) -> dict:
     step_tokens = t.batch_size * t.grad_accum * mean_train
     train_tokens_run = per_run_steps * step_tokens
     mean_val = tok_per["val"] / max(1, len(feats["val"]))
-    val_feats_mid = len(feats["val"]) if t.eval_max_examples is None else min(len(feats["val"]), round(t.eval_max_examples * len(feats["val"]) / max(1, len(data.val))))
+    val_feats_mid = (
+        len(feats["val"])
+        if t.eval_max_examples is None
+        else min(len(feats["val"]), round(t.eval_max_examples * len(feats["val"]) / max(1, len(data.val))))
+    )
     n_evals = per_run_steps // t.eval_every if t.eval_every else 0
     probe = len(probe_examples(ref, data)) * mean_val
     fwd_run = n_evals * val_feats_mid * mean_val + (per_run_steps // ref.probe.snapshot_every + 1) * probe + tok_per["val"] + tok_per["dev"]
@@ -74,11 +78,20 @@ def count(preset: str, task: str, tokenizer_model: str | None) -> dict:
     trial_tokens = trial_steps * step_tokens  # searched batch sizes average out near the preset's
     trial_fwd = (2 if trial_steps > 1 else 1) * tok_per["val"]
     sanity = ref.sanity.max_steps * ref.sanity.batch_size * mean_train
-    return {"task": task, "train_features": round(train_feats), "scaled_from_local": scale != 1.0, "mean_padded_length": mean_train,
-            "steps_per_run": per_run_steps, "step_tokens": step_tokens, "sanity_step_tokens": ref.sanity.batch_size * mean_train,
-            "phase0_train_tokens": methods * sanity,
-            "phase1_train_tokens": methods * s.trials * trial_tokens, "phase1_forward_tokens": methods * s.trials * trial_fwd,
-            "phase2_train_tokens_per_method": seeds * train_tokens_run, "phase2_forward_tokens": seeds * methods * fwd_run}
+    return {
+        "task": task,
+        "train_features": round(train_feats),
+        "scaled_from_local": scale != 1.0,
+        "mean_padded_length": mean_train,
+        "steps_per_run": per_run_steps,
+        "step_tokens": step_tokens,
+        "sanity_step_tokens": ref.sanity.batch_size * mean_train,
+        "phase0_train_tokens": methods * sanity,
+        "phase1_train_tokens": methods * s.trials * trial_tokens,
+        "phase1_forward_tokens": methods * s.trials * trial_fwd,
+        "phase2_train_tokens_per_method": seeds * train_tokens_run,
+        "phase2_forward_tokens": seeds * methods * fwd_run,
+    }
 
 
 def throughput(path: Path, variant: str | None) -> dict[str, dict]:
@@ -89,8 +102,12 @@ def throughput(path: Path, variant: str | None) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for r in rows:
         if r["method"] not in out or r["padded_tokens_per_s"] > out[r["method"]]["rate"]:
-            out[r["method"]] = {"rate": r["padded_tokens_per_s"], "step_s": r["step_time_s"], "step_tokens": r["padded_tokens_per_s"] * r["step_time_s"],
-                                "variant": r.get("variant")}
+            out[r["method"]] = {
+                "rate": r["padded_tokens_per_s"],
+                "step_s": r["step_time_s"],
+                "step_tokens": r["padded_tokens_per_s"] * r["step_time_s"],
+                "variant": r.get("variant"),
+            }
     if set(out) != {"full", "lora"}:
         sys.exit(f"{path}: needs loradrift rows for both methods (variant {variant}); found {sorted(out)}")
     return out
@@ -107,9 +124,12 @@ def main() -> None:
     ap.add_argument("--throughput", type=Path, required=True, help="bench_train.py JSON measured on the target GPU and model shape")
     ap.add_argument("--variant", default=None, help="which bench variant's rows to use (default: the fastest)")
     ap.add_argument("--tokenizer", default=None, help="count tokens with this model's tokenizer (for a Hub model not on this machine)")
-    ap.add_argument("--lora-as-full", action="store_true",
-                    help="price LoRA steps at full fine-tuning's measured speed (an assumption, printed as such: for a GPU "
-                         "where only full FT was measured compiled)")
+    ap.add_argument(
+        "--lora-as-full",
+        action="store_true",
+        help="price LoRA steps at full fine-tuning's measured speed (an assumption, printed as such: for a GPU "
+        "where only full FT was measured compiled)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     tp = throughput(args.throughput, args.variant)
@@ -133,18 +153,26 @@ def main() -> None:
         total["phase 0"] += p0 / 3600
         total["phase 1"] += p1 / 3600
         total["phase 2"] += p2 / 3600
-        print(f"{r['task']:9} {r['train_features']:>9,d} {r['mean_padded_length']:5.0f} {r['steps_per_run']:>9,d} "
-              f"{r['phase0_h']:6.2f} {r['phase1_h']:6.2f} {r['phase2_h']:6.2f}" + ("  (train scaled to the official size)" if r["scaled_from_local"] else ""))
+        print(
+            f"{r['task']:9} {r['train_features']:>9,d} {r['mean_padded_length']:5.0f} {r['steps_per_run']:>9,d} "
+            f"{r['phase0_h']:6.2f} {r['phase1_h']:6.2f} {r['phase2_h']:6.2f}"
+            + ("  (train scaled to the official size)" if r["scaled_from_local"] else "")
+        )
     hours = sum(total.values())
-    print("measured: " + ", ".join(f"{m} {v['variant']} {v['step_s']:.4f} s/step of {v['step_tokens']:,.0f} padded tokens "
-                                   f"({v['rate']:,.0f} tokens/s)" for m, v in tp.items()) + f", from {args.throughput}")
-    print("projected GPU hours: " + ", ".join(f"{k} {v:.2f}" for k, v in total.items()) + f"; total {hours:.2f} h"
-          f" ({hours * 60:.1f} min)")
+    print(
+        "measured: "
+        + ", ".join(
+            f"{m} {v['variant']} {v['step_s']:.4f} s/step of {v['step_tokens']:,.0f} padded tokens ({v['rate']:,.0f} tokens/s)" for m, v in tp.items()
+        )
+        + f", from {args.throughput}"
+    )
+    print("projected GPU hours: " + ", ".join(f"{k} {v:.2f}" for k, v in total.items()) + f"; total {hours:.2f} h ({hours * 60:.1f} min)")
     if args.json:
         from loradrift.io import atomic_write_json
 
-        atomic_write_json(args.json, {"preset": args.preset, "throughput": tp, "source": str(args.throughput), "tasks": rows,
-                                      "hours": total, "total_hours": hours})
+        atomic_write_json(
+            args.json, {"preset": args.preset, "throughput": tp, "source": str(args.throughput), "tasks": rows, "hours": total, "total_hours": hours}
+        )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,7 @@ OUT = Path(__file__).resolve().parents[1] / "src/loradrift/assets/tiny_tokenizer
 
 def corpus(data_dir: Path):
     for rel in ["glue/SST-2/train.tsv", "glue/MRPC/train.tsv", "glue/RTE/train.tsv"]:
-        for line in (data_dir / rel).read_text(encoding="utf-8-sig").splitlines()[1:5001]:
-            yield line
+        yield from (data_dir / rel).read_text(encoding="utf-8-sig").splitlines()[1:5001]
     squad = json.loads((data_dir / "squad_v2/train-v2.0.first10articles.json").read_text())
     for art in squad["data"]:
         for p in art["paragraphs"]:

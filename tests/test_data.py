@@ -105,7 +105,9 @@ def test_bad_tsv(data_dir, tmp_path, mutate, message):
 
 def test_malformed_squad_json(data_dir, tmp_path):
     d = _copy_data(data_dir, tmp_path)
-    (d / "squad_v2/train-v2.0.first10articles.json").write_text('{"version": "v2.0", "data": [{"title": "x", "paragraphs": [{"context": "c", "qas": [{"question": "q"}]}]}]}')
+    (d / "squad_v2/train-v2.0.first10articles.json").write_text(
+        '{"version": "v2.0", "data": [{"title": "x", "paragraphs": [{"context": "c", "qas": [{"question": "q"}]}]}]}'
+    )
     with pytest.raises(DataError, match=r"train-v2\.0\.first10articles\.json.*missing 'id'"):
         load_task(resolve_config(preset="tiny", task="squad_v2", overrides=[f"data.data_dir={d}", "data.verify_checksums=false"]))
 
@@ -141,10 +143,13 @@ def test_non_utf8_data_names_the_file(data_dir, tmp_path):
         load_task(_cfg("rte", d))
 
 
-@pytest.mark.parametrize("drop, where", [
-    ("context", r"data\[0\]\.paragraphs\[0\]: missing 'context'"),
-    ("question", r"data\[0\]\.paragraphs\[0\]\.qas\[0\]: missing 'question'"),
-])
+@pytest.mark.parametrize(
+    "drop, where",
+    [
+        ("context", r"data\[0\]\.paragraphs\[0\]: missing 'context'"),
+        ("question", r"data\[0\]\.paragraphs\[0\]\.qas\[0\]: missing 'question'"),
+    ],
+)
 def test_squad_json_without_context_or_question(data_dir, tmp_path, drop, where):
     d = tmp_path / "data/squad_v2"
     d.mkdir(parents=True)
@@ -187,7 +192,7 @@ def test_resolution_order(data_dir, tmp_path, monkeypatch):
     # 3: nothing named, so the package's own copy, inside the repository
     where = locate_data(cfg())
     assert (where.rule, where.path) == (3, PACKAGED_DATA)
-    assert PACKAGED_DATA == Path(__import__("loradrift").__file__).resolve().parent / "taskdata"
+    assert Path(__import__("loradrift").__file__).resolve().parent / "taskdata" == PACKAGED_DATA
     assert load_task(cfg()).source == f"rule 3: loradrift's own copy ({PACKAGED_DATA})"
     # 2 beats 3
     monkeypatch.setenv("LORADRIFT_DATA", str(env))
@@ -234,8 +239,16 @@ def _fake_datasets(calls):
         calls.append((path, name, split))
         if path == "rajpurkar/squad_v2":
             ctx = "Paris is the capital of France."
-            return [{"id": f"{split}-{i}", "title": "France", "context": ctx, "question": f"What is the capital? {i}",
-                     "answers": {"text": ["Paris"] if i % 2 else [], "answer_start": [0] if i % 2 else []}} for i in range(20)]
+            return [
+                {
+                    "id": f"{split}-{i}",
+                    "title": "France",
+                    "context": ctx,
+                    "question": f"What is the capital? {i}",
+                    "answers": {"text": ["Paris"] if i % 2 else [], "answer_start": [0] if i % 2 else []},
+                }
+                for i in range(20)
+            ]
         return [{"sentence": f"{split} sentence {i}", "label": i % 2, "idx": i} for i in range(30)]
 
     return types.SimpleNamespace(load_dataset=load_dataset)
@@ -268,7 +281,7 @@ def test_data_check_names_the_rule(capsys):
 
     assert main(["data", "check", "--task", "all", "--preset", "tiny", "--json"]) == 0
     out = capsys.readouterr().out
-    rows = json.loads(out[out.index("\n[") + 1:])
+    rows = json.loads(out[out.index("\n[") + 1 :])
     assert [r["task"] for r in rows] == ["mrpc", "sst2", "rte", "squad_v2"]
     assert {r["source"] for r in rows} == {f"rule 3: loradrift's own copy ({PACKAGED_DATA})"}
 
@@ -287,8 +300,11 @@ def test_a_non_editable_install_carries_its_data(data_dir, tmp_path):
     shutil.copytree(repo / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(repo / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("loradrift-*.whl")
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
@@ -301,12 +317,14 @@ def test_a_non_editable_install_carries_its_data(data_dir, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "LORADRIFT_DATA"} | {"PYTHONPATH": str(site)}
-    code = ("import loradrift, json; from loradrift.cli import main; print(loradrift.__file__); "
-            "raise SystemExit(main(['data', 'check', '--task', 'sst2,rte', '--preset', 'tiny', '--json']))")
+    code = (
+        "import loradrift, json; from loradrift.cli import main; print(loradrift.__file__); "
+        "raise SystemExit(main(['data', 'check', '--task', 'sst2,rte', '--preset', 'tiny', '--json']))"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0] == str(site / "loradrift" / "__init__.py")  # the installed copy, not the checkout
-    rows = json.loads(r.stdout[r.stdout.index("\n[") + 1:])
+    rows = json.loads(r.stdout[r.stdout.index("\n[") + 1 :])
     assert [x["source"] for x in rows] == [f"rule 3: loradrift's own copy ({site / 'loradrift' / 'taskdata'})"] * 2
     assert [x["dev_rows"] for x in rows] == [872, 277]
 
@@ -321,8 +339,10 @@ def test_duplicate_squad_question_id_is_refused_by_data_check_and_training(data_
     train["data"][2]["paragraphs"][1]["qas"][3]["id"] = first
     (d / "train-v2.0.first10articles.json").write_text(json.dumps(train))
     shutil.copyfile(data_dir / "squad_v2/dev-v2.0.json", d / "dev-v2.0.json")
-    where = (rf"train-v2\.0\.first10articles\.json: data\[2\]\.paragraphs\[1\]\.qas\[3\]: question id '{first}' "
-             rf"is already used at data\[0\]\.paragraphs\[0\]\.qas\[0\]")
+    where = (
+        rf"train-v2\.0\.first10articles\.json: data\[2\]\.paragraphs\[1\]\.qas\[3\]: question id '{first}' "
+        rf"is already used at data\[0\]\.paragraphs\[0\]\.qas\[0\]"
+    )
     with pytest.raises(DataError, match=where):
         load_task(_cfg("squad_v2", tmp_path / "data"))
     out = tmp_path / "out"

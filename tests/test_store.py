@@ -116,9 +116,8 @@ def test_lock_held_by_another_process_names_its_pid_and_dies_with_it(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
-        with pytest.raises(LockBusy, match=f"run in progress by pid {proc.pid}"):
-            with exclusive_lock(lock):
-                pass
+        with pytest.raises(LockBusy, match=f"run in progress by pid {proc.pid}"), exclusive_lock(lock):
+            pass
     finally:
         proc.kill()
         proc.wait()

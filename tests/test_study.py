@@ -274,7 +274,7 @@ def test_study_killed_in_phase2_resumes_without_redoing_runs(tmp_path):
     out = tmp_path / "study"
     args = ("--phases", "0,2", "study.search=false")
     log = tmp_path / "first.log"
-    proc = subprocess.Popen(study_cmd(out, *args), stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    proc = subprocess.Popen(study_cmd(out, *args), stdout=subprocess.DEVNULL, stderr=open(log, "w"))  # noqa: SIM115
     deadline = time.time() + 600
     finished: list[Path] = []
     while time.time() < deadline and proc.poll() is None:

@@ -68,7 +68,7 @@ def test_task_declarations():
 def test_serving_pair_comes_from_the_registry():
     from loradrift.serving import PAIR_TASKS
 
-    assert PAIR_TASKS == tasks.serve_pair()
+    assert tasks.serve_pair() == PAIR_TASKS
 
 
 def test_baselines_handlers_make_the_declared_rows():

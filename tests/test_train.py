@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loradrift.io import ResultsStore
-from loradrift.phase0 import extract_base
 from loradrift.context import setup
 from loradrift.export import export_merged
+from loradrift.io import ResultsStore
 from loradrift.layout import run_dir_for
+from loradrift.phase0 import extract_base
 from loradrift.train import RunConflict, train_run
 
 

@@ -1,3 +1,5 @@
-from loradrift.cli import main
 import sys
+
+from loradrift.cli import main
+
 sys.exit(main())

@@ -33,8 +33,9 @@ full FT as a horizontal line with its interval as a band), ``figures/drift_by_la
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 

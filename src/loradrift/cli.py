@@ -164,7 +164,8 @@ def cmd_sanity(args, configs: Configs) -> int:
     from loradrift.phase0 import run_sanity
 
     rows = run_sanity(lambda t, m: configs(t, m), _tasks(args.task), _methods(args.method))
-    _table("Sanity: overfit a small training sample", rows, ["task", "method", "examples", "steps", "metric", "score", "threshold", "passed", "seconds"])
+    _table("Sanity: overfit a small training sample", rows,
+           ["task", "method", "examples", "steps", "metric", "score", "threshold", "passed", "seconds"])
     failed = [f"{r['task']}/{r['method']}" for r in rows if not r["passed"]]
     if failed:
         print(f"sanity check failed for: {', '.join(failed)}", file=sys.stderr)
@@ -204,12 +205,14 @@ def cmd_search(args, configs: Configs) -> int:
     with Reporter() as rep, rep.stage("search", total=len(pairs)) as st:
         for task, method in pairs:
             st.start(f"{task}/{method} trials")
-            r = run_search(configs(task, method), None, trials=args.trials, storage=args.storage, tune_rank=args.tune_rank,
-                           progress=st.inner)
+            r = run_search(configs(task, method), None, trials=args.trials, storage=args.storage, tune_rank=args.tune_rank, progress=st.inner)
             st.advance()
             rows.append({"task": task, "method": method, **{k: r[k] for k in ("study", "n_finished", "best_trial", "best_value", "best_config")}})
-    _table("Search: best trial per study (score on the validation split)", rows,
-           ["task", "method", "study", "n_finished", "best_trial", "best_value", "best_config"])
+    _table(
+        "Search: best trial per study (score on the validation split)",
+        rows,
+        ["task", "method", "study", "n_finished", "best_trial", "best_value", "best_config"],
+    )
     return 0
 
 
@@ -217,8 +220,13 @@ def cmd_search_report(args, configs: Configs) -> int:
     from loradrift.search import search_report
 
     cfg = configs()
-    rep = search_report(cfg.out_dir, storage=args.storage, tasks=_tasks(args.task) if args.task else None,
-                        methods=_methods(args.method) if args.method else None, search_cfg=cfg.search)
+    rep = search_report(
+        cfg.out_dir,
+        storage=args.storage,
+        tasks=_tasks(args.task) if args.task else None,
+        methods=_methods(args.method) if args.method else None,
+        search_cfg=cfg.search,
+    )
     _table("Search studies", rep["studies"], ["study", "n_trials", "states", "best_value", "worst_value", "best_worst_gap", "importance_note"])
     print(f"report: {rep['report_dir']}")
     return 0
@@ -232,14 +240,28 @@ def cmd_drift(args, configs: Configs) -> int:
     tasks = _tasks(args.task)
     d = cfg.drift
     res = analyse_drift(cfg.out_dir, model_key(cfg.model), tasks, metric=d.metric)
-    rows = [{"task": t, **{k: c.get(k) for k in ("drift_full", "drift_lora", "reduction_pct", "noise_floor", "perm_p", "probe_ci")}}
-            for t, c in res["comparison"].items()]
-    _table(f"Drift (1 - {d.metric} CKA, mean over block outputs, final step)", rows, ["task", "drift_full", "drift_lora", "reduction_pct", "noise_floor", "perm_p", "probe_ci"])
+    rows = [
+        {"task": t, **{k: c.get(k) for k in ("drift_full", "drift_lora", "reduction_pct", "noise_floor", "perm_p", "probe_ci")}}
+        for t, c in res["comparison"].items()
+    ]
+    _table(
+        f"Drift (1 - {d.metric} CKA, mean over block outputs, final step)",
+        rows,
+        ["task", "drift_full", "drift_lora", "reduction_pct", "noise_floor", "perm_p", "probe_ci"],
+    )
     if d.weights:
         from loradrift.weights import analyse_weights
 
-        w = analyse_weights(cfg.out_dir, model_key(cfg.model), resolve_model_dir(cfg.model), tasks, rank_threshold=d.rank_threshold,
-                            intruder_k=d.intruder_k, intruder_eps=d.intruder_eps, modules=d.weight_modules)
+        w = analyse_weights(
+            cfg.out_dir,
+            model_key(cfg.model),
+            resolve_model_dir(cfg.model),
+            tasks,
+            rank_threshold=d.rank_threshold,
+            intruder_k=d.intruder_k,
+            intruder_eps=d.intruder_eps,
+            modules=d.weight_modules,
+        )
         _table("Weight updates", w["summary"], ["task", "method", "seed", "n_modules", "mean_rel_norm", "mean_effective_rank", "total_intruders"])
     print(f"written under {cfg.out_dir}/drift" + (f" and {cfg.out_dir}/weights" if d.weights else ""))
     return 0
@@ -258,10 +280,16 @@ def cmd_ablate_rank(args, configs: Configs) -> int:
     if args.rslora:
         args.overrides.append("ablation.rank.rslora=true")
     res = run_rank_ablation(configs, _tasks(args.task), say=print)
-    rows = [{"task": t, "run": label, **{q: g[q]["mean"] for q in ("dev_score", "drift", "total_intruders", "delta_loss")}}
-            for t, r in res["tasks"].items() for label, g in r["by_label"].items()]
-    _table(f"Rank ablation ({res['settings']['title']}): means over seeds {res['settings']['seeds']}", rows,
-           ["task", "run", "dev_score", "drift", "total_intruders", "delta_loss"])
+    rows = [
+        {"task": t, "run": label, **{q: g[q]["mean"] for q in ("dev_score", "drift", "total_intruders", "delta_loss")}}
+        for t, r in res["tasks"].items()
+        for label, g in r["by_label"].items()
+    ]
+    _table(
+        f"Rank ablation ({res['settings']['title']}): means over seeds {res['settings']['seeds']}",
+        rows,
+        ["task", "run", "dev_score", "drift", "total_intruders", "delta_loss"],
+    )
     print(f"written under {ablation_dir(configs().out_dir, configs().ablation.rank)}")
     return 0
 
@@ -277,9 +305,22 @@ def cmd_serve_bench(args, configs: Configs) -> int:
     for f in res["findings"]:
         print(f"finding: {f}")
     if "online" in res:
-        _table("Online (vLLM OpenAI server, Poisson arrivals)", res["online"]["summary"],
-               ["config", "request_rate", "offered_rate", "request_throughput", "output_throughput", "goodput",
-                "ttft_p99_ms", "tpot_p99_ms", "itl_p99_ms", "e2el_p99_ms"])
+        _table(
+            "Online (vLLM OpenAI server, Poisson arrivals)",
+            res["online"]["summary"],
+            [
+                "config",
+                "request_rate",
+                "offered_rate",
+                "request_throughput",
+                "output_throughput",
+                "goodput",
+                "ttft_p99_ms",
+                "tpot_p99_ms",
+                "itl_p99_ms",
+                "e2el_p99_ms",
+            ],
+        )
     print(f"written under {cfg.out_dir}/serve")
     return 0
 
@@ -289,8 +330,11 @@ def cmd_stats(args, configs: Configs) -> int:
 
     res = run_stats(configs())
     rows = [r for h in ("H1", "H2", "H3") for r in res[h]]
-    _table("Pre-registered hypotheses", rows, ["name", "scope", "role", "estimate", "ci_low", "ci_high", "ci_level", "threshold",
-                                               "p_value", "p_bonferroni", "p_holm", "decision"])
+    _table(
+        "Pre-registered hypotheses",
+        rows,
+        ["name", "scope", "role", "estimate", "ci_low", "ci_high", "ci_level", "threshold", "p_value", "p_bonferroni", "p_holm", "decision"],
+    )
     v = res["verdict"]
     print(f"verdict: {verdict_line(res)}")
     for name, why in v["reasons"].items():
@@ -313,8 +357,10 @@ def cmd_bundle(args, configs: Configs) -> int:
 
     out = Path(configs().out_dir)
     b = write_bundle(out, args.dest)
-    print(f"{b['dest']}: {b['files']} files, {b['bytes'] / 1e6:.1f} MB from {out} (no weights); "
-          f"rebuild the report there with: loradrift report --out {b['dest']}")
+    print(
+        f"{b['dest']}: {b['files']} files, {b['bytes'] / 1e6:.1f} MB from {out} (no weights); "
+        f"rebuild the report there with: loradrift report --out {b['dest']}"
+    )
     return 0
 
 
@@ -323,8 +369,10 @@ def cmd_store_repair(args, configs: Configs) -> int:
 
     out = Path(configs().out_dir)
     counts = reconcile_store(out)
-    print(f"{layout.results_db(out)}: run rows rebuilt from {layout.runs_dir(out)}: "
-          f"{counts['added']} added, {counts['updated']} updated, {counts['removed']} removed")
+    print(
+        f"{layout.results_db(out)}: run rows rebuilt from {layout.runs_dir(out)}: "
+        f"{counts['added']} added, {counts['updated']} updated, {counts['removed']} removed"
+    )
     return 0
 
 
@@ -343,8 +391,14 @@ def cmd_study(args, configs: Configs) -> int:
     else:
         print(f"loradrift study: preset {args.preset} (from --preset)", flush=True)
     try:
-        res = run_study(configs, phases, tasks, command="loradrift " + " ".join(sys.argv[1:]),
-                        use_ray=args.ray or args.ray_address is not None, ray_address=args.ray_address)
+        res = run_study(
+            configs,
+            phases,
+            tasks,
+            command="loradrift " + " ".join(sys.argv[1:]),
+            use_ray=args.ray or args.ray_address is not None,
+            ray_address=args.ray_address,
+        )
     except StudyStop as e:
         print(f"loradrift study: stopped: {e}", file=sys.stderr)
         return 1
@@ -382,8 +436,7 @@ EXAMPLES = {
     "data check": ["loradrift data check", "loradrift data check --task sst2,rte --json"],
     "model": ["loradrift model info smollm2-135m"],
     "model info": ["loradrift model info tiny", "loradrift model info smollm2-135m"],
-    "train": ["loradrift train --task sst2 --method lora",
-              "loradrift train --preset tiny --task squad_v2 --method full --seed 1337 train.lr=1e-4"],
+    "train": ["loradrift train --task sst2 --method lora", "loradrift train --preset tiny --task squad_v2 --method full --seed 1337 train.lr=1e-4"],
     "extract-base": ["loradrift extract-base --task all", "loradrift extract-base --task sst2 --force"],
     "sanity": ["loradrift sanity --task all", "loradrift sanity --preset tiny --task rte --method lora"],
     "baselines": ["loradrift baselines --task all"],
@@ -391,19 +444,24 @@ EXAMPLES = {
     "store": ["loradrift store repair --out runs/smollm2"],
     "store repair": ["loradrift store repair --out runs/smollm2"],
     "study": ["loradrift study", "loradrift study --task squad_v2 --phases 0,1,2 --out /shared/out"],
-    "search": ["loradrift search --task mrpc --method full,lora --trials 6",
-               "loradrift search --task sst2 --method lora --tune-rank --storage postgresql://user:pass@db-host/loradrift"],
+    "search": [
+        "loradrift search --task mrpc --method full,lora --trials 6",
+        "loradrift search --task sst2 --method lora --tune-rank --storage postgresql://user:pass@db-host/loradrift",
+    ],
     "search-report": ["loradrift search-report", "loradrift search-report --task sst2 --method lora"],
     "drift": ["loradrift drift --task all", "loradrift drift --task sst2,rte drift.metric=debiased"],
-    "ablate-rank": ["loradrift ablate-rank --task sst2 --ranks 4,8,16,64,256",
-                    "loradrift ablate-rank --task rte --ranks 8,64 --seeds 42,1337 --rslora"],
-    "serve-bench": ["loradrift serve-bench --backend hf --adapters sst2,squad_v2",
-                    "loradrift serve-bench --backend vllm --adapters all --online"],
+    "ablate-rank": [
+        "loradrift ablate-rank --task sst2 --ranks 4,8,16,64,256",
+        "loradrift ablate-rank --task rte --ranks 8,64 --seeds 42,1337 --rslora",
+    ],
+    "serve-bench": ["loradrift serve-bench --backend hf --adapters sst2,squad_v2", "loradrift serve-bench --backend vllm --adapters all --online"],
     "stats": ["loradrift stats", "loradrift stats --preset tiny --out runs/tiny"],
     "report": ["loradrift report", "loradrift report --out study-bundle --no-pdf"],
     "bundle": ["loradrift bundle study-bundle --out runs/smollm2"],
-    "score": ["loradrift score squad_v2 dev-v2.0.json predictions.json",
-              "loradrift score squad_v2 dev-v2.0.json predictions.json --na-prob-file na_probs.json --allow-missing"],
+    "score": [
+        "loradrift score squad_v2 dev-v2.0.json predictions.json",
+        "loradrift score squad_v2 dev-v2.0.json predictions.json --na-prob-file na_probs.json --allow-missing",
+    ],
 }
 
 
@@ -445,8 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("train", parents=[parent], help=COMMANDS["train"][1])
     c.add_argument("--task", required=True, help="one task: sst2, mrpc, rte or squad_v2")
     c.add_argument("--method", choices=list(METHOD_NAMES), default=None, help="default: the config's method.name")
-    c.add_argument("--force", action="store_true",
-                   help="redo the run from step 0: empties its folder (after the new config has been built)")
+    c.add_argument("--force", action="store_true", help="redo the run from step 0: empties its folder (after the new config has been built)")
     c.set_defaults(func=cmd_train)
 
     for name in ("extract-base", "sanity", "baselines", "memory"):
@@ -460,18 +517,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("store", help=COMMANDS["store"][1])
     ssub = p.add_subparsers(dest="store_command", metavar="SUBCOMMAND", required=True)
-    c = ssub.add_parser("repair", parents=[parent],
-                        help="rebuild the run rows of <out>/results.sqlite from the run folders' result.json files (the record)")
+    c = ssub.add_parser(
+        "repair", parents=[parent], help="rebuild the run rows of <out>/results.sqlite from the run folders' result.json files (the record)"
+    )
     c.set_defaults(func=cmd_store_repair)
 
     c = sub.add_parser("study", parents=[parent], help=COMMANDS["study"][1])
     # --task as in every other command; --tasks, its earlier spelling here, still works.
-    c.add_argument("--task", "--tasks", dest="task", default=None,
-                   help="task name or comma list for this machine (default: study.tasks); --tasks is the same option")
+    c.add_argument(
+        "--task",
+        "--tasks",
+        dest="task",
+        default=None,
+        help="task name or comma list for this machine (default: study.tasks); --tasks is the same option",
+    )
     c.add_argument("--phases", default="0,1,2,3", help="which phases to run, e.g. 0,1,2 on each machine, then 3 once")
     c.add_argument("--ray", action="store_true", help="run Phase 2 as Ray tasks (pip install 'loradrift[ray]'; see docs/study.md)")
-    c.add_argument("--ray-address", default=None, metavar="ADDR",
-                   help="Ray cluster to join, e.g. auto (implies --ray; default: start a local one, bound to 127.0.0.1)")
+    c.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="Ray cluster to join, e.g. auto (implies --ray; default: start a local one, bound to 127.0.0.1)",
+    )
     c.set_defaults(func=cmd_study)
 
     c = sub.add_parser("search", parents=[parent], help=COMMANDS["search"][1])
@@ -500,10 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_ablate_rank)
 
     c = sub.add_parser("serve-bench", parents=[parent], help=COMMANDS["serve-bench"][1])
-    c.add_argument("--backend", default=None,
-                   help="auto | hf | vllm | hf,vllm (default: serve.backend; auto = vllm when importable, else hf)")
-    c.add_argument("--online", action=argparse.BooleanOptionalAction, default=None,
-                   help="also run the online benchmark on vLLM's OpenAI server (default: serve.online; needs vllm)")
+    c.add_argument("--backend", default=None, help="auto | hf | vllm | hf,vllm (default: serve.backend; auto = vllm when importable, else hf)")
+    c.add_argument(
+        "--online",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run the online benchmark on vLLM's OpenAI server (default: serve.online; needs vllm)",
+    )
     c.add_argument("--adapters", default="all", help="tasks whose Phase 2 LoRA adapters to serve, e.g. sst2,squad_v2")
     c.add_argument("--batch-sizes", default=None, help="comma list, e.g. 1,2,4,8,16 (default: serve.batch_sizes)")
     c.set_defaults(func=cmd_serve_bench)
@@ -523,17 +593,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("task", help="squad_v2")
     c.add_argument("data", type=Path, help="official-format data JSON")
     c.add_argument("preds", type=Path, help="JSON object: question id -> answer text ('' = no answer)")
-    c.add_argument("--na-prob-file", type=Path, default=None,
-                   help="JSON object: question id -> probability (0 to 1) that it has no answer; adds the best_* fields")
-    c.add_argument("--na-prob-thresh", type=float, default=1.0,
-                   help="answer '' where the no-answer probability is above this (default 1.0: never)")
-    c.add_argument("--allow-missing", action="store_true",
-                   help="score only the questions that have a prediction (the official script's behaviour); "
-                        "without it, missing predictions are an error")
-    c.add_argument("--allow-extra", action="store_true",
-                   help="ignore predictions whose id is in no question of DATA, with a warning giving their count (the "
-                        "official script ignores them silently); without it they are an error, since they usually mean "
-                        "predictions made on another file")
+    c.add_argument(
+        "--na-prob-file",
+        type=Path,
+        default=None,
+        help="JSON object: question id -> probability (0 to 1) that it has no answer; adds the best_* fields",
+    )
+    c.add_argument("--na-prob-thresh", type=float, default=1.0, help="answer '' where the no-answer probability is above this (default 1.0: never)")
+    c.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="score only the questions that have a prediction (the official script's behaviour); without it, missing predictions are an error",
+    )
+    c.add_argument(
+        "--allow-extra",
+        action="store_true",
+        help="ignore predictions whose id is in no question of DATA, with a warning giving their count (the "
+        "official script ignores them silently); without it they are an error, since they usually mean "
+        "predictions made on another file",
+    )
     c.set_defaults(func=cmd_score, overrides=[], preset=None, config=[], out=None, data_dir=None, seed=None)
     _finish_help(ap)
     return ap
@@ -577,6 +655,7 @@ class Terminated(KeyboardInterrupt):
 def _stop_on_sigterm():
     """Turn SIGTERM into `Terminated` for the duration of a command; returns the handler it replaced
     (None off the main thread, where Python allows no signal handler)."""
+
     def stop(signum, frame):
         raise Terminated()
 

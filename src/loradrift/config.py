@@ -11,6 +11,7 @@ only when that task runs; CLI overrides still win over them. Unknown keys and wr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -70,7 +71,9 @@ class ModelConfig(_Strict):
 
 class DataConfig(_Strict):
     data_dir: Path | None = Field(None, description="task data folder; default $LORADRIFT_DATA, else loradrift's own copy (docs/data.md)")
-    source: Literal["auto", "local", "hub"] = Field("auto", description="auto = --data-dir, $LORADRIFT_DATA or loradrift's own copy, else the HF Hub; local = never the Hub; hub = only the Hub")
+    source: Literal["auto", "local", "hub"] = Field(
+        "auto", description="auto = --data-dir, $LORADRIFT_DATA or loradrift's own copy, else the HF Hub; local = never the Hub; hub = only the Hub"
+    )
     verify_checksums: bool = True
     split_seed: int = Field(1234, description="fixed seed that carves validation from train and subsets dev: the same for every run")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train held out as the validation split")
@@ -107,15 +110,23 @@ class EngineConfig(_Strict):
 
     compile: Switch = Field("auto", description="torch.compile the training forward/backward; auto = on for CUDA runs of >= compile_min_steps steps")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
-        "default", description="torch.compile mode; reduce-overhead adds CUDA graphs (needs fixed shapes: see pad_to_multiple_of)")
+        "default", description="torch.compile mode; reduce-overhead adds CUDA graphs (needs fixed shapes: see pad_to_multiple_of)"
+    )
     compile_scope: Literal["blocks", "model"] = Field(
-        "blocks", description="blocks = compile each repeated transformer block (one compilation serves them all: "
-        "cold compilation of SmolLM2 took 3-6x less time than the whole model's); model = one graph of the whole model")
+        "blocks",
+        description="blocks = compile each repeated transformer block (one compilation serves them all: "
+        "cold compilation of SmolLM2 took 3-6x less time than the whole model's); model = one graph of the whole model",
+    )
     compile_min_steps: int = Field(500, gt=0, description="auto compiles only runs at least this long (compiling costs tens of seconds)")
-    pad_to_multiple_of: int | None = Field(None, gt=0, description="pad each training batch's length up to a multiple of this "
-                                           "(few distinct shapes, so compiled graphs are reused); null = auto (32 when compiling, else none)")
-    group_by_length: Switch = Field("auto", description="training batches of similar lengths (less padding); the order stays a "
-                                    "pure function of (seed, step); auto = on for CUDA")
+    pad_to_multiple_of: int | None = Field(
+        None,
+        gt=0,
+        description="pad each training batch's length up to a multiple of this "
+        "(few distinct shapes, so compiled graphs are reused); null = auto (32 when compiling, else none)",
+    )
+    group_by_length: Switch = Field(
+        "auto", description="training batches of similar lengths (less padding); the order stays a pure function of (seed, step); auto = on for CUDA"
+    )
     fused_optimizer: Switch = Field("auto", description="fused AdamW kernel; auto = on for CUDA")
     tf32: Switch = Field("auto", description="TF32 tensor cores for fp32 matmuls; auto = on for CUDA")
     pin_memory: Switch = Field("auto", description="pinned host batches copied with non_blocking; auto = on for CUDA")
@@ -144,8 +155,12 @@ class TrainConfig(_Strict):
     restore_best: bool = Field(False, description="final scores from the best validation checkpoint instead of the last step")
     eval_batch_size: int = Field(32, gt=0)
     eval_dev: bool = Field(True, description="score the official dev set at the end (search trials do not: their objective is validation)")
-    eval_max_examples: int | None = Field(None, gt=0, description="mid-run validation (early stopping, pruning) on the first N validation "
-                                          "examples (SQuAD: questions); the final validation always uses the whole split")
+    eval_max_examples: int | None = Field(
+        None,
+        gt=0,
+        description="mid-run validation (early stopping, pruning) on the first N validation "
+        "examples (SQuAD: questions); the final validation always uses the whole split",
+    )
     engine: EngineConfig = EngineConfig()
 
     def lr_for(self, method: str) -> float:
@@ -252,15 +267,23 @@ class SearchConfig(_Strict):
     """Phase 1 settings: trial budget, storage, and the search spaces as data."""
 
     trials: int = Field(10, gt=0, description="finished (complete + pruned) trials per study")
-    seed: int = Field(42, description="TPE sampler seed (trial n draws from (seed, n), so workers and resumed studies never repeat a trial) and the run seed of every trial")
+    seed: int = Field(
+        42,
+        description="TPE sampler seed (trial n draws from (seed, n), so workers and resumed studies never repeat a trial) "
+        "and the run seed of every trial",
+    )
     storage: str | None = Field(None, description="SQLAlchemy URL; null = sqlite:///<out>/search/optuna.db")
     heartbeat_interval: int = Field(10, gt=0, description="seconds between a running trial's heartbeats")
     grace_period: int = Field(60, gt=0, description="seconds without a heartbeat before a trial counts as dead and is retried")
     max_retry: int = Field(2, ge=0, description="times a dead trial is retried with the same values")
     max_failures: int = Field(3, gt=0, description="a worker gives up after this many failed trials in a row")
     keep_trial_weights: bool = Field(False, description="keep adapters/models/snapshots of trials (large)")
-    trial_max_steps: int | None = Field(None, gt=0, description="optimizer steps of one trial (null = train.max_steps); "
-                                        "shorter trials buy more trials in a fixed budget; not written to the best config")
+    trial_max_steps: int | None = Field(
+        None,
+        gt=0,
+        description="optimizer steps of one trial (null = train.max_steps); "
+        "shorter trials buy more trials in a fixed budget; not written to the best config",
+    )
     pruner: PrunerConfig = PrunerConfig()
     spaces: dict[MethodName, list[ParamSpec]] = Field(default_factory=_default_spaces)
     fixed: dict[MethodName, dict[str, Any]] = Field(
@@ -297,7 +320,8 @@ class SearchConfig(_Strict):
 
 class DriftConfig(_Strict):
     metric: Literal["linear", "debiased", "rbf"] = Field(
-        "debiased", description="CKA variant of the final-step drift (debiased: unbiased HSIC, valid with n << d)")
+        "debiased", description="CKA variant of the final-step drift (debiased: unbiased HSIC, valid with n << d)"
+    )
     weights: bool = Field(True, description="also run the weight-space analysis (ΔW norms, spectra, intruder dimensions)")
     intruder_k: int = Field(10, gt=0, description="top singular vectors of W_ft checked for intruders")
     intruder_eps: float = Field(0.6, gt=0, lt=1, description="max |cos| to every base singular vector below which a vector is an intruder")
@@ -309,8 +333,9 @@ class ServeBenchConfig(_Strict):
     backend: str = Field("auto", description="auto (vllm when importable, else hf), hf, vllm, or hf,vllm")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
     max_tokens: int = Field(128, gt=0, description="greedy tokens generated per request (EOS ignored)")
-    rounds: int = Field(10, gt=1, description="timed rounds per configuration and batch size (H3 is undetermined below 10, "
-                        "the design its interval was validated for)")
+    rounds: int = Field(
+        10, gt=1, description="timed rounds per configuration and batch size (H3 is undetermined below 10, the design its interval was validated for)"
+    )
     warmup: int = Field(1, ge=0)
     max_lora_rank: int | None = Field(None, gt=0, description="vLLM's LoRA buffer rank (null = the largest adapter rank)")
     prompts_per_task: int = Field(32, gt=0)
@@ -318,20 +343,23 @@ class ServeBenchConfig(_Strict):
     check_prompts: int = Field(32, gt=0, description="prompts of the correctness checks (adapter vs merged, adapter vs base)")
     check_tokens: int = Field(32, gt=0, description="greedy tokens per correctness prompt")
     include_base: bool = Field(True, description="time the base model as a control (H3 does not use it)")
-    engine_restarts: int | None = Field(None, gt=0, description="engine starts per configuration, the rounds split among "
-                                        "them (null: 1 on hf, 5 on vllm; H3 on vllm needs >= 2)")
+    engine_restarts: int | None = Field(
+        None, gt=0, description="engine starts per configuration, the rounds split among them (null: 1 on hf, 5 on vllm; H3 on vllm needs >= 2)"
+    )
     cpu_threads: int | None = Field(None, gt=0, description="torch threads of the hf backend on a CPU (null: torch's default)")
     max_num_seqs: int | None = Field(None, gt=0, description="vLLM's max running sequences (null = the largest batch size)")
     seed: int = Field(42, description="which Phase 2 seed's adapters are served")
     online: bool = Field(True, description="also run the online benchmark (vLLM's OpenAI server) when the backend includes vllm")
-    online_rates: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0],
-                                      description="Poisson request rates (req/s) of the online sweep")
+    online_rates: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0], description="Poisson request rates (req/s) of the online sweep")
     online_saturate: bool = Field(True, description="end the sweep with every request sent at once (saturation)")
     online_requests: int = Field(100, gt=0, description="requests per rate (a p99 is reported only over >= 100 values)")
     online_max_tokens: int = Field(32, gt=0, description="output tokens per online request")
-    online_merged_engines: bool = Field(True, description="also run the k merged models of the widest adapters-k as k "
-                                        "servers at once, so 'k merged engines vs one engine + k adapters' is measured "
-                                        "(needs k servers' memory)")
+    online_merged_engines: bool = Field(
+        True,
+        description="also run the k merged models of the widest adapters-k as k "
+        "servers at once, so 'k merged engines vs one engine + k adapters' is measured "
+        "(needs k servers' memory)",
+    )
     slo_ttft_ms: float = Field(2000.0, gt=0, description="goodput SLO: time to first token")
     slo_tpot_ms: float = Field(500.0, gt=0, description="goodput SLO: time per output token")
     slo_e2el_ms: float = Field(10000.0, gt=0, description="goodput SLO: end-to-end latency")
@@ -340,8 +368,9 @@ class ServeBenchConfig(_Strict):
 class StatsConfig(_Strict):
     confidence: float = Field(0.95, gt=0, lt=1, description="family-wise level: primary intervals are at 1 - (1 - confidence)/3")
     floor_factor: float = Field(10.0, gt=0, description="H2 is undetermined on a task whose FT drift is not above this x the noise floor")
-    min_drift: float = Field(1e-4, ge=0, description="... nor above this drift (1 - CKA): a floor of 0, as on a deterministic CPU, "
-                             "must not let any drift decide H2")
+    min_drift: float = Field(
+        1e-4, ge=0, description="... nor above this drift (1 - CKA): a floor of 0, as on a deterministic CPU, must not let any drift decide H2"
+    )
     h1_threshold: float = Field(3.0, description="H1: LoRA within this % of full FT")
     h2_threshold: float = Field(20.0, description="H2: at least this % less drift")
     h3_threshold: float = Field(30.0, description="H3: at most this % multi-adapter overhead")
@@ -363,8 +392,9 @@ class ForgettingConfig(_Strict):
     loss on the same tokens (docs/drift.md, "Forgetting")."""
 
     enabled: bool = Field(True, description="measure forgetting in Phase 3 (decoders only: an encoder has no LM head)")
-    n_paragraphs: int = Field(64, gt=0, description="paragraphs drawn (seeded) from the deduplicated SQuAD v2 dev contexts "
-                              "of articles outside the SQuAD v2 train split")
+    n_paragraphs: int = Field(
+        64, gt=0, description="paragraphs drawn (seeded) from the deduplicated SQuAD v2 dev contexts of articles outside the SQuAD v2 train split"
+    )
     max_tokens: int = Field(128, gt=1, description="tokens per paragraph (longer paragraphs are truncated)")
     batch_size: int = Field(8, gt=0)
     seed: int = Field(0, description="seed of the paragraph sample: the same text for the base model and every run")
@@ -380,8 +410,9 @@ class RankAblationConfig(_Strict):
     seeds: list[int] | None = Field(None, description="seeds per rank (null = study.seeds)")
     rslora: bool = Field(False, description="rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r")
     alpha_rule: Literal["ratio", "fixed"] = Field(
-        "ratio", description="ratio: alpha / r kept at the task's best config's value (alpha = alpha_best * r / r_best); "
-                             "fixed: alpha_best at every rank")
+        "ratio",
+        description="ratio: alpha / r kept at the task's best config's value (alpha = alpha_best * r / r_best); fixed: alpha_best at every rank",
+    )
 
     @field_validator("ranks")
     @classmethod
@@ -409,10 +440,14 @@ class RuntimeConfig(_Strict):
     """How a process uses the machine, not what it computes: outside the science hash, so changing
     it never makes a finished run look like another config's."""
 
-    threads: int | None = Field(None, gt=0, description="torch (OpenMP) intra-op threads of a training run, a search "
-                                "trial, the study's process and the serving benchmark; null = the cores the process may "
-                                "run on (all of them for a lone process; a Ray task takes this many CPUs, default 1). "
-                                "Several processes on one machine should share the cores out (docs/training.md, \"Threads\")")
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch (OpenMP) intra-op threads of a training run, a search "
+        "trial, the study's process and the serving benchmark; null = the cores the process may "
+        "run on (all of them for a lone process; a Ray task takes this many CPUs, default 1). "
+        'Several processes on one machine should share the cores out (docs/training.md, "Threads")',
+    )
 
 
 class RunConfig(_Strict):
@@ -437,8 +472,10 @@ class RunConfig(_Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     per_task: dict[str, dict[str, Any]] = Field(default_factory=dict, description="overrides applied only for one task")
     report_to: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
-        default_factory=list, description="experiment trackers that also get each run's config, curves and scores, e.g. "
-        "report_to=[mlflow,tensorboard]; each is an optional extra (loradrift[mlflow] ...), see loradrift/tracking.py")
+        default_factory=list,
+        description="experiment trackers that also get each run's config, curves and scores, e.g. "
+        "report_to=[mlflow,tensorboard]; each is an optional extra (loradrift[mlflow] ...), see loradrift/tracking.py",
+    )
     preset: str | None = None
 
     @field_validator("per_task")
@@ -534,10 +571,8 @@ def parse_override(item: str) -> dict:
         parsed = value
     # YAML 1.1 reads "1e-4" as a string; the schema would then reject it, so take numbers as numbers.
     if isinstance(parsed, str):
-        try:
+        with contextlib.suppress(ValueError):
             parsed = float(parsed) if any(c in parsed for c in ".eE") else int(parsed)
-        except ValueError:
-            pass
     node: Any = parsed
     for part in reversed(key.split(".")):
         node = {part: node}

@@ -31,7 +31,8 @@ Outputs under ``<out>/drift/``:
 * ``over_training.csv`` -- drift over training (:func:`training_curves`): per task, method and
   snapshot step, each seed's drift averaged over H2's layers, and its mean, min and max over seeds.
 * ``figures/heatmap_<task>.png`` (layer x step drift, mean over seeds, per method),
-  ``figures/over_training_<task>.png`` (``over_training.csv`` as lines with min-max bands) and ``figures/final_by_layer_<task>.png`` (final drift per layer, LoRA vs FT, min-max band
+  ``figures/over_training_<task>.png`` (``over_training.csv`` as lines with min-max bands) and
+  ``figures/final_by_layer_<task>.png`` (final drift per layer, LoRA vs FT, min-max band
   over seeds).
 
 Which layers enter the aggregate: ``layer.0`` is the embedding output, which LoRA on the block
@@ -69,9 +70,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,8 +83,7 @@ from loradrift import layout
 from loradrift.io import atomic_path, atomic_write_json, json_safe, write_csv
 from loradrift.methods import FULL, LORA
 from loradrift.representations import floor_path
-from loradrift.similarity import (BaseSide, cka_against_base, cosine_layers, debiased_cka, jackknife_cka, linear_cka,
-                                  rbf_cka)
+from loradrift.similarity import BaseSide, cka_against_base, cosine_layers, debiased_cka, jackknife_cka, linear_cka, rbf_cka
 from loradrift.stats import jackknife_variance, permutation_test, reduction_interval
 
 __all__ = [
@@ -101,15 +102,44 @@ log = logging.getLogger(__name__)
 METRICS = ("linear", "debiased", "rbf")
 
 LAYER_COLUMNS = [
-    "task", "method", "seed", "step", "is_final", "layer",
-    "cka", "drift_cka", "cos_mean", "cos_std", "drift_cos", "drift_primary",
+    "task",
+    "method",
+    "seed",
+    "step",
+    "is_final",
+    "layer",
+    "cka",
+    "drift_cka",
+    "cos_mean",
+    "cos_std",
+    "drift_cos",
+    "drift_primary",
 ]
 COMPARISON_COLUMNS = [
-    "task", "primary_metric", "aggregate_layers", "n_seeds_full", "n_seeds_lora",
-    "drift_full", "drift_full_sd", "drift_lora", "drift_lora_sd", "reduction_pct", "noise_floor",
-    "probe_var_log_ratio", "probe_ci_lo", "probe_ci_hi", "perm_p", "perm_n_relabellings",
-    "drift_layer0_full", "drift_layer0_lora", "drift_last_full", "drift_last_lora",
-    "cos_drift_full", "cos_drift_lora", "cos_reduction_pct", "cka_undefined_layers",
+    "task",
+    "primary_metric",
+    "aggregate_layers",
+    "n_seeds_full",
+    "n_seeds_lora",
+    "drift_full",
+    "drift_full_sd",
+    "drift_lora",
+    "drift_lora_sd",
+    "reduction_pct",
+    "noise_floor",
+    "probe_var_log_ratio",
+    "probe_ci_lo",
+    "probe_ci_hi",
+    "perm_p",
+    "perm_n_relabellings",
+    "drift_layer0_full",
+    "drift_layer0_lora",
+    "drift_last_full",
+    "drift_last_lora",
+    "cos_drift_full",
+    "cos_drift_lora",
+    "cos_reduction_pct",
+    "cka_undefined_layers",
 ]
 
 # Exact enumeration of relabellings up to this many (C(16, 8) = 12870); beyond, Monte Carlo.
@@ -212,8 +242,7 @@ def _find_runs(task_dir: Path, methods: Sequence[str]) -> list[_Run]:
                 log.warning("%s: no snapshots; skipping this run", sdir)
                 continue
             if not layout.run_path(sdir, "result").exists():
-                log.warning("%s: no result.json (unfinished run?); its last snapshot, step %d, "
-                            "is treated as final", sdir, snaps[-1][0])
+                log.warning("%s: no result.json (unfinished run?); its last snapshot, step %d, is treated as final", sdir, snaps[-1][0])
             per_method[method].add(seed)
             runs.append(_Run(method, seed, sdir, tuple(snaps)))
     missing = [f"{m}/seed{s}" for m in methods for s in sorted(seeds_seen) if s not in per_method[m]]
@@ -245,8 +274,7 @@ def _reduction_pct(ft: float, lora: float) -> float:
 # --------------------------------------------------------------------------
 
 
-def _primary_drift(metric: str, base: list[np.ndarray], layers: list[np.ndarray], cka: np.ndarray,
-                   sigma_frac: float) -> np.ndarray:
+def _primary_drift(metric: str, base: list[np.ndarray], layers: list[np.ndarray], cka: np.ndarray, sigma_frac: float) -> np.ndarray:
     if metric == "linear":
         return 1.0 - cka
     fn = debiased_cka if metric == "debiased" else (lambda x, y: rbf_cka(x, y, sigma_frac=sigma_frac))
@@ -279,16 +307,16 @@ def _defined_layers(base: list[np.ndarray], base_path: Path, task: str) -> tuple
     layers get NaN CKA and are left out of every drift mean, for all runs alike."""
     defined = [i for i, x in enumerate(base) if not np.all(x == x[:1])]
     if not defined:
-        raise ValueError(f"task {task}: every layer of {base_path} is constant over the probe set; "
-                         f"CKA is undefined (check the probe inputs and model.pooling)")
+        raise ValueError(
+            f"task {task}: every layer of {base_path} is constant over the probe set; CKA is undefined (check the probe inputs and model.pooling)"
+        )
     agg = [i for i in aggregate_layers(len(base)) if i in defined]
     if not agg:
         raise ValueError(f"task {task}: every block-output layer of {base_path} is constant over the probe set")
     return defined, agg
 
 
-def run_final_drift(base_path: Path, run_dir: Path, metric: str = "debiased", sigma_frac: float = 1.0,
-                    task: str = "") -> dict[str, Any]:
+def run_final_drift(base_path: Path, run_dir: Path, metric: str = "debiased", sigma_frac: float = 1.0, task: str = "") -> dict[str, Any]:
     """The final-step drift of one run against the base file, as :func:`analyse_drift` computes it
     for H2: ``per_layer`` (``1 - CKA`` under ``metric``, NaN where CKA is undefined), ``aggregate``
     (the mean over the same layers H2 averages) and the final ``step``. For runs outside the
@@ -306,27 +334,28 @@ def run_final_drift(base_path: Path, run_dir: Path, metric: str = "debiased", si
     base_d, layers_d = [base[i] for i in defined], [layers[i] for i in defined]
     per_layer = np.full(len(base), np.nan)
     per_layer[defined] = _primary_drift(metric, base_d, layers_d, cka_against_base(BaseSide(base_d), layers_d), sigma_frac)
-    return {"step": step, "per_layer": [float(v) for v in per_layer], "aggregate": float(per_layer[agg].mean()),
-            "aggregate_layers": agg}
+    return {"step": step, "per_layer": [float(v) for v in per_layer], "aggregate": float(per_layer[agg].mean()), "aggregate_layers": agg}
 
 
-def _analyse_task(out_dir: Path, model: str, task: str, methods: Sequence[str], metric: str,
-                  sigma_frac: float, ci: float, jackknife: bool) -> tuple[list[dict], dict | None]:
+def _analyse_task(
+    out_dir: Path, model: str, task: str, methods: Sequence[str], metric: str, sigma_frac: float, ci: float, jackknife: bool
+) -> tuple[list[dict], dict | None]:
     runs = _find_runs(layout.runs_dir(out_dir, model, task), methods)
     if not runs:
-        log.warning("task %s: no runs with snapshots under %s; skipping", task,
-                    layout.runs_dir(out_dir, model, task))
+        log.warning("task %s: no runs with snapshots under %s; skipping", task, layout.runs_dir(out_dir, model, task))
         return [], None
     base_path = layout.base_file(out_dir, model, task)
     if not base_path.exists():
-        raise ValueError(f"task {task}: base representation file {base_path} is missing "
-                         f"but there are {len(runs)} runs to compare against it")
+        raise ValueError(f"task {task}: base representation file {base_path} is missing but there are {len(runs)} runs to compare against it")
     base = load_layers(base_path)
     defined, agg = _defined_layers(base, base_path, task)
     undefined = [i for i in range(len(base)) if i not in defined]
     if undefined:
-        log.warning("task %s: layer(s) %s are constant over the probe set in the base model; CKA is "
-                    "undefined there, so they are left out of the drift means", task, undefined)
+        log.warning(
+            "task %s: layer(s) %s are constant over the probe set in the base model; CKA is undefined there, so they are left out of the drift means",
+            task,
+            undefined,
+        )
     base_d = [base[i] for i in defined]
     base_side = BaseSide(base_d)
     compare = {r.method for r in runs} >= {FULL, LORA}
@@ -348,24 +377,35 @@ def _analyse_task(out_dir: Path, model: str, task: str, methods: Sequence[str], 
                 primary = np.full(len(base), np.nan)
                 primary[defined] = _primary_drift(metric, base_d, layers_d, cka_d, sigma_frac)
             for i in range(len(base)):
-                rows.append({
-                    "task": task, "method": run.method, "seed": run.seed, "step": step,
-                    "is_final": int(is_final), "layer": i, "cka": cka[i], "drift_cka": 1.0 - cka[i],
-                    "cos_mean": cos[i].mean(), "cos_std": cos[i].std(),
-                    "drift_cos": 1.0 - cos[i].mean(),
-                    "drift_primary": primary[i] if is_final else "",
-                })
+                rows.append(
+                    {
+                        "task": task,
+                        "method": run.method,
+                        "seed": run.seed,
+                        "step": step,
+                        "is_final": int(is_final),
+                        "layer": i,
+                        "cka": cka[i],
+                        "drift_cka": 1.0 - cka[i],
+                        "cos_mean": cos[i].mean(),
+                        "cos_std": cos[i].std(),
+                        "drift_cos": 1.0 - cos[i].mean(),
+                        "drift_primary": primary[i] if is_final else "",
+                    }
+                )
             if is_final:
                 final[(run.method, run.seed)] = {
-                    "step": step, "drift": float(primary[agg].mean()),
-                    "layer0": float(primary[0]), "last": float(primary[-1]),
+                    "step": step,
+                    "drift": float(primary[agg].mean()),
+                    "layer0": float(primary[0]),
+                    "last": float(primary[-1]),
                     "drift_cos": float(1.0 - cos[agg].mean(axis=1).mean()),
-                    "jack": ((1.0 - jackknife_cka(metric, base_agg, [layers[i] for i in agg], sigma_frac)).mean(axis=1)
-                             if compare and jackknife else None),
+                    "jack": (
+                        (1.0 - jackknife_cka(metric, base_agg, [layers[i] for i in agg], sigma_frac)).mean(axis=1) if compare and jackknife else None
+                    ),
                 }
     if not compare:
-        log.warning("task %s: needs both %r and %r runs for the comparison; have %s", task,
-                    FULL, LORA, sorted({r.method for r in runs}))
+        log.warning("task %s: needs both %r and %r runs for the comparison; have %s", task, FULL, LORA, sorted({r.method for r in runs}))
         return rows, None
     comp = _compare(task, metric, final, ci, model)
     comp["aggregate_layers"] = f"{agg[0]}..{agg[-1]}" if agg == list(range(agg[0], agg[-1] + 1)) else " ".join(map(str, agg))
@@ -375,9 +415,13 @@ def _analyse_task(out_dir: Path, model: str, task: str, methods: Sequence[str], 
         again = load_layers(fpath)
         _check_like_base(again, base, fpath, base_path)
         # |.|: the debiased estimator can put two equal representations a hair above CKA = 1
-        comp["noise_floor"] = float(np.abs(_primary_drift(
-            metric, base_agg, [again[i] for i in agg], np.array([linear_cka(x, again[i]) for x, i in zip(base_agg, agg)]),
-            sigma_frac)).mean())
+        comp["noise_floor"] = float(
+            np.abs(
+                _primary_drift(
+                    metric, base_agg, [again[i] for i in agg], np.array([linear_cka(x, again[i]) for x, i in zip(base_agg, agg)]), sigma_frac
+                )
+            ).mean()
+        )
     else:
         comp["noise_floor"] = None
         log.warning("task %s: no noise-floor extraction %s (rerun extract-base); H2 will be undetermined", task, fpath)
@@ -405,8 +449,10 @@ def _compare(task: str, metric: str, final: dict, ci: float, model: str) -> dict
         "drift_lora": lo_mean,
         "drift_lora_sd": float(np.std(list(d_lo.values()), ddof=1)) if len(d_lo) > 1 else float("nan"),
         "reduction_pct": _reduction_pct(ft_mean, lo_mean),
-        "drift_layer0_full": mean_of(FULL, "layer0"), "drift_layer0_lora": mean_of(LORA, "layer0"),
-        "drift_last_full": mean_of(FULL, "last"), "drift_last_lora": mean_of(LORA, "last"),
+        "drift_layer0_full": mean_of(FULL, "layer0"),
+        "drift_layer0_lora": mean_of(LORA, "layer0"),
+        "drift_last_full": mean_of(FULL, "last"),
+        "drift_last_lora": mean_of(LORA, "last"),
         "perm_p": p,
         "perm_n_relabellings": n_rel,
         "perm_kind": kind,
@@ -429,8 +475,10 @@ def _compare(task: str, metric: str, final: dict, ci: float, model: str) -> dict
             if ft_mean > 0 and lo_mean > 0:
                 res["probe_ci"] = reduction_interval(ft_mean, lo_mean, var, ci)
         else:
-            res["probe_note"] = ("a leave-one-out mean drift is <= 0, so the log ratio is undefined there; "
-                                 "the probe variance is not computed (no replicate is dropped)")
+            res["probe_note"] = (
+                "a leave-one-out mean drift is <= 0, so the log ratio is undefined there; "
+                "the probe variance is not computed (no replicate is dropped)"
+            )
     return res
 
 
@@ -441,9 +489,12 @@ def _compare(task: str, metric: str, final: dict, ci: float, model: str) -> dict
 
 def _comparison_row(task: str, c: dict) -> dict:
     return {
-        "task": task, "primary_metric": c["primary_metric"],
-        "n_seeds_full": len(c["drift_full_by_seed"]), "n_seeds_lora": len(c["drift_lora_by_seed"]),
-        "probe_ci_lo": c["probe_ci"][0], "probe_ci_hi": c["probe_ci"][1],
+        "task": task,
+        "primary_metric": c["primary_metric"],
+        "n_seeds_full": len(c["drift_full_by_seed"]),
+        "n_seeds_lora": len(c["drift_lora_by_seed"]),
+        "probe_ci_lo": c["probe_ci"][0],
+        "probe_ci_hi": c["probe_ci"][1],
         **{k: c[k] for k in COMPARISON_COLUMNS if k in c},
         "cka_undefined_layers": " ".join(str(i) for i in c.get("cka_undefined_layers", [])),
     }
@@ -478,13 +529,22 @@ def training_curves(rows: list[dict]) -> list[dict]:
     out = []
     for (task, method, col, step), by_seed in sorted(per.items()):
         runs = [float(np.mean(v)) for v in by_seed.values()]
-        out.append({"task": task, "method": method, "drift": col, "step": step, "mean": float(np.mean(runs)),
-                    "min": min(runs), "max": max(runs), "n_seeds": len(runs)})
+        out.append(
+            {
+                "task": task,
+                "method": method,
+                "drift": col,
+                "step": step,
+                "mean": float(np.mean(runs)),
+                "min": min(runs),
+                "max": max(runs),
+                "n_seeds": len(runs),
+            }
+        )
     return out
 
 
-def _plot_task(task: str, rows: list[dict], curves: list[dict], methods: Sequence[str], metric: str, fig_dir: Path
-               ) -> list[Path]:
+def _plot_task(task: str, rows: list[dict], curves: list[dict], methods: Sequence[str], metric: str, fig_dir: Path) -> list[Path]:
     # Figure (not pyplot) keeps matplotlib's global state and backend out of the library.
     from matplotlib.figure import Figure
 
@@ -511,8 +571,7 @@ def _plot_task(task: str, rows: list[dict], curves: list[dict], methods: Sequenc
         for k, m in enumerate(present):
             steps, g = grids[m]
             ax = axes[row][k]
-            im = ax.imshow(g, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=vmax,
-                           interpolation="nearest")
+            im = ax.imshow(g, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
             ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=90, fontsize=7)
             ax.set_xlabel("step")
             ax.set_ylabel("layer")
@@ -529,9 +588,8 @@ def _plot_task(task: str, rows: list[dict], curves: list[dict], methods: Sequenc
             if r["method"] == m and r["is_final"]:
                 per_seed.setdefault(r["seed"], np.full(len(layers), np.nan))[r["layer"]] = r["drift_primary"]
         arr = np.array(list(per_seed.values()))
-        line, = ax.plot(layers, arr.mean(axis=0), marker="o", ms=3, label=f"{m} (n={len(arr)} seeds)")
-        ax.fill_between(layers, arr.min(axis=0), arr.max(axis=0), color=line.get_color(), alpha=0.25,
-                        linewidth=0)
+        (line,) = ax.plot(layers, arr.mean(axis=0), marker="o", ms=3, label=f"{m} (n={len(arr)} seeds)")
+        ax.fill_between(layers, arr.min(axis=0), arr.max(axis=0), color=line.get_color(), alpha=0.25, linewidth=0)
     ax.set_xlabel("layer (0 = embeddings)")
     ax.set_ylabel(f"final drift (1 - {metric} CKA)")
     ax.set_title(f"{task}: final drift by layer (band = min-max over seeds)", fontsize=9)
@@ -544,10 +602,10 @@ def _plot_task(task: str, rows: list[dict], curves: list[dict], methods: Sequenc
     for ax, (col, label) in zip(fig.subplots(1, 2), CURVE_DRIFTS):
         for m in present:
             c = [r for r in curves if r["method"] == m and r["drift"] == col]
-            line, = ax.plot([r["step"] for r in c], [r["mean"] for r in c], marker="o", ms=3,
-                            label=f"{m} (n={max((r['n_seeds'] for r in c), default=0)} seeds)")
-            ax.fill_between([r["step"] for r in c], [r["min"] for r in c], [r["max"] for r in c], color=line.get_color(),
-                            alpha=0.25, linewidth=0)
+            (line,) = ax.plot(
+                [r["step"] for r in c], [r["mean"] for r in c], marker="o", ms=3, label=f"{m} (n={max((r['n_seeds'] for r in c), default=0)} seeds)"
+            )
+            ax.fill_between([r["step"] for r in c], [r["min"] for r in c], [r["max"] for r in c], color=line.get_color(), alpha=0.25, linewidth=0)
         ax.set_xlabel("training step")
         ax.set_ylabel(f"{label}, mean over block outputs")
         ax.set_title(f"{task}: {label} over training", fontsize=9)
@@ -619,9 +677,7 @@ def analyse_drift(
 
     write_csv(drift_dir / "drift_layers.csv", LAYER_COLUMNS, all_rows)
     write_csv(drift_dir / "over_training.csv", CURVE_COLUMNS, all_curves)
-    write_csv(drift_dir / "comparison.csv", COMPARISON_COLUMNS,
-               [_comparison_row(t, c) for t, c in comparison.items()])
+    write_csv(drift_dir / "comparison.csv", COMPARISON_COLUMNS, [_comparison_row(t, c) for t, c in comparison.items()])
     atomic_write_json(drift_dir / "comparison.json", json_safe(comparison))
-    files = [drift_dir / "drift_layers.csv", drift_dir / "over_training.csv", drift_dir / "comparison.csv",
-             drift_dir / "comparison.json", *files]
+    files = [drift_dir / "drift_layers.csv", drift_dir / "over_training.csv", drift_dir / "comparison.csv", drift_dir / "comparison.json", *files]
     return {"comparison": comparison, "files": files}

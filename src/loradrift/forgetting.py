@@ -45,9 +45,9 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -147,8 +147,8 @@ class Scorer:
     but the LM head, which stays the base's."""
 
     def __init__(self, base_model_dir: Path, seqs: list[list[int]], batch_size: int, pad_id: int):
-        from loradrift.models import load_backbone
         from loradrift.engine import pick_device
+        from loradrift.models import load_backbone
 
         self.base_dir = Path(base_model_dir)
         self.device = pick_device()

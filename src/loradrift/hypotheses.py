@@ -18,8 +18,8 @@ from pathlib import Path
 from loradrift import layout, stats
 from loradrift.config import RunConfig
 from loradrift.io import ResultsStore, atomic_write_json, reconcile_store
-from loradrift.methods import FULL, LORA, METHOD_NAMES, METHODS
 from loradrift.layout import model_key
+from loradrift.methods import FULL, LORA, METHOD_NAMES, METHODS
 from loradrift.serving.offline import round_starts
 from loradrift.tasks import TASKS
 

@@ -242,7 +242,7 @@ def make_eval_dict(
 
 def merge_eval(main_eval: dict, new_eval: Mapping, prefix: str) -> None:
     for k in new_eval:
-        main_eval["%s_%s" % (prefix, k)] = new_eval[k]
+        main_eval["%s_%s" % (prefix, k)] = new_eval[k]  # noqa: UP031 - verbatim from the official evaluate-v2.0.py
 
 
 def find_best_thresh(

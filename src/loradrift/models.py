@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from loradrift.config import ModelConfig
-from loradrift.layout import model_key  # noqa: F401  (re-exported: loradrift.models.model_key)
+from loradrift.layout import model_key
 
 
 class ModelError(ValueError):
@@ -81,7 +81,7 @@ def public_base(mcfg: ModelConfig, model_dir: Path) -> tuple[str, str]:
 
 def is_decoder(model_dir: Path) -> bool:
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return not cfg.get("model_type", "") in {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "mpnet"}
+    return cfg.get("model_type", "") not in {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "mpnet"}
 
 
 def resolve_model_dir(mcfg: ModelConfig) -> Path:

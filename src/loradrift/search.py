@@ -20,10 +20,11 @@ import math
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -159,12 +160,22 @@ def open_storage(url: str, search_cfg: SearchConfig):
                 )
         except ImportError as e:
             raise SearchError(f"storage {_safe_url(url)}: no database driver for it ({e.__cause__ or e})") from None
-        except Exception as e:  # sqlalchemy errors: unreachable host, bad credentials, bad URL
+        except _storage_errors() as e:  # unreachable host, bad credentials, bad URL, a lost creation race
             last = e
             if not any(m in str(e) for m in ("already exists", "locked", "UNIQUE constraint failed")):
                 break
             time.sleep(0.5 * (attempt + 1))
     raise SearchError(f"storage {_safe_url(url)}: cannot open it ({type(last).__name__}: {_first_line(last)})")
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """What opening an Optuna RDB storage raises for a bad URL, host or database (SQLAlchemy's
+    errors, Optuna's storage errors, a malformed URL's ValueError), not a bug of ours. A function:
+    an `except` clause evaluates it only when something was raised, so optuna loads lazily."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return (SQLAlchemyError, optuna.exceptions.OptunaError, ValueError, OSError)
 
 
 def _safe_url(url: str) -> str:
@@ -173,7 +184,7 @@ def _safe_url(url: str) -> str:
         from sqlalchemy.engine import make_url
 
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:
+    except _storage_errors():
         return "<unparseable URL>" if "@" in url else url
 
 
@@ -253,7 +264,7 @@ def open_study(storage, name: str, attrs: dict, seed: int, pruner_cfg: PrunerCon
         try:
             study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
                                         sampler=sampler, pruner=pruner, load_if_exists=True)
-        except Exception as e:
+        except _storage_errors() as e:
             raise SearchError(f"study {name!r}: cannot create it ({type(e).__name__}: {_first_line(e)})") from None
     for key, value in attrs.items():
         if key not in study.user_attrs:
@@ -461,9 +472,8 @@ def _is_surplus(study, me, n_target: int) -> bool:
     for t in study.get_trials(deepcopy=False):
         if t.number == me.number:
             continue
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            taken += 1
-        elif t.state == TrialState.RUNNING and t.datetime_start is not None and (t.datetime_start, t.number) < key:
+        started_before = t.state == TrialState.RUNNING and t.datetime_start is not None and (t.datetime_start, t.number) < key
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or started_before:
             taken += 1
     return taken >= n_target
 
@@ -492,10 +502,12 @@ def write_best_config(path: Path, study, trial) -> None:
     `loradrift train --config <path>` gives the best trial's config on the same preset."""
     overrides = dict(trial.user_attrs.get("overrides") or trial.params)
     body = _nested({"method.name": study.user_attrs["method"], **overrides})
-    header = (f"# Best trial of Optuna study {study.study_name!r} (loradrift search)\n"
-              f"# trial {trial.number}: validation {study.user_attrs.get('primary_metric', 'score')} = {trial.value!r}\n"
-              f"# config hash of the trial run: {trial.user_attrs.get('config_hash', '?')}\n"
-              f"# Use: loradrift train --task {study.user_attrs['task']} --config {path.name}\n")
+    header = (
+        f"# Best trial of Optuna study {study.study_name!r} (loradrift search)\n"
+        f"# trial {trial.number}: validation {study.user_attrs.get('primary_metric', 'score')} = {trial.value!r}\n"
+        f"# config hash of the trial run: {trial.user_attrs.get('config_hash', '?')}\n"
+        f"# Use: loradrift train --task {study.user_attrs['task']} --config {path.name}\n"
+    )
     atomic_write_text(path, header + yaml.safe_dump(body, sort_keys=True))
 
 
@@ -503,8 +515,13 @@ def write_best_config(path: Path, study, trial) -> None:
 # report
 
 
-def search_report(out_dir: Path, storage: str | None = None, tasks: list[str] | None = None,
-                  methods: list[str] | None = None, search_cfg: SearchConfig | dict | None = None) -> dict:
+def search_report(
+    out_dir: Path,
+    storage: str | None = None,
+    tasks: list[str] | None = None,
+    methods: list[str] | None = None,
+    search_cfg: SearchConfig | dict | None = None,
+) -> dict:
     """Per study: trial table, best-worst gap, parameter importances and figures, written to
     `<out>/search/report/` (summary.json, trials.csv, figures/*.png). Returns the summary."""
     import optuna
@@ -529,16 +546,25 @@ def search_report(out_dir: Path, storage: str | None = None, tasks: list[str] | 
             rows.append(_trial_row(name, ua, t))
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         entry: dict[str, Any] = {
-            "study": name, "model": ua.get("model"), "task": ua.get("task"), "method": ua.get("method"),
-            "tune_rank": ua.get("tune_rank", False), "metric": ua.get("primary_metric"),
-            "n_trials": len(trials), "states": {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState
-                                                if any(t.state == s for t in trials)},
+            "study": name,
+            "model": ua.get("model"),
+            "task": ua.get("task"),
+            "method": ua.get("method"),
+            "tune_rank": ua.get("tune_rank", False),
+            "metric": ua.get("primary_metric"),
+            "n_trials": len(trials),
+            "states": {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)},
             "space": ua.get("space"),
         }
         if done:
             best, worst = max(done, key=lambda t: t.value), min(done, key=lambda t: t.value)
-            entry.update(best_value=best.value, best_trial=best.number, best_params=dict(best.params),
-                         worst_value=worst.value, best_worst_gap=best.value - worst.value)
+            entry.update(
+                best_value=best.value,
+                best_trial=best.number,
+                best_params=dict(best.params),
+                worst_value=worst.value,
+                best_worst_gap=best.value - worst.value,
+            )
         entry["importances"], entry["importance_note"] = _importances(study, done)
         entry["figures"] = _figures(study, name, fig_dir, done)
         studies.append(entry)
@@ -552,11 +578,19 @@ def _trial_row(study_name: str, ua: dict, t) -> dict:
     state = t.state.name.lower()
     if t.user_attrs.get("surplus"):
         state = "surplus"  # a no-op: another worker had started the last trial
-    return {"study": study_name, "task": ua.get("task"), "method": ua.get("method"), "trial": t.number,
-            "state": state, "value": t.value, "duration_s": dur,
-            "last_examples_seen": max(t.intermediate_values) if t.intermediate_values else None,
-            "retry_of": t.system_attrs.get("failed_trial"), "error": t.user_attrs.get("error"),
-            **{f"param:{k}": v for k, v in t.params.items()}}
+    return {
+        "study": study_name,
+        "task": ua.get("task"),
+        "method": ua.get("method"),
+        "trial": t.number,
+        "state": state,
+        "value": t.value,
+        "duration_s": dur,
+        "last_examples_seen": max(t.intermediate_values) if t.intermediate_values else None,
+        "retry_of": t.system_attrs.get("failed_trial"),
+        "error": t.user_attrs.get("error"),
+        **{f"param:{k}": v for k, v in t.params.items()},
+    }
 
 
 def _importances(study, done: list) -> tuple[dict[str, float], str | None]:
@@ -569,7 +603,7 @@ def _importances(study, done: list) -> tuple[dict[str, float], str | None]:
             warnings.simplefilter("ignore")
             imp = optuna.importance.get_param_importances(study)
         return {k: float(v) for k, v in imp.items()}, None
-    except Exception as e:  # e.g. every complete trial has the same value
+    except (RuntimeError, ValueError, ZeroDivisionError) as e:  # e.g. every complete trial has the same value
         return {}, f"parameter importances unavailable: {_first_line(e)}"
 
 

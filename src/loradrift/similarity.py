@@ -29,7 +29,8 @@ NaN, so a broken layer cannot silently poison an average.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -187,7 +188,7 @@ class LinearCKAAccumulator:
         self._x0: np.ndarray | None = None
         self._y0: np.ndarray | None = None
 
-    def update(self, X_batch: ArrayLike, Y_batch: ArrayLike) -> "LinearCKAAccumulator":
+    def update(self, X_batch: ArrayLike, Y_batch: ArrayLike) -> LinearCKAAccumulator:
         X, Y = _pair(X_batch, Y_batch, min_n=1)
         if self._x0 is None:
             self._x0 = X.mean(axis=0)
@@ -332,7 +333,7 @@ def rbf_cka(X: ArrayLike, Y: ArrayLike, sigma_frac: float = 1.0, debiased: bool 
 def _loo_terms(K: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, ...]:
     """For every i, the HSIC building blocks of the Gram matrices with row and column i removed:
     sum(K*L), sum_j rowsumK_j rowsumL_j, sum(K), sum(L) over the remaining indices."""
-    k, l = K.sum(axis=1), L.sum(axis=1)
+    k, l = K.sum(axis=1), L.sum(axis=1)  # noqa: E741 - l is L's row sums, as k is K's
     kl = (K * L).sum(axis=1)
     dk, dl = np.diag(K), np.diag(L)
     a = (K * L).sum() - 2.0 * kl + dk * dl

@@ -69,7 +69,7 @@ import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from scipy import stats as _sps
@@ -142,7 +142,7 @@ MEASURED_COVERAGE = {
     "ratio_starts_5": 0.986,  # one engine at a time, 5 starts x 2 rounds
 }
 
-Paired = Union[Sequence[float], np.ndarray, Mapping[Any, float]]
+Paired = Sequence[float] | np.ndarray | Mapping[Any, float]
 
 
 @dataclass

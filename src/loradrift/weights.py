@@ -45,10 +45,11 @@ import json
 import logging
 import math
 import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -246,7 +247,7 @@ class _SafetensorsFolder:
         self.where: dict[str, Any] = {}
         self._handles = [safe_open(str(f), framework="pt") for f in files]
         for h in self._handles:
-            for k in h.keys():
+            for k in h.keys():  # noqa: SIM118 - safetensors handles are not iterable
                 self.where[k] = h
         self.folder = folder
 
@@ -295,7 +296,7 @@ class _RunWeights:
         elif layout.run_path(self.run_dir, "model").is_dir():
             self.kind = FULL
             self._ft = _SafetensorsFolder(layout.run_path(self.run_dir, "model"))
-            for key in self._ft.keys():
+            for key in self._ft.keys():  # noqa: SIM118 - a folder of safetensors handles, not a dict
                 if _BLOCK_KEY.search(key):
                     self.updates[key] = _Update(ft_key=key)
         else:
@@ -310,7 +311,7 @@ class _RunWeights:
             raise ValueError(f"{cfg_path}: DoRA adapters are not supported (dW is not scale * B @ A)")
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - safetensors handles are not iterable
                 m = _LORA_KEY.match(key)
                 if m:
                     pairs.setdefault(m.group(1), {})[m.group(2)] = f.get_tensor(key).to(torch.float32)

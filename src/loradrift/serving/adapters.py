@@ -8,10 +8,11 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from ..io import atomic_write_json, respect_umask
 from ..tasks import serve_pair
@@ -81,7 +82,7 @@ def _base_weight_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for f in sorted(Path(base_dir).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
+            for k in sf.keys():  # noqa: SIM118 - a safetensors handle has keys() but is not iterable
                 shapes[k] = tuple(sf.get_slice(k).get_shape())
     return shapes
 

@@ -3,6 +3,7 @@ settings they run with, and memory readings."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import os
@@ -10,9 +11,10 @@ import platform
 import resource
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -436,10 +438,9 @@ class VLLMBackend:
 
     def close(self) -> None:
         if self.llm is not None:
-            try:
+            # best effort: whatever stops the shutdown, vLLM's finalizer shuts the engine down anyway
+            with contextlib.suppress(Exception):
                 self.llm.llm_engine.engine_core.shutdown()
-            except Exception:  # noqa: BLE001 - best effort; the finalizer shuts it down anyway
-                pass
         self.llm = None
         gc.collect()
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -40,11 +40,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -278,10 +279,10 @@ class VLLMServer:
         self.cpu_bind = cpu_bind  # VLLM_CPU_OMP_THREADS_BIND of this server (backends.cpu_binds)
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> VLLMServer:
         """Launch the server without waiting for it (k servers start side by side)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - open while the server runs; closed in __exit__
         self._log.write("$ " + " ".join(self.cmd) + "\n")
         self._log.flush()
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": cpu_kvcache_gib(),
@@ -290,7 +291,7 @@ class VLLMServer:
         self._deadline = time.monotonic() + self.timeout
         return self
 
-    def wait_ready(self) -> "VLLMServer":
+    def wait_ready(self) -> VLLMServer:
         """Poll ``/health`` until it answers 200; stop the server and raise if it exits or times out."""
         while time.monotonic() < self._deadline:
             if self.proc.poll() is not None:
@@ -308,7 +309,7 @@ class VLLMServer:
         self.__exit__(None, None, None)
         raise ServeError(f"the vLLM server did not answer /health within {self.timeout:.0f} s; see {self.log_path}")
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> VLLMServer:
         return self.start().wait_ready()
 
     def peak_rss_mb(self) -> float | None:

@@ -21,9 +21,10 @@ from loradrift.report.render import fmt
 from loradrift.tasks import TASKS
 
 
-class ArtefactError(Exception):
+class ArtefactError(RuntimeError):
     """An artefact is missing, unreadable or invalid. `rel`: the file, relative to `<out>`;
-    `why`: what is wrong with it, as it reads after the file name ("is missing", ...)."""
+    `why`: what is wrong with it, as it reads after the file name ("is missing", ...). A
+    RuntimeError, so a command it escapes from reports it as one line."""
 
     def __init__(self, rel: str, why: str, *, what: str | None = None, missing: bool = False):
         super().__init__(f"{rel} {why}")

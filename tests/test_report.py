@@ -430,3 +430,28 @@ def test_figure_captions_over_runs_that_did_not_learn_say_so(tmp_path):
     assert "includes runs of rte, squad_v2" in not_learned_caveat(art, "drift_vs_forgetting")
     (tmp_path / "stats" / "hypotheses.json").write_text(_json.dumps({"learning_gate": {"not_learned": {}}}))
     assert not_learned_caveat(Artefacts(tmp_path), "drift_vs_forgetting") == ""
+
+
+def test_report_modules_name_no_task_kind_method_or_artefact_path():
+    """The report reads task kinds, methods and paths from the registries (tasks, methods, layout):
+    no string in its code (docstrings aside) is a task, kind or method name, or a layout path."""
+    import ast
+
+    from loradrift.layout import PATHS
+    from loradrift.methods import METHOD_NAMES
+    from loradrift.tasks import KINDS, TASKS
+
+    # "lora" is also the config's method.lora block, which the setup section lists as a setting
+    names = {*TASKS, *KINDS, *(m for m in METHOD_NAMES if m != "lora")}
+    fixed = [p for p in PATHS.values() if "{" not in p]
+    # a folder without its "/" only where it has one inside: "drift" alone is also a section id
+    paths = {*fixed, *(p.rstrip("/") for p in fixed if "/" in p.rstrip("/"))}
+    for src in sorted((Path(report.__file__).parent).glob("*.py")):
+        tree = ast.parse(src.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                assert node.value not in names, f"{src.name}:{node.lineno}: names {node.value!r}"
+                assert node.value not in paths, f"{src.name}:{node.lineno}: spells out the path {node.value!r}"

@@ -90,3 +90,17 @@ def test_kind_facts():
 
     for kind in KINDS.values():
         assert kind.sanity_threshold in SanityConfig.model_fields
+
+
+def test_baseline_columns_show_each_tasks_baseline_scores():
+    for kind in KINDS.values():
+        assert kind.baseline_columns[:2] == ("baseline", "task"), kind.name
+    for spec in TASKS.values():
+        cols = spec.task_kind.baseline_columns
+        assert spec.h1_metric in cols and spec.primary in cols, spec.name
+
+
+def test_caveats_format_with_the_train_file():
+    stated = {t.name: t.caveat.format(train_file=t.train_file) for t in TASKS.values() if t.caveat}
+    assert list(stated) == ["squad_v2"]
+    assert TASKS["squad_v2"].train_file in stated["squad_v2"]

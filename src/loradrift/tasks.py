@@ -72,6 +72,7 @@ class TaskKind:
     windowed: bool = False  # an example may give several features (each names its "example")
     na_probs: bool = False  # dev predictions come with no-answer probabilities (dev_na_probs.json)
     file_scorer: str | None = None  # "module:function": the official scorer over data and prediction files
+    baseline_columns: tuple[str, ...] = ()  # the report's columns of the Phase 0 baseline rows (none: every column)
 
     def handler(self, role: str) -> Callable:
         if role not in HANDLER_ROLES:
@@ -96,6 +97,7 @@ KINDS: dict[str, TaskKind] = {
             peft_task_type="SEQ_CLS",
             auto_class="AutoModelForSequenceClassification",
             pipeline_tag="text-classification",
+            baseline_columns=("baseline", "task", "predicts", "dev_examples", "accuracy", "f1", "combined_score"),
         ),
         TaskKind(
             name="extractive_qa",
@@ -114,6 +116,8 @@ KINDS: dict[str, TaskKind] = {
             windowed=True,
             na_probs=True,
             file_scorer="loradrift.metrics:score_squad_v2_files",
+            baseline_columns=("baseline", "task", "dev_examples", "exact", "f1", "HasAns_exact", "HasAns_f1",
+                              "NoAns_exact", "NoAns_f1", "best_f1", "best_f1_thresh"),
         ),
     ]
 }
@@ -156,6 +160,7 @@ class TaskSpec:
     description: str = ""
     serve_pair: bool = False  # one of the pair of tasks the serving benchmark's multi-adapter rows serve
     heldout_text: bool = False  # its dev contexts outside the train articles are the forgetting text
+    caveat: str = ""  # a limitation the report states about the task ({train_file} filled in)
 
     @property
     def num_labels(self) -> int:
@@ -239,6 +244,8 @@ TASKS: dict[str, TaskSpec] = {
             description="SQuAD v2.0 extractive QA with unanswerable questions",
             serve_pair=True,  # the long-input task of the serving pair
             heldout_text=True,
+            caveat="SQuAD v2 trains on a subset of only 10 articles ({train_file}), so its scores are far below "
+                   "full-data SQuAD and dominated by the no-answer decision.",
         ),
     ]
 }

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from loradrift import layout
 from loradrift.io import ResultsStore, StoreError, reconcile_store
+from loradrift.layout import PATHS
+from loradrift.methods import METHOD_NAMES, METHODS
 from loradrift.report.render import fmt
 from loradrift.tasks import TASKS
 
@@ -97,7 +101,7 @@ class Artefacts:
 
     @property
     def store_path(self) -> Path:
-        return self.out / "results.sqlite"
+        return layout.results_db(self.out)
 
     def rows(self, kind: str) -> list[dict] | None:
         """Result rows of one kind, or None when there is no results store at all. The run rows
@@ -112,9 +116,9 @@ class Artefacts:
                 for r in ResultsStore(self.store_path).rows():
                     self._rows.setdefault(r["kind"], []).append(r)
         except StoreError as e:  # names the run's result.json
-            raise ArtefactError("results.sqlite", f"does not match the run folders: {e}") from e
+            raise ArtefactError(PATHS["results"], f"does not match the run folders: {e}") from e
         except (sqlite3.Error, OSError) as e:
-            raise ArtefactError("results.sqlite", f"could not be read ({type(e).__name__}: {e})") from e
+            raise ArtefactError(PATHS["results"], f"could not be read ({type(e).__name__}: {e})") from e
         return self._rows.get(kind, [])
 
 
@@ -139,7 +143,7 @@ def task_order(task: str) -> tuple[int, str]:
 
 
 def method_order(m: str) -> tuple[int, str]:
-    return ({"full": 0, "lora": 1}.get(m, 2), m)
+    return (METHOD_NAMES.index(m) if m in METHODS else len(METHOD_NAMES), m)
 
 
 def primary_metric(task: str) -> str | None:
@@ -160,7 +164,7 @@ def rows_of(obj: Any, *keys: str) -> list[dict] | None:
 
 def not_learned(art: Artefacts) -> list[str]:
     """The tasks the learning gate of stats/hypotheses.json found not learned, in task order."""
-    hyp = art.json("stats/hypotheses.json")
+    hyp = art.json(PATHS["hypotheses"])
     gate = (hyp.get("learning_gate") or {}) if isinstance(hyp, dict) else {}
     return sorted(gate.get("not_learned") or {}, key=task_order)
 

@@ -10,10 +10,11 @@ status beside report.html.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
+from loradrift import layout
 from loradrift.io import atomic_write_json, atomic_write_text
 from loradrift.report import render
 from loradrift.report.artefacts import ArtefactError, Artefacts
@@ -87,7 +88,7 @@ def build_report(out_dir: Path, pdf: bool = True, renderer: str | None = None) -
     "sections": [{"id", "title", "status", "missing", "error"}]} (status: ok | partial | not run | error).
     """
     out_dir = Path(out_dir)
-    report_dir = out_dir / "report"
+    report_dir = layout.path(out_dir, "report")
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = build_sections(out_dir)
     header = header_facts(Artefacts(out_dir))

@@ -7,6 +7,7 @@ the drift figures but the by-layer one (in the summary).
 
 from __future__ import annotations
 
+from loradrift.layout import PATHS
 from loradrift.report.artefacts import Artefacts, task_order
 from loradrift.report.figures import DRIFT_BY_LAYER, add_figures
 from loradrift.report.render import Section, fmt, num, pick_columns, scalar
@@ -14,9 +15,9 @@ from loradrift.report.render import Section, fmt, num, pick_columns, scalar
 
 def sec_drift(art: Artefacts) -> Section:
     sec = Section("drift", "Drift")
-    comp = art.json("drift/comparison.json", (dict, list))
+    comp = art.json(PATHS["drift_comparison"], (dict, list))
     if comp is None:
-        sec.not_run("Drift comparison", "drift/comparison.json")
+        sec.not_run("Drift comparison", PATHS["drift_comparison"])
     else:
         items = ([(r.get("task"), r) for r in comp] if isinstance(comp, list)
                  else [(t, c) for t, c in comp.items() if isinstance(c, dict)])
@@ -69,5 +70,5 @@ def sec_drift(art: Artefacts) -> Section:
         if not items:
             sec.p("The comparison lists no tasks (no task had finished runs of both methods).")
     sec.p("The final drift by layer, LoRA vs full fine-tuning, is in the summary.")
-    add_figures(sec, art, "drift/figures", "Drift figures", skip=DRIFT_BY_LAYER, gated=True)
+    add_figures(sec, art, PATHS["drift"] + "figures", "Drift figures", skip=DRIFT_BY_LAYER, gated=True)
     return sec

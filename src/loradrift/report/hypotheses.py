@@ -7,9 +7,9 @@ gate and the settings. The summary reuses the primary rows.
 
 from __future__ import annotations
 
+from loradrift.layout import PATHS
 from loradrift.report.artefacts import Artefacts, task_order
 from loradrift.report.render import Section, fmt, num, verdict_word
-
 
 HYPOTHESES = {
     "H1": "Performance: LoRA's relative gap to full fine-tuning, (FT − LoRA) / FT × 100 per seed on H1's metric "
@@ -54,7 +54,7 @@ def primary_rows(h: dict) -> list[dict]:
 
 def sec_hypotheses(art: Artefacts) -> Section:
     sec = Section("hypotheses", "Hypotheses")
-    h = art.require("stats/hypotheses.json", "Hypothesis tests", dict)
+    h = art.require(PATHS["hypotheses"], "Hypothesis tests", dict)
     sec.p(f"Verdict rule: {(h.get('verdict') or {}).get('rule', 'H1 AND (H2 OR H3)')}; the verdicts are in the summary.")
     fam = h.get("family") or {}
     level = num(fam.get("primary_level"))
@@ -77,7 +77,7 @@ def sec_hypotheses(art: Artefacts) -> Section:
     for name in ("H1", "H2", "H3"):
         sec.h3(f"{name}: {HYPOTHESES[name]}")
         if not results[name]:
-            sec.not_run(f"{name} test", "stats/hypotheses.json", f"has no {name} results")
+            sec.not_run(f"{name} test", PATHS["hypotheses"], f"has no {name} results")
             continue
         rows = []
         for r in results[name]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from loradrift.layout import PATHS
+from loradrift.methods import METHODS
 from loradrift.report.artefacts import Artefacts, latest, method_order, primary_metric, task_order
 from loradrift.report.render import Section, fmt, num, pick_columns
 from loradrift.stats import t_interval
@@ -63,12 +65,12 @@ def _bar_chart(rows: list[dict], base: list[dict]) -> bytes:
     n = len(tasks)
     fig = Figure(figsize=(min(3.4 * n, 13), 3.4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, n, squeeze=False)[0])
-    colors = {"full": "#4C72B0", "lora": "#DD8452"}
     for ax, task in zip(axes, tasks):
         rs = [r for r in rows if r["task"] == task]
         x = np.arange(len(rs))
         err = [r["half"] if r["half"] is not None else 0.0 for r in rs]
-        ax.bar(x, [r["mean"] for r in rs], yerr=err, capsize=4, color=[colors.get(r["method"], "#8c8c8c") for r in rs])
+        colors = [METHODS[r["method"]].color if r["method"] in METHODS else "#8c8c8c" for r in rs]
+        ax.bar(x, [r["mean"] for r in rs], yerr=err, capsize=4, color=colors)
         for i, r in enumerate(rs):
             seeds = list(r["per_seed"].values())
             ax.scatter([i] * len(seeds), seeds, s=12, color="black", zorder=3)
@@ -87,11 +89,11 @@ def _bar_chart(rows: list[dict], base: list[dict]) -> bytes:
 def sec_performance(art: Artefacts) -> Section:
     sec = Section("performance", "Performance")
     if not art.store_path.is_file():
-        sec.not_run("Final runs", "results.sqlite")
+        sec.not_run("Final runs", PATHS["results"])
         return sec
     rows, base, notes = performance_table(art)
     if not rows:
-        sec.not_run("Final runs (Phase 2)", "results.sqlite", 'has no kind="run" rows')
+        sec.not_run("Final runs (Phase 2)", PATHS["results"], 'has no kind="run" rows')
     else:
         sec.p("Primary dev metric per task (mrpc: mean of accuracy and F1, sst2/rte: accuracy, squad_v2: F1). "
               "Mean over seeds with a two-sided 95% t-interval (scipy.stats.t, n − 1 degrees of freedom; "

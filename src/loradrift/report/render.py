@@ -20,11 +20,15 @@ import signal
 import subprocess
 import tempfile
 import textwrap
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from loradrift.io import atomic_path
+
+if TYPE_CHECKING:
+    import jinja2
 
 log = logging.getLogger("loradrift.report")
 
@@ -191,7 +195,7 @@ def _unknown_block(kind: str) -> None:
     raise ValueError(f"unknown block kind {kind!r}")
 
 
-def _environment() -> "jinja2.Environment":  # noqa: F821 (imported when the report is built)
+def _environment() -> jinja2.Environment:
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("loradrift", "templates"),

@@ -6,6 +6,7 @@ parameters and importances, the search figures, and the best configs verbatim.
 
 from __future__ import annotations
 
+from loradrift.layout import PATHS
 from loradrift.report.artefacts import Artefacts, rows_of
 from loradrift.report.figures import add_figures
 from loradrift.report.render import Section, num, pick_columns, scalar
@@ -13,9 +14,10 @@ from loradrift.report.render import Section, num, pick_columns, scalar
 
 def sec_search(art: Artefacts) -> Section:
     sec = Section("search", "Hyperparameter search and best configs")
-    summary = art.json("search/report/summary.json")
+    summary_rel = PATHS["search_report"] + "summary.json"
+    summary = art.json(summary_rel)
     if summary is None:
-        sec.not_run("Search summary", "search/report/summary.json")
+        sec.not_run("Search summary", summary_rel)
     else:
         entries = rows_of(summary, "studies")
         if entries is None and isinstance(summary, dict):
@@ -37,15 +39,20 @@ def sec_search(art: Artefacts) -> Section:
         for e in entries:
             name = e.get("study") or f"{e.get('task')}_{e.get('method')}"
             imp = e.get("importances")
-            detail.append({"study": name, "best params": e.get("best_params"),
-                           "importances": dict(sorted(imp.items(), key=lambda kv: -(num(kv[1]) or 0))) if isinstance(imp, dict) and imp else e.get("importance_note")})
+            if isinstance(imp, dict) and imp:
+                imp = dict(sorted(imp.items(), key=lambda kv: -(num(kv[1]) or 0)))
+            else:
+                imp = e.get("importance_note")
+            detail.append({"study": name, "best params": e.get("best_params"), "importances": imp})
         if detail:
             sec.table(detail, ["study", "best params", "importances"], caption="Best parameters and parameter importances")
-    add_figures(sec, art, "search/report/figures", "Search figures")
-    sec.h3("Best configs (configs/best/)")
-    yamls = sorted((art.out / "configs" / "best").glob("*/*.yaml")) if (art.out / "configs" / "best").is_dir() else []
+    add_figures(sec, art, PATHS["search_report"] + "figures", "Search figures")
+    # configs/best/{model}/<file>: every YAML file in the per-model folders
+    best_dir = PATHS["best_config"].rpartition("/")[0]
+    sec.h3(f"Best configs ({best_dir.partition('{')[0]})")
+    yamls = sorted(art.out.glob(best_dir.format(model="*") + "/*.yaml"))
     if not yamls:
-        sec.not_run("Best configs", "configs/best/<model>/*.yaml", "are missing")
+        sec.not_run("Best configs", best_dir.format(model="<model>") + "/*.yaml", "are missing")
     for y in yamls:
         sec.pre(art.read_text(y), art.rel(y))
     return sec

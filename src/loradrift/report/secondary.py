@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from loradrift.layout import PATHS
+from loradrift.methods import FULL, LORA, METHODS
 from loradrift.report.artefacts import Artefacts, method_order, rows_of, task_order
 from loradrift.report.figures import add_figures
 from loradrift.report.render import Section, fmt, pick_columns
@@ -17,9 +19,10 @@ from loradrift.report.render import Section, fmt, pick_columns
 
 def sec_weights(art: Artefacts) -> Section:
     sec = Section("weights", "Weight-space analysis")
-    w = art.json("weights/summary.json")
+    summary_rel = PATHS["weights"] + "summary.json"
+    w = art.json(summary_rel)
     if w is None:
-        sec.not_run("Weight analysis", "weights/summary.json")
+        sec.not_run("Weight analysis", summary_rel)
     else:
         sec.p("Per run: the weight update ΔW of every adapted projection relative to the base weight "
               "(‖ΔW‖/‖W‖), its effective rank, and intruder dimensions (singular vectors of the tuned "
@@ -39,13 +42,13 @@ def sec_weights(art: Artefacts) -> Section:
                                             "mean_effective_rank", "total_intruders"]), caption="Per run")
         if not summ:
             sec.p("The weight summary lists no runs.")
-    add_figures(sec, art, "weights/figures", "Weight figures", gated=True)
+    add_figures(sec, art, PATHS["weights"] + "figures", "Weight figures", gated=True)
     return sec
 
 
 def sec_forgetting(art: Artefacts) -> Section:
     sec = Section("forgetting", "Forgetting (secondary, not pre-registered)")
-    f = art.require("forgetting/summary.json", "Forgetting", dict,
+    f = art.require(PATHS["forgetting_summary"], "Forgetting", dict,
                     why="is missing (forgetting.enabled=false, or Phase 3 did not run)")
     text, st, base = f.get("text") or {}, f.get("settings") or {}, f.get("base") or {}
     sec.p(f"{str(f.get('label', '')).capitalize()}: not one of the plan's hypotheses and not in the verdict. "
@@ -60,7 +63,7 @@ def sec_forgetting(art: Artefacts) -> Section:
     sec.table(rows, ["task", "method", "n", "mean", "_ci"], labels={"mean": "mean Δloss", "_ci": "CI of Δloss"},
               caption="Δloss by task and method (positive: the run predicts general text worse than the base model)")
     # the gated correlations (stats/hypotheses.json applies the learning gate to this summary)
-    hyp = art.json("stats/hypotheses.json")
+    hyp = art.json(PATHS["hypotheses"])
     gated = ((hyp.get("secondary_analyses") or {}).get("forgetting") or {}).get("correlation") if isinstance(hyp, dict) else None
     corr = gated or f.get("correlation") or {}
     crows = [{"scope": "all runs", **corr.get("pooled", {})}]
@@ -70,15 +73,16 @@ def sec_forgetting(art: Artefacts) -> Section:
               labels={"rho": "Spearman rho", "p_value": "permutation p", "min_p": "smallest attainable p"},
               caption="Does the representation that moved more forget more? Final drift (H2's aggregate) vs Δloss, across runs")
     sec.bullets(f.get("notes") or [])
-    add_figures(sec, art, "forgetting/figures", "Forgetting figures", gated=True)
+    add_figures(sec, art, PATHS["forgetting"] + "figures", "Forgetting figures", gated=True)
     return sec
 
 
 def sec_rank_ablation(art: Artefacts) -> Section:
     sec = Section("rank-ablation", "LoRA rank ablation")
-    paths = sorted((art.out / "ablation" / "rank").glob("*/summary.json"))
+    summaries = PATHS["ablation_summary"].format(variant="*")
+    paths = sorted(art.out.glob(summaries))
     if not paths:
-        sec.not_run("Rank ablation", "ablation/rank/*/summary.json",
+        sec.not_run("Rank ablation", summaries,
                     "is missing (off by default: ablation.rank.enabled=true in the study, or loradrift ablate-rank)")
         return sec
     sec.p("LoRA trained at several ranks with the task's best config (only rank, alpha and rsLoRA change), against "
@@ -93,7 +97,7 @@ def sec_rank_ablation(art: Artefacts) -> Section:
         for task, r in sorted((s.get("tasks") or {}).items(), key=lambda kv: task_order(kv[0])):
             rows = []
             for label, g in (r.get("by_label") or {}).items():
-                row: dict[str, Any] = {"run": "full FT" if label == "full" else f"LoRA r={g.get('rank')}",
+                row: dict[str, Any] = {"run": METHODS[FULL].label if label == FULL else f"{METHODS[LORA].label} r={g.get('rank')}",
                                        "learned": g.get("learned")}
                 for q in ("dev_score", "drift", "total_intruders", "delta_loss"):
                     v = g.get(q) or {}

@@ -10,10 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from loradrift.layout import PATHS
 from loradrift.report.artefacts import Artefacts, rows_of
 from loradrift.report.figures import add_figures
 from loradrift.report.render import Section, num, pick_columns, scalar
 
+# The serving benchmark's files: inside its folders (PATHS["serve"], PATHS["serve_online"]) but
+# overhead.json and meta.json, which have entries of their own.
+OVERHEAD, META = PATHS["serve_overhead"], PATHS["serve_meta"]
+RESULTS, CORRECTNESS = PATHS["serve"] + "results.json", PATHS["serve"] + "correctness.json"
+ONLINE_SUMMARY, ONLINE_META = PATHS["serve_online"] + "summary.json", PATHS["serve_online"] + "meta.json"
+ONLINE_K_TASKS = PATHS["serve_online"] + "k_tasks.json"
 
 SERVE_NOTE = ("The adapters were trained with a task head (a classifier or span head on top of the "
               "transformer), but only the transformer-block LoRA weights are served: the serving "
@@ -46,12 +53,12 @@ def _aggregate_rounds(rows: list[dict]) -> list[dict]:
 def _serving_offline_by_batch(sec: Section, art: Artefacts) -> None:
     """Offline benchmark: one table per batch size, each configuration's mean over rounds and its
     overhead vs the merged models (serve/results.json, serve/overhead.json)."""
-    res = art.json("serve/results.json")
+    res = art.json(RESULTS)
     rows = _aggregate_rounds(rows_of(res, "rows", "results") or []) if res is not None else []
     if not rows:
         return
     over = {(r.get("backend"), r.get("config"), r.get("batch_size")): r
-            for r in (rows_of(art.json("serve/overhead.json") or [], "rows", "overhead") or [])}
+            for r in (rows_of(art.json(OVERHEAD) or [], "rows", "overhead") or [])}
     for b in sorted({r["batch_size"] for r in rows}):
         sub = []
         for r in rows:
@@ -70,12 +77,12 @@ def _serving_offline_by_batch(sec: Section, art: Artefacts) -> None:
 def _serving_online(sec: Section, art: Artefacts) -> None:
     """Online benchmark (vLLM's OpenAI server, Poisson arrivals): one table per request rate, and
     k merged engines vs one engine + k adapters (serve/online/)."""
-    summary = art.json("serve/online/summary.json")
+    summary = art.json(ONLINE_SUMMARY)
     if summary is None:
-        sec.note("No online benchmark (serve/online/summary.json): it runs on vLLM only (serve-bench --online).")
+        sec.note(f"No online benchmark ({ONLINE_SUMMARY}): it runs on vLLM only (serve-bench --online).")
         return
     rows = rows_of(summary, "rows", "summary") or []
-    meta = art.json("serve/online/meta.json", dict) or {}
+    meta = art.json(ONLINE_META, dict) or {}
     slo = meta.get("slo_ms") or {}
     sec.p("vLLM's OpenAI-compatible server under Poisson arrivals; per request TTFT, TPOT, ITL and end-to-end "
           "latency with vLLM's definitions (docs/serving.md); goodput = requests meeting every SLO "
@@ -86,7 +93,7 @@ def _serving_online(sec: Section, art: Artefacts) -> None:
         sec.table(sub, pick_columns(sub, ["config", "engines", "completed", "request_throughput", "output_throughput", "goodput",
                                           "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p99_ms",
                                           "e2el_p50_ms", "e2el_p99_ms", "server_peak_rss_mb"]))
-    k = art.json("serve/online/k_tasks.json", list)
+    k = art.json(ONLINE_K_TASKS, list)
     if k:
         sec.h3("k tasks: one engine + k adapters vs k merged engines")
         sec.table(k, pick_columns(k, ["setup", "k", "memory_mb", "max_request_throughput", "max_output_throughput",
@@ -96,10 +103,10 @@ def _serving_online(sec: Section, art: Artefacts) -> None:
 def sec_serving(art: Artefacts) -> Section:
     sec = Section("serving", "Serving benchmark")
     sec.p(SERVE_NOTE)
-    over = art.json("serve/overhead.json")
+    over = art.json(OVERHEAD)
     sec.h3("Multi-adapter overhead")
     if over is None:
-        sec.not_run("Serving overhead", "serve/overhead.json")
+        sec.not_run("Serving overhead", OVERHEAD)
     else:
         rows = rows_of(over, "rows", "overhead") or []
         sec.p("Latency overhead of serving unmerged adapters (adapters-k: k adapters in one engine) vs the "
@@ -108,11 +115,11 @@ def sec_serving(art: Artefacts) -> Section:
                                             "ci_high", "n_rounds", "ci_method"]),
                   labels={"overhead_pct": "overhead %", "ci_low": "CI low %", "ci_high": "CI high %"})
         if not rows:
-            sec.p("serve/overhead.json holds no rows.")
+            sec.p(f"{OVERHEAD} holds no rows.")
     sec.h3("Latency, throughput and memory")
-    res = art.json("serve/results.json")
+    res = art.json(RESULTS)
     if res is None:
-        sec.not_run("Serving measurements", "serve/results.json")
+        sec.not_run("Serving measurements", RESULTS)
     else:
         rows = rows_of(res, "rows", "results") or []
         known = ["backend", "config", "adapters", "batch_size", "n_rounds", "latency_mean_s", "latency_p50_s",
@@ -123,14 +130,14 @@ def sec_serving(art: Artefacts) -> Section:
             sec.p("Means over measurement rounds.")
         sec.table(rows, pick_columns(rows, known))
         if not rows:
-            sec.p("serve/results.json holds no rows.")
+            sec.p(f"{RESULTS} holds no rows.")
     sec.h3("Correctness")
-    meta = art.json("serve/meta.json")
+    meta = art.json(META)
     for f in (meta.get("findings") or []) if isinstance(meta, dict) else []:
         sec.note(f"Finding: {f}")
-    corr = art.json("serve/correctness.json")
+    corr = art.json(CORRECTNESS)
     if corr is None:
-        sec.note("serve/correctness.json is not present: no correctness check was recorded.")
+        sec.note(f"{CORRECTNESS} is not present: no correctness check was recorded.")
     else:
         rows = rows_of(corr, "rows", "correctness") or []
         sec.p("Greedy tokens and per-token log-probabilities of each adapter served unmerged vs its merged model, "
@@ -141,10 +148,10 @@ def sec_serving(art: Artefacts) -> Section:
                                             "min_match_rate", "max_abs_logprob_diff", "logprob_tolerance",
                                             "n_prompts", "n_tokens"]))
         if not rows:
-            sec.p("serve/correctness.json holds no rows.")
+            sec.p(f"{CORRECTNESS} holds no rows.")
     _serving_offline_by_batch(sec, art)
     _serving_online(sec, art)
     if isinstance(meta, dict) and meta:
-        sec.kv(meta, caption="Benchmark settings (serve/meta.json)")
-    add_figures(sec, art, "serve/figures", "Serving figures")
+        sec.kv(meta, caption=f"Benchmark settings ({META})")
+    add_figures(sec, art, PATHS["serve"] + "figures", "Serving figures")
     return sec

@@ -6,6 +6,7 @@ and baselines (Phase 0), and the reproducibility manifest.
 
 from __future__ import annotations
 
+from loradrift.layout import PATHS
 from loradrift.report.artefacts import Artefacts, latest, method_order, task_order
 from loradrift.report.render import Section, flatten, num, pick_columns
 from loradrift.tasks import TASKS
@@ -13,9 +14,9 @@ from loradrift.tasks import TASKS
 
 def sec_setup(art: Artefacts) -> Section:
     sec = Section("setup", "Setup and presets")
-    man = art.json("study/manifest.json", dict)
+    man = art.json(PATHS["manifest"], dict)
     if man is None:
-        sec.not_run("Study manifest", "study/manifest.json")
+        sec.not_run("Study manifest", PATHS["manifest"])
     else:
         cfg = man.get("config") or {}
         model = cfg.get("model") or {}
@@ -43,9 +44,9 @@ def sec_setup(art: Artefacts) -> Section:
             sec.table(diffs, caption="Per-task settings that differ from the study config (preset per_task blocks)")
         elif by_task:
             sec.p("Every task uses the study config unchanged.")
-    tim = art.json("study/timings.json", dict)
+    tim = art.json(PATHS["timings"], dict)
     if tim is None:
-        sec.not_run("Phase timings", "study/timings.json")
+        sec.not_run("Phase timings", PATHS["timings"])
     else:
         rows = [{"phase": p.get("phase"), "seconds": p.get("seconds"),
                  "minutes": (p["seconds"] / 60 if num(p.get("seconds")) is not None else None)}
@@ -62,10 +63,10 @@ def sec_data(art: Artefacts) -> Section:
     sec = Section("data", "Data and splits")
     rows = art.rows("data")
     if rows is None:
-        sec.not_run("Data summary", "results.sqlite")
+        sec.not_run("Data summary", PATHS["results"])
         return sec
     if not rows:
-        sec.not_run("Data summary", "results.sqlite", 'has no kind="data" rows (Phase 0 data check)')
+        sec.not_run("Data summary", PATHS["results"], 'has no kind="data" rows (Phase 0 data check)')
         return sec
     rows, _ = latest(rows, lambda r: (r["model"], r["task"]))
     multi = len({r["model"] for r in rows}) > 1
@@ -89,7 +90,7 @@ def _latest_metrics(rows: list[dict]) -> list[dict]:
 def sec_sanity(art: Artefacts) -> Section:
     sec = Section("sanity", "Sanity checks and baselines")
     if not art.store_path.is_file():
-        sec.not_run("Sanity checks, baselines and memory profile", "results.sqlite")
+        sec.not_run("Sanity checks, baselines and memory profile", PATHS["results"])
         return sec
     sec.h3("Sanity checks (overfit a small training sample)")
     rows = art.rows("sanity")
@@ -100,22 +101,23 @@ def sec_sanity(art: Artefacts) -> Section:
         failed = [f"{r.get('task')}/{r.get('method')}" for r in out if r.get("passed") is False]
         sec.p("All sanity checks passed." if not failed else f"FAILED: {', '.join(failed)}.")
     else:
-        sec.not_run("Sanity checks", "results.sqlite", 'has no kind="sanity" rows')
+        sec.not_run("Sanity checks", PATHS["results"], 'has no kind="sanity" rows')
     sec.h3("Baselines on dev")
     rows = art.rows("baseline")
     if rows:
         rows, _ = latest(rows, lambda r: (r["model"], r["task"], r["method"]))
+        # one table per task kind, with the kind's columns (a task not in the registry: every column)
         by_kind: dict[str, list[dict]] = {}
+        columns: dict[str, tuple[str, ...]] = {}
         for r in sorted(rows, key=lambda r: (task_order(r["task"]), r["method"])):
-            kind = TASKS[r["task"]].kind if r["task"] in TASKS else "other"
-            by_kind.setdefault(kind, []).append({"baseline": r["method"], "task": r["task"], **r["metrics"]})
-        pref = {"classification": ["baseline", "task", "predicts", "dev_examples", "accuracy", "f1", "combined_score"],
-                "extractive_qa": ["baseline", "task", "dev_examples", "exact", "f1", "HasAns_exact", "HasAns_f1",
-                                  "NoAns_exact", "NoAns_f1", "best_f1", "best_f1_thresh"]}
-        for kind, out in by_kind.items():
-            sec.table(out, pick_columns(out, pref.get(kind, [])), caption=kind.replace("_", " "))
+            kind = TASKS[r["task"]].task_kind if r["task"] in TASKS else None
+            name = kind.name if kind else "other"
+            columns[name] = kind.baseline_columns if kind else ()
+            by_kind.setdefault(name, []).append({"baseline": r["method"], "task": r["task"], **r["metrics"]})
+        for name, out in by_kind.items():
+            sec.table(out, pick_columns(out, columns[name]), caption=name.replace("_", " "))
     else:
-        sec.not_run("Baselines", "results.sqlite", 'has no kind="baseline" rows')
+        sec.not_run("Baselines", PATHS["results"], 'has no kind="baseline" rows')
     sec.h3("Peak training memory")
     rows = art.rows("memory")
     if rows:
@@ -126,13 +128,13 @@ def sec_sanity(art: Artefacts) -> Section:
             sec.note("On CPU the peak is the process's peak resident memory (a high-water mark that includes "
                      "the Python process and the loaded model), not the training step alone.")
     else:
-        sec.not_run("Memory profile", "results.sqlite", 'has no kind="memory" rows')
+        sec.not_run("Memory profile", PATHS["results"], 'has no kind="memory" rows')
     return sec
 
 
 def sec_manifest(art: Artefacts) -> Section:
     sec = Section("manifest", "Reproducibility manifest")
-    man = art.require("study/manifest.json", "Manifest", dict)
+    man = art.require(PATHS["manifest"], "Manifest", dict)
     import yaml
 
     sec.table([{"command": man.get("command"), "git commit": man.get("git_commit"), "preset": man.get("preset"),

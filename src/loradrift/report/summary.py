@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from loradrift.report.artefacts import (ArtefactError, Artefacts, latest, method_order, primary_metric, steps_by_task,
-                                        task_order)
+from loradrift.layout import PATHS
+from loradrift.methods import METHODS
+from loradrift.report.artefacts import ArtefactError, Artefacts, latest, method_order, primary_metric, steps_by_task, task_order
 from loradrift.report.figures import DRIFT_BY_LAYER, caption, not_learned_caveat
 from loradrift.report.hypotheses import RESULT_LABELS, primary_rows, result_row, results_by_name
 from loradrift.report.performance import mean_ci, performance_table
@@ -28,14 +29,14 @@ def header_facts(art: Artefacts) -> dict[str, str | None]:
         except ArtefactError:
             return None
 
-    man = read("study/manifest.json", dict) or {}
+    man = read(PATHS["manifest"], dict) or {}
     preset = man.get("preset")
     model = ((man.get("config") or {}).get("model") or {}).get("name")
     dev = man.get("device")
     device = (dev.get("gpu") or "a CUDA GPU" if dev.get("cuda") else "CPU") if isinstance(dev, dict) else None
-    fingerprint = read("serve/fingerprint.json", dict) or {}
+    fingerprint = read(PATHS["serve_fingerprint"], dict) or {}
     backends = fingerprint.get("backend") or ",".join(dict.fromkeys(
-        r["backend"] for r in (read("serve/overhead.json", (dict, list)) or []) if isinstance(r, dict) and r.get("backend")))
+        r["backend"] for r in (read(PATHS["serve_overhead"], (dict, list)) or []) if isinstance(r, dict) and r.get("backend")))
     names = {"hf": "hf (transformers + PEFT)", "vllm": "vLLM"}
     backend = " and ".join(names.get(b, b) for b in backends.split(",")) if backends else None
     line = " · ".join([f"Preset {preset or 'unknown'}", f"model {model or 'unknown'}", f"trained on {device or 'an unknown device'}",
@@ -52,9 +53,9 @@ def sec_summary(art: Artefacts) -> Section:
     """One screen: the verdicts with their intervals and reasons, the scores against the baselines,
     and the drift by layer. The sections after it hold the evidence for each line."""
     sec = Section("summary", "Summary")
-    h = art.json("stats/hypotheses.json", dict)
+    h = art.json(PATHS["hypotheses"], dict)
     if h is None:
-        sec.not_run("Verdicts", "stats/hypotheses.json")
+        sec.not_run("Verdicts", PATHS["hypotheses"])
     else:
         v = h.get("verdict") or {}
         sec.blocks.append(Block("verdict", v.get("rule", "H1 AND (H2 OR H3)"),
@@ -66,20 +67,19 @@ def sec_summary(art: Artefacts) -> Section:
                   caption="Scope of the verdicts: the tasks (or serving backend) each hypothesis was decided on, and "
                           "those left undetermined with the reason. " + _model_scale(art))
         _h3_backend_lines(sec, h)
-    meta = art.json("serve/meta.json")
+    meta = art.json(PATHS["serve_meta"])
     findings = meta.get("findings") if isinstance(meta, dict) else None
     if findings:
         sec.note("Serving: adapter(s) whose outputs equal the base model's, so they change nothing the correctness "
                  "check can see (details in Serving benchmark): " + "; ".join(findings))
     if not art.store_path.is_file():
-        sec.not_run("Scores", "results.sqlite")
+        sec.not_run("Scores", PATHS["results"])
     else:
         rows, base, _ = performance_table(art)
         if not rows:
-            sec.not_run("Scores", "results.sqlite", 'has no kind="run" rows')
+            sec.not_run("Scores", PATHS["results"], 'has no kind="run" rows')
         else:
             methods = sorted({r["method"] for r in rows}, key=method_order)
-            label = {"full": "full FT", "lora": "LoRA"}
             table = []
             for key in sorted({(r.get("model", ""), r["task"]) for r in rows}, key=lambda k: (k[0], task_order(k[1]))):
                 row = {"model": key[0], "task": key[1], "metric": primary_metric(key[1])}
@@ -91,13 +91,13 @@ def sec_summary(art: Artefacts) -> Section:
                 row["bar"] = (((h or {}).get("learning_gate") or {}).get("bars") or {}).get(key[1], {}).get("bar")
                 table.append(row)
             cols = (["model"] if "model" in rows[0] else []) + ["task", "metric", *methods, "baselines", "bar"]
-            sec.table(table, cols, labels={**{m: f"{label.get(m, m)} (mean ± 95% CI)" for m in methods},
+            sec.table(table, cols, labels={**{m: f"{METHODS[m].label if m in METHODS else m} (mean ± 95% CI)" for m in methods},
                                            "bar": "learning bar (H1's metric)"},
                       caption="Dev score per task against the baselines, and the bar a method must beat by more "
                               "than its seed spread to have learned the task (details in Performance, Hypotheses)")
-    figs = [p for p in art.pngs("drift/figures") if re.fullmatch(DRIFT_BY_LAYER, p.stem)]
+    figs = [p for p in art.pngs(PATHS["drift"] + "figures") if re.fullmatch(DRIFT_BY_LAYER, p.stem)]
     if not figs:
-        sec.not_run("Drift by layer", "drift/figures/final_by_layer_<task>.png", "is missing")
+        sec.not_run("Drift by layer", PATHS["drift"] + "figures/final_by_layer_<task>.png", "is missing")
     for p in figs:
         sec.figure(art.read_bytes(p), caption(p.stem) + not_learned_caveat(art, p.stem))
     return sec
@@ -141,10 +141,10 @@ def _short_reason(reason: Any) -> str:
 
 def _model_scale(art: Artefacts) -> str:
     """Which model and how much training, in one sentence, from the manifest and the run rows."""
-    man = art.json("study/manifest.json", dict) or {}
+    man = art.json(PATHS["manifest"], dict) or {}
     model = ((man.get("config") or {}).get("model") or {}).get("name")
     if not model:
-        return "Model and scale: unknown (study/manifest.json is missing)."
+        return f"Model and scale: unknown ({PATHS['manifest']} is missing)."
     n = (man.get("model_info") or {}).get("parameters") if isinstance(man.get("model_info"), dict) else None
     dev = man.get("device") or {}
     where = dev.get("gpu") or ("CUDA GPU" if dev.get("cuda") else "CPU")

@@ -130,7 +130,7 @@ def test_the_baseline_bar_is_at_least_chance_and_the_dev_majority_rate(tmp_path)
     chance (0.50-0.52) 'beat the baseline' by more than their spread and H1 was decided on them.
     The bar is the largest of chance, the dev-majority rate and the stored rows: 0.56 here, from
     an old store's majority row (two labels: 1 - 0.44), or the rate a new store records."""
-    from loradrift.hypotheses import baseline_bars
+    from loradrift.learning import baseline_bars
 
     runs = {("sst2", "full"): [{"accuracy": a} for a in (0.52, 0.52, 0.51)],
             ("sst2", "lora"): [{"accuracy": a} for a in (0.51, 0.52, 0.52)]}

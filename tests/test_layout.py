@@ -121,3 +121,12 @@ def test_the_declarations_are_import_light():
             "print(sorted(m for m in ('torch', 'transformers', 'peft', 'pydantic') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_registry_model_keeps_its_name_as_its_key():
+    from loradrift.config import ModelConfig
+    from loradrift.models import MODELS
+
+    for name in MODELS:
+        if name != "tiny":  # the tiny model's key is the hash of its shape
+            assert layout.model_key(ModelConfig(name=name)) == name

@@ -294,19 +294,19 @@ def test_study_killed_in_phase2_resumes_without_redoing_runs(tmp_path):
 
 
 def test_commit_comes_from_git_else_from_the_environment(monkeypatch):
-    from loradrift import study
+    from loradrift import runtime
 
     monkeypatch.setenv("LORADRIFT_COMMIT", "abc123")
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-    assert study.code_commit() == (head or "abc123")
+    assert runtime.code_commit() == (head or "abc123")
 
     def no_git(*a, **k):
         raise FileNotFoundError("git")
 
-    monkeypatch.setattr(study.subprocess, "run", no_git)
-    assert study.code_commit() == "abc123"
+    monkeypatch.setattr(runtime.subprocess, "run", no_git)
+    assert runtime.code_commit() == "abc123"
     monkeypatch.delenv("LORADRIFT_COMMIT")
-    assert study.code_commit() is None
+    assert runtime.code_commit() is None
 
 
 class _Stop(Exception):

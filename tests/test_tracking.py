@@ -74,7 +74,7 @@ def check_run_in_trackers(out: Path, result: dict, group: str, name: str) -> Non
     assert params["train.lr"] == params["resolved.lr"] == str(result["lr"])
     assert params["resolved.seed"] == str(result["seed"]) and params["resolved.model"] == result["model"]
     assert int(params["resolved.steps"]) >= result["steps"] and int(params["resolved.batch_size"]) > 0
-    from loradrift.study import code_commit
+    from loradrift.runtime import code_commit
 
     assert run.data.tags.get("mlflow.source.git.commit") == code_commit()
     card = "adapter" if result["method"] == "lora" else "model"

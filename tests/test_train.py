@@ -252,7 +252,7 @@ train_run(cfg)
 
 def test_kill_between_result_and_store_commit_is_healed(tiny_cfg, tmp_path):
     from loradrift.cli import main
-    from loradrift.hypotheses import performance_by_seed
+    from loradrift.learning import performance_by_seed
 
     out = tmp_path / "out"
     for seed in (42, 1337):

@@ -8,6 +8,7 @@ overrides), resolved through `loradrift.config`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -648,15 +649,23 @@ def main(argv: list[str] | None = None) -> int:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is, so that every `finally` runs on the way out: locks are
-    released, and the vLLM engines' own processes, which a default SIGTERM death would leave
-    running (issue 28 item 14), are shut down by their backend's close()."""
+    released, and vLLM engines are shut down by their backend's close()."""
 
 
 def _stop_on_sigterm():
     """Turn SIGTERM into `Terminated` for the duration of a command; returns the handler it replaced
-    (None off the main thread, where Python allows no signal handler)."""
+    (None off the main thread, where Python allows no signal handler).
+
+    The command's own child processes get the SIGTERM first: a default SIGTERM death left vLLM's
+    engine processes running (issue 28 item 14), and vLLM, terminated while its engine starts,
+    carried on where the exception should have stopped it; with its engine gone it stops too."""
 
     def stop(signum, frame):
+        from loradrift.runtime import descendant_pids
+
+        for pid in descendant_pids(os.getpid()):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
         raise Terminated()
 
     try:

@@ -1,66 +1,18 @@
-"""A run's `Context`, the model, data and engine one training process works with, and `setup`,
-which builds it for any method (the method's `apply` handler in loradrift.methods says which
+"""`setup`, which builds a run's `Context` (the model, data and engine one training process
+works with; defined in loradrift.engine, whose functions all take it) for any method (the method's `apply` handler in loradrift.methods says which
 parameters train: `apply_full`, `apply_lora`): runs, search trials, Ray tasks, sanity checks
 and memory profiles all start here."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import torch
 
 from loradrift.config import RunConfig
 from loradrift.data import TaskData, encode, load_task
-from loradrift.engine import BlockCompile, Engine, pick_device, repeated_blocks, resolve_engine, total_steps_for
-from loradrift.methods import Method, get_method
+from loradrift.engine import BlockCompile, Context, SplitFeatures, pick_device, repeated_blocks, resolve_engine, total_steps_for
 from loradrift.models import build_task_model, compute_dtype, is_decoder, load_tokenizer, resolve_model_dir
 from loradrift.runtime import set_threads
-from loradrift.tasks import TaskSpec, get_task
-
-
-class SplitFeatures(dict):
-    """Tokenised splits, each encoded on first use: a search trial or a sanity run never scores
-    dev, and SQuAD's dev set alone is 12k windows (seconds of tokenising per run)."""
-
-    def __init__(self, encode_split: Callable[[str], list[dict]]):
-        super().__init__()
-        self._encode = encode_split
-
-    def __missing__(self, split: str) -> list[dict]:
-        self[split] = feats = self._encode(split)
-        return feats
-
-
-@dataclass
-class Context:
-    cfg: RunConfig
-    spec: TaskSpec
-    data: TaskData
-    model_dir: Path
-    tokenizer: object
-    model: torch.nn.Module  # TaskModel
-    device: torch.device
-    dtype: torch.dtype
-    peft: object | None = None  # the PeftModel wrapper (methods with an adapter)
-    feats: dict[str, list[dict]] = field(default_factory=dict)
-    engine: Engine = Engine()
-    forward: Callable | None = None  # the training forward: the model, or its compiled form
-    # Wraps a training micro-batch's forward and backward: turns the compiled blocks on (a
-    # no-op unless compile_scope is blocks).
-    compiled: Callable[[], AbstractContextManager] = nullcontext
-    threads: int = 0  # torch's intra-op threads (runtime.threads, else the cores this process owns)
-
-    @property
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id
-
-    @property
-    def method(self) -> Method:
-        """The run's method, from the methods table."""
-        return get_method(self.cfg.method.name)
+from loradrift.tasks import get_task
 
 
 def setup(cfg: RunConfig, data: TaskData | None = None) -> Context:

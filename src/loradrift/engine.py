@@ -1,7 +1,8 @@
 """The training engine: what one optimizer step needs and how a run's state reaches the disk.
 The device and the engine switches (`Engine`: compilation, padding, length grouping, fused AdamW,
 TF32, pinned memory), the optimizer and schedule, the data order, the step itself, and the
-checkpoint writer. `loradrift.context.setup` builds the `Context` every function here takes;
+checkpoint writer, and the run's `Context` every function here takes (`loradrift.context.setup`
+builds it);
 `loradrift.train` runs the loop (docs/training.md, "The engine").
 """
 
@@ -12,19 +13,18 @@ import pickle
 import resource
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from loradrift.config import EngineConfig, RunConfig
-from loradrift.data import collate
+from loradrift.data import TaskData, collate
 from loradrift.io import atomic_path
-
-if TYPE_CHECKING:  # context.py builds a Context from this module's parts
-    from loradrift.context import Context
+from loradrift.methods import Method, get_method
+from loradrift.tasks import TaskSpec
 
 
 def pick_device() -> torch.device:
@@ -59,6 +59,49 @@ def resolve_engine(ecfg: EngineConfig, device: torch.device, total_steps: int) -
                   group_by_length=on(ecfg.group_by_length, cuda), fused_optimizer=on(ecfg.fused_optimizer, cuda),
                   tf32=on(ecfg.tf32, cuda), pin_memory=on(ecfg.pin_memory, cuda) and cuda,
                   gradient_checkpointing=ecfg.gradient_checkpointing)
+
+
+
+class SplitFeatures(dict):
+    """Tokenised splits, each encoded on first use: a search trial or a sanity run never scores
+    dev, and SQuAD's dev set alone is 12k windows (seconds of tokenising per run)."""
+
+    def __init__(self, encode_split: Callable[[str], list[dict]]):
+        super().__init__()
+        self._encode = encode_split
+
+    def __missing__(self, split: str) -> list[dict]:
+        self[split] = feats = self._encode(split)
+        return feats
+
+
+@dataclass
+class Context:
+    cfg: RunConfig
+    spec: TaskSpec
+    data: TaskData
+    model_dir: Path
+    tokenizer: object
+    model: torch.nn.Module  # TaskModel
+    device: torch.device
+    dtype: torch.dtype
+    peft: object | None = None  # the PeftModel wrapper (methods with an adapter)
+    feats: dict[str, list[dict]] = field(default_factory=dict)
+    engine: Engine = Engine()
+    forward: Callable | None = None  # the training forward: the model, or its compiled form
+    # Wraps a training micro-batch's forward and backward: turns the compiled blocks on (a
+    # no-op unless compile_scope is blocks).
+    compiled: Callable[[], AbstractContextManager] = nullcontext
+    threads: int = 0  # torch's intra-op threads (runtime.threads, else the cores this process owns)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def method(self) -> Method:
+        """The run's method, from the methods table."""
+        return get_method(self.cfg.method.name)
 
 
 

@@ -26,7 +26,7 @@ and Spearman's rank correlation, across runs, between the final drift (the aggre
 from ``drift/comparison.json``) and Δloss: pooled, per task and per method, with a permutation
 p-value and an explicit "undetermined" when n is too small or an input is constant, or when a task
 the correlation is built on was not learned by both methods (the study's learning gate,
-:func:`loradrift.hypotheses.learning_gate`: then drift and Δloss describe runs that learned nothing).
+:func:`loradrift.learning.learning_gate`: then drift and Δloss describe runs that learned nothing).
 
 Cost and caching: one forward pass over the text per run (fp32, TF32 off) plus one for the base
 model; the base model is loaded once, LoRA runs are scored on it through forward hooks (no weight
@@ -326,7 +326,7 @@ def analyse_forgetting(cfg: RunConfig, tasks: Sequence[str] | None = None,
     def corr(sel: list[dict]) -> dict:
         return rank_correlation([r["drift"] for r in sel], [r["delta_loss"] for r in sel], conf)
 
-    from loradrift.hypotheses import learning_gate
+    from loradrift.learning import learning_gate
 
     gate = learning_gate(cfg, tasks)
     correlation = gate_correlations({
@@ -398,7 +398,7 @@ def _plot(rows: list[dict], groups: list[dict], path: Path) -> None:
 
 
 def gate_correlations(correlation: Mapping[str, Any], not_learned: Mapping[str, str]) -> dict[str, Any]:
-    """The correlations with the learning gate applied (`hypotheses.learning_gate`): a task that
+    """The correlations with the learning gate applied (`learning.learning_gate`): a task that
     full FT or LoRA did not learn supports no conclusion about forgetting, nor does a correlation
     pooled over its runs. The numbers stay; the decision becomes undetermined, with the reason."""
     tasks = set(correlation.get("by_task") or {})

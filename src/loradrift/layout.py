@@ -164,11 +164,11 @@ def best_config_for(out: Path | str, model: str, task: str, method: str, tune_ra
 
 
 def model_key(mcfg) -> str:
-    """The name used in artefact paths: registry name, or a sanitised path / Hub id."""
+    """The name used in artefact paths: the registry name (none holds "/" or ":", so the
+    sanitising below keeps it as it is; tests/test_layout.py checks), or a sanitised path / Hub id.
+    Layout needs nothing from the model registry, so paths import no model code."""
     import hashlib
     import json
-
-    from loradrift.models import MODELS
 
     if mcfg.name == "tiny":
         d = mcfg.tiny.model_dump()
@@ -178,6 +178,4 @@ def model_key(mcfg) -> str:
                 del d[k]
         tiny = json.dumps(d, sort_keys=True)
         return "tiny-" + hashlib.sha256(tiny.encode()).hexdigest()[:8]
-    if mcfg.name in MODELS:
-        return mcfg.name
     return mcfg.name.strip("/").replace("/", "--").replace(":", "_")

@@ -134,7 +134,7 @@ def classification_baselines(spec, data, rng: random.Random) -> list[dict]:
     majority = int(np.bincount(train_labels, minlength=spec.num_labels).argmax())
     rows.append({"baseline": "majority", "predicts": spec.labels[majority], **compute_metrics(spec.metric, [majority] * len(labels), labels),
                  # not predictors but bars: a constant model scores the dev-majority rate, and the
-                 # train-majority class can be the dev minority (hypotheses.baseline_bars)
+                 # train-majority class can be the dev minority (learning.baseline_bars)
                  "dev_majority_accuracy": float(np.bincount(labels, minlength=spec.num_labels).max() / len(labels)),
                  "chance_accuracy": 1.0 / spec.num_labels})
     guesses = [rng.randrange(spec.num_labels) for _ in labels]

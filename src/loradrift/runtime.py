@@ -1,4 +1,5 @@
-"""How many threads a process's torch uses (`runtime.threads`).
+"""Where a process runs: how many threads its torch uses (`runtime.threads`), and which commit
+of this code it is (`code_commit`, for manifests and trackers).
 
 torch starts one intra-op (OpenMP) thread per core it sees. That suits a process alone on a
 machine, and hurts as soon as several share it: Ray tasks, search workers, or a study beside
@@ -12,6 +13,30 @@ owns: `runtime.threads` when set, else its CPU affinity (all cores for a lone pr
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """Every process below `pid` (children, theirs, ...), read from /proc; [] where there is none."""
+    parents: dict[int, list[int]] = {}
+    try:
+        entries = [d for d in Path("/proc").iterdir() if d.name.isdigit()]
+    except OSError:
+        return []
+    for d in entries:
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
 
 
 def owned_core_ids() -> list[int]:
@@ -35,3 +60,14 @@ def set_threads(requested: int | None) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def code_commit() -> str | None:
+    """The git commit of this code, else $LORADRIFT_COMMIT: a copy without .git (a lent GPU
+    machine gets the working tree only) names its commit through the environment."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    return commit or os.environ.get("LORADRIFT_COMMIT") or None

@@ -631,7 +631,7 @@ def h1_performance(
 
     Inputs: ``{task: per-seed scores}`` for FT and LoRA (per task either equal-length sequences
     in seed order or ``{seed: score}`` mappings); ``baselines``: ``{task: baseline bar}`` on the
-    same metric and dev set (``loradrift.hypotheses.baseline_bars``).  A task that either method did
+    same metric and dev set (``loradrift.learning.baseline_bars``).  A task that either method did
     not learn (:func:`did_not_learn`) is undetermined, and so is the pooled result built on it.
     Returns the secondary per-task results (sorted by name), then the primary ``'pooled'`` result.
     """

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,7 +34,7 @@ from loradrift.io import ResultsStore, atomic_write_json, make_dir, serve_adapte
 from loradrift.layout import model_key
 from loradrift.methods import LORA
 from loradrift.progress import Reporter, Stage
-from loradrift.runtime import set_threads
+from loradrift.runtime import code_commit, set_threads
 
 console = Console(stderr=True)
 
@@ -278,17 +276,6 @@ def run_study(cfg_for: ConfigFor, phases: list[int], tasks: list[str] | None = N
             timings.append({"phase": "report", "seconds": time.time() - t0})
             result["total_seconds"] = time.time() - t_start
     return result
-
-
-def code_commit() -> str | None:
-    """The git commit of this code, else $LORADRIFT_COMMIT: a copy without .git (a lent GPU
-    machine gets the working tree only) names its commit through the environment."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent,
-                                timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        commit = ""
-    return commit or os.environ.get("LORADRIFT_COMMIT") or None
 
 
 def write_manifest(cfg: RunConfig, cfg_for: ConfigFor, tasks: list[str], command: str) -> None:

@@ -28,7 +28,7 @@ HANDLER_ROLES: dict[str, str] = {
     "probe_encode": "(tokenizer, rows, max_length) -> features: one sequence per probe example (loradrift.representations)",
     "head": "(hidden_size, spec, decoder) -> nn.Module: the task head (loradrift.models)",
     "baselines": "(spec, data, rng) -> rows: the Phase 0 baseline rows, named as spec.baselines (loradrift.phase0)",
-    "bar": "(spec, latest) -> (parts, reason): the values H1's baseline bar is the largest of (loradrift.hypotheses)",
+    "bar": "(spec, latest) -> (parts, reason): the values H1's baseline bar is the largest of (loradrift.learning)",
     "evaluate": "(ctx, rows, feats, na_thresh) -> scores: a split's metrics, its \"_predictions\" and, with na_probs, "
                 "\"_na_probs\" and \"na_prob_thresh\" (loradrift.evaluate)",
 }
@@ -92,7 +92,7 @@ KINDS: dict[str, TaskKind] = {
             probe_encode="loradrift.representations:probe_text_features",
             head="loradrift.models:classification_head",
             baselines="loradrift.phase0:classification_baselines",
-            bar="loradrift.hypotheses:classification_bar",
+            bar="loradrift.learning:classification_bar",
             evaluate="loradrift.evaluate:evaluate_classification",
             peft_task_type="SEQ_CLS",
             auto_class="AutoModelForSequenceClassification",
@@ -108,7 +108,7 @@ KINDS: dict[str, TaskKind] = {
             probe_encode="loradrift.representations:probe_squad_features",
             head="loradrift.models:span_head",
             baselines="loradrift.phase0:squad_baselines",
-            bar="loradrift.hypotheses:no_answer_bar",
+            bar="loradrift.learning:no_answer_bar",
             evaluate="loradrift.evaluate:evaluate_squad",
             split_group="paragraph",
             sanity_threshold="min_squad_f1",

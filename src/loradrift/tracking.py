@@ -277,7 +277,7 @@ def start(report_to: list[str], out_dir: Path, group: str, name: str, config: di
     not installed fails here, before any work. The code's git commit joins the tags."""
     check(report_to)
     if report_to:
-        from loradrift.study import code_commit
+        from loradrift.runtime import code_commit
 
         tags = {"git_commit": code_commit(), **(tags or {})}
     return Tracking(report_to, out_dir, group, name, config, tags)

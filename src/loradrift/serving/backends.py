@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime import descendant_pids as _descendant_pids
 from .adapters import SERVE_EXTRA_HINT, ServeConfig, ServeError
 
 # ---------------------------------------------------------------------------
@@ -29,25 +30,6 @@ def _self_peak_rss_mb() -> float:
     # Linux reports ru_maxrss in KiB (macOS in bytes); it is this process's high-water mark.
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if platform.system() == "Darwin" else r / 1024
-
-
-def _descendant_pids(pid: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        parents.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        kids = parents.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
 
 
 def _children_peak_rss_mb() -> float | None:

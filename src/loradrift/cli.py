@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from loradrift import layout
@@ -647,6 +648,11 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+# How long a terminated command may take to unwind (closing engines, releasing locks) before it
+# exits regardless.
+TERM_GRACE_S = 60
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is, so that every `finally` runs on the way out: locks are
     released, and vLLM engines are shut down by their backend's close()."""
@@ -657,8 +663,9 @@ def _stop_on_sigterm():
     (None off the main thread, where Python allows no signal handler).
 
     The command's own child processes get the SIGTERM first: a default SIGTERM death left vLLM's
-    engine processes running (issue 28 item 14), and vLLM, terminated while its engine starts,
-    carried on where the exception should have stopped it; with its engine gone it stops too."""
+    engine processes running (issue 28 item 14). And a process that has not ended `TERM_GRACE_S`
+    seconds later ends then (exit 143): vLLM, terminated while it waits for its engine to start,
+    sits in a ZMQ poll that swallows the exception."""
 
     def stop(signum, frame):
         from loradrift.runtime import descendant_pids
@@ -666,6 +673,9 @@ def _stop_on_sigterm():
         for pid in descendant_pids(os.getpid()):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGTERM)
+        watchdog = threading.Timer(TERM_GRACE_S, os._exit, args=(143,))
+        watchdog.daemon = True
+        watchdog.start()
         raise Terminated()
 
     try:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime import descendant_pids as _descendant_pids
+from ..runtime import descendant_pids
 from .adapters import SERVE_EXTRA_HINT, ServeConfig, ServeError
 
 # ---------------------------------------------------------------------------
@@ -36,7 +36,7 @@ def _children_peak_rss_mb() -> float | None:
     """Sum of VmHWM (peak RSS) over live descendant processes (vLLM's engine core and workers)."""
     if not Path("/proc/self/status").exists():
         return None
-    return peak_rss_mb(_descendant_pids(os.getpid()))
+    return peak_rss_mb(descendant_pids(os.getpid()))
 
 
 def peak_rss_mb(pids: list[int]) -> float:

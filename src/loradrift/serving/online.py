@@ -49,8 +49,9 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime import descendant_pids
 from .adapters import ServeConfig, ServeError
-from .backends import _descendant_pids, cpu_binds, cpu_kvcache_gib, engine_cli_args, peak_rss_mb
+from .backends import cpu_binds, cpu_kvcache_gib, engine_cli_args, peak_rss_mb
 
 DEFAULT_RATES = (1.0, 2.0, 4.0, float("inf"))
 # A percentile q is reported only over at least 1 / (1 - q) values, so that on average one value
@@ -316,7 +317,7 @@ class VLLMServer:
         """Sum of VmHWM over the server and its children (API server, engine core)."""
         if self.proc is None:
             return None
-        return peak_rss_mb([self.proc.pid, *_descendant_pids(self.proc.pid)]) or None
+        return peak_rss_mb([self.proc.pid, *descendant_pids(self.proc.pid)]) or None
 
     def __exit__(self, *exc: Any) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -399,3 +399,28 @@ def test_progress_counts_finished_trials_and_the_steps_of_the_running_one(tmp_pa
     assert done == sorted(done)
     # within each trial, its steps: a study's ETA moves during a long first trial
     assert any(0 < d < 1 for d in done) and any(1 < d < 2 for d in done)
+
+
+def test_start_up_trials_draw_spread_out_values():
+    """Trial n's draws come from (seed, n) through SeedSequence: numpy's legacy RandomState.seed(int)
+    gave trials 0-2 of a study almost one learning rate (8.19e-5, 8.20e-5, ...), so a 2-trial
+    search tried one point. Two runs of the same seed still draw the same values."""
+    import numpy as np
+    import optuna
+
+    from loradrift.search import _sampler
+
+    def draws(seed, n=8):
+        study = optuna.create_study(sampler=_sampler(seed), direction="maximize")
+        out = []
+        for _ in range(n):
+            t = study.ask()
+            out.append(np.log10(t.suggest_float("lr", 1e-6, 1e-4, log=True)))
+            study.tell(t, 0.5)
+        return np.array(out)
+
+    for seed in (42, 1337, 2024):
+        u = (draws(seed) + 6) / 2  # where each draw falls in the log range, 0..1
+        assert np.min(np.abs(np.diff(u[:3]))) > 0.01, u  # the old draws: first three within 0.004
+        assert u.max() - u.min() > 0.3, u
+    np.testing.assert_array_equal(draws(42), draws(42))

@@ -101,8 +101,10 @@ def study_outcome(out: Path) -> dict:
 
 
 def _check_outcome_is_golden(out: Path) -> None:
-    """The tiny study's outcome, captured before the trainer/report split (issue 27) at commit
-    fbd0aba: `python tests/test_study.py OUT` prints it for a study folder."""
+    """The tiny study's outcome: `python tests/test_study.py OUT` prints it for a study folder.
+    Captured before the trainer/report split of issue 27 (fbd0aba) and reproduced exactly after
+    it; captured again when the search's start-up trials got well-spread seeds (other learning
+    rates, so other scores). A change that means to alter results re-captures it and says why."""
     golden = json.loads(GOLDEN.read_text())
     got = study_outcome(out)
     assert got["verdict"] == golden["verdict"] and got["not_learned"] == golden["not_learned"]

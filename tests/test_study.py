@@ -257,24 +257,25 @@ def test_a_study_that_learns_nothing_finishes_and_decides_nothing(tmp_path):
     the drift of untrained models. Now the study finishes with its report, flags the adapters, and
     decides none of H1, H2 or the overall verdict."""
     out = tmp_path / "study"
-    r = subprocess.run(study_cmd(out, "--phases", "0,2,3", "train.lr=1e-12", "ablation.rank.enabled=false"),
-                       capture_output=True, text=True, timeout=1800)
+    # one task of each kind: what is checked does not depend on how many tasks share the fate
+    r = subprocess.run(study_cmd(out, "--phases", "0,2,3", "study.tasks=[sst2,squad_v2]", "train.lr=1e-12",
+                                 "ablation.rank.enabled=false"), capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     hyp = json.loads((out / "stats" / "hypotheses.json").read_text())
     d = hyp["verdict"]["decisions"]
     assert d["H1"] == d["H2"] == d["overall"] == "undetermined", d
     assert "did not learn" in hyp["verdict"]["reasons"]["H2"]
-    assert set(hyp["learning_gate"]["not_learned"]) == {"mrpc", "sst2", "rte", "squad_v2"}
+    assert set(hyp["learning_gate"]["not_learned"]) == {"sst2", "squad_v2"}
     assert hyp["secondary_analyses"]["forgetting"]["correlation"]["pooled"]["decision"] == "undetermined"
     findings = json.loads((out / "serve" / "meta.json").read_text())["findings"]
-    assert len(findings) == 4 and all("equal the base model's" in f for f in findings)
+    assert len(findings) == 2 and all("equal the base model's" in f for f in findings)
     html = (out / "report" / "report.html").read_text()
     assert "equal the base model" in html.split('id="summary"')[1].split("</section>")[0]
 
 
 def test_study_killed_in_phase2_resumes_without_redoing_runs(tmp_path):
     out = tmp_path / "study"
-    args = ("--phases", "0,2", "study.search=false")
+    args = ("--phases", "0,2", "study.tasks=[sst2,rte]", "study.search=false")
     log = tmp_path / "first.log"
     proc = subprocess.Popen(study_cmd(out, *args), stdout=subprocess.DEVNULL, stderr=open(log, "w"))  # noqa: SIM115
     deadline = time.time() + 600
@@ -287,12 +288,12 @@ def test_study_killed_in_phase2_resumes_without_redoing_runs(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = list(out.glob("runs/*/*/*/*/result.json"))
-    assert 3 <= len(finished) < 24, f"kill did not land mid-Phase-2 ({len(finished)} runs finished): {log.read_text()[-3000:]}"
+    assert 3 <= len(finished) < 12, f"kill did not land mid-Phase-2 ({len(finished)} runs finished): {log.read_text()[-3000:]}"
     before = {p: p.stat().st_mtime_ns for p in finished}
     r = subprocess.run(study_cmd(out, *args), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(p.stat().st_mtime_ns == t for p, t in before.items()), "a finished run was redone"
-    assert len(list(out.glob("runs/*/*/*/*/result.json"))) == 24
+    assert len(list(out.glob("runs/*/*/*/*/result.json"))) == 12
 
 
 def test_commit_comes_from_git_else_from_the_environment(monkeypatch):

@@ -650,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # How long a terminated command may take to unwind (closing engines, releasing locks) before it
 # exits regardless.
-TERM_GRACE_S = 60
+TERM_GRACE_S = 30
 
 
 class Terminated(KeyboardInterrupt):

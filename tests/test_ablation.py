@@ -80,7 +80,7 @@ def test_ablation_resumes_after_a_kill_without_retraining_finished_ranks(tmp_pat
     monkeypatch.setattr(train, "train_run", real_train_run)
     # a baseline bar no 6-step run beats: the learning gate must say so (issue 25 point 1)
     from loradrift.io import ResultsStore
-    from loradrift.models import model_key
+    from loradrift.layout import model_key
 
     ResultsStore(tmp_path / "results.sqlite").put("baseline", model_key(cfg_for().model), "sst2", "majority", 42, "h",
                                                   {"accuracy": 0.99, "dev_majority_accuracy": 0.99})

@@ -7,7 +7,7 @@ import pytest
 from loradrift.config import resolve_config
 from loradrift.hypotheses import run_stats
 from loradrift.io import ResultsStore
-from loradrift.models import model_key
+from loradrift.layout import model_key
 
 SEEDS = [42, 1337, 2024]
 

@@ -94,7 +94,7 @@ def test_run_paths(tmp_path):
 
 
 def test_run_dir_for(tiny_cfg):
-    from loradrift.models import model_key
+    from loradrift.layout import model_key
 
     cfg = tiny_cfg(task="rte", method="full", seed=7)
     assert layout.run_dir_for(cfg) == Path(cfg.out_dir) / "runs" / model_key(cfg.model) / "rte" / "full" / "seed7"

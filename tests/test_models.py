@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from loradrift.config import ModelConfig
-from loradrift.models import ModelError, build_task_model, describe, model_key, pool, resolve_model_dir
+from loradrift.layout import model_key
+from loradrift.models import ModelError, build_task_model, describe, pool, resolve_model_dir
 from loradrift.tasks import get_task
 
 

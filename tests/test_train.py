@@ -366,20 +366,26 @@ def _train_argv(cfg) -> list[str]:
             "--out", str(cfg.out_dir)]
 
 
-def test_truncated_checkpoint_is_named_with_a_way_out_and_nothing_deleted(tiny_cfg, capsys):
-    from loradrift.cli import main
-
-    cfg = tiny_cfg("sst2", "lora")
+def _kill_after_first_checkpoint(cfg) -> None:
+    """Train until the first checkpoint is written, then stop the run as a kill would."""
 
     class Killed(Exception):
         pass
 
     def die(step, total):
-        if step == cfg.train.checkpoint_every:  # right after the first checkpoint
+        if step == cfg.train.checkpoint_every:
             raise Killed
 
     with pytest.raises(Killed):
         train_run(cfg, on_step=die)
+
+
+def test_truncated_checkpoint_is_named_with_a_way_out_and_nothing_deleted(tiny_cfg, capsys):
+    from loradrift.cli import main
+
+    cfg = tiny_cfg("sst2", "lora")
+
+    _kill_after_first_checkpoint(cfg)
     rd = run_dir_for(cfg)
     last = rd / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a copy cut short, a full disk
@@ -399,15 +405,7 @@ def test_checkpoint_keeps_its_keys_and_one_from_an_older_version_resumes(tiny_cf
     RunState; one written before `padded_tokens` was counted still resumes to the same scores."""
     cfg = tiny_cfg("sst2", "lora")
 
-    class Killed(Exception):
-        pass
-
-    def die(step, total):
-        if step == cfg.train.checkpoint_every:  # right after the first checkpoint
-            raise Killed
-
-    with pytest.raises(Killed):
-        train_run(cfg, on_step=die)
+    _kill_after_first_checkpoint(cfg)
     last = run_dir_for(cfg) / "checkpoints" / "last.pt"
     state = torch.load(last, weights_only=True)
     assert list(state) == ["step", "params", "optimizer", "scheduler", "rng_cpu", "rng_cuda", "log", "curve", "pending",

@@ -124,8 +124,9 @@ def analyse_task(cfg_for: Callable[..., RunConfig], task: str, runs: list[dict],
     """Per-run quantities and per-rank means for one task (see the module docstring)."""
     from loradrift import stats
     from loradrift.drift import run_final_drift
+    from loradrift.layout import model_key
     from loradrift.learning import baseline_bars, h1_metric
-    from loradrift.models import is_decoder, model_key, resolve_model_dir
+    from loradrift.models import is_decoder, resolve_model_dir
     from loradrift.weights import run_weight_summary
 
     tcfg = cfg_for(task)

@@ -236,7 +236,8 @@ def cmd_search_report(args, configs: Configs) -> int:
 
 def cmd_drift(args, configs: Configs) -> int:
     from loradrift.drift import analyse_drift
-    from loradrift.models import model_key, resolve_model_dir
+    from loradrift.layout import model_key
+    from loradrift.models import resolve_model_dir
 
     cfg = configs()
     tasks = _tasks(args.task)

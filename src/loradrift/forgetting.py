@@ -224,7 +224,7 @@ class Forgetting:
     loaded only when some run is not cached."""
 
     def __init__(self, cfg: RunConfig):
-        from loradrift.models import is_decoder, load_tokenizer, model_key, resolve_model_dir
+        from loradrift.models import is_decoder, load_tokenizer, resolve_model_dir
 
         self.cfg, self.out = cfg, Path(cfg.out_dir)
         self.model_dir = resolve_model_dir(cfg.model)
@@ -234,7 +234,7 @@ class Forgetting:
         self.tokenizer = load_tokenizer(self.model_dir, True)
         self.paragraphs, self.text_info = general_text(cfg)
         self.seqs = tokenize(self.tokenizer, self.paragraphs, cfg.forgetting.max_tokens)
-        self.key = _sha({"model": model_key(cfg.model), "tokens": self.seqs})
+        self.key = _sha({"model": layout.model_key(cfg.model), "tokens": self.seqs})
         self.path = layout.path(self.out, "forgetting_cache")
         cache = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.cache: dict = cache if cache.get("text_key") == self.key else {"text_key": self.key, "runs": {}}

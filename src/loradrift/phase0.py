@@ -22,10 +22,11 @@ from loradrift import layout
 from loradrift.config import RunConfig
 from loradrift.data import load_task, probe_examples, rows_as_squad_json
 from loradrift.io import ResultsStore
+from loradrift.layout import model_key
 from loradrift.methods import METHOD_NAMES, METHODS
 from loradrift.metrics import compute_metrics, squad_v2_evaluate
-from loradrift.models import build_task_model, is_decoder, load_tokenizer, model_key, resolve_model_dir
-from loradrift.representations import base_path, encode_probe, extract, floor_batch_size, floor_path, probe_key, save_snapshot
+from loradrift.models import build_task_model, is_decoder, load_tokenizer, resolve_model_dir
+from loradrift.representations import encode_probe, extract, floor_batch_size, floor_path, probe_key, save_snapshot
 from loradrift.tasks import get_task
 
 
@@ -153,7 +154,7 @@ def extract_base(cfg: RunConfig, force: bool = False) -> Path:
     from loradrift.engine import pick_device
 
     key = model_key(cfg.model)
-    path = base_path(cfg, key, cfg.task)
+    path = layout.base_file(cfg.out_dir, key, cfg.task)
     if path.exists() and not force:
         return path
     spec = get_task(cfg.task)

@@ -135,10 +135,6 @@ def write_index(run_dir: Path, pooling: str) -> dict:
     return index
 
 
-def base_path(cfg: RunConfig, model_key: str, task: str) -> Path:
-    return layout.base_file(cfg.out_dir, model_key, task)
-
-
 def floor_path(base: Path) -> Path:
     """The base model's probe representations extracted a second time with another batch
     composition: drift between the two is the numerical noise floor of the drift measure."""

@@ -45,9 +45,9 @@ from loradrift.engine import (
 from loradrift.evaluate import evaluate, primary
 from loradrift.export import export, write_model_card
 from loradrift.io import LockBusy, ResultsStore, StoreError, atomic_path, atomic_write_json, exclusive_lock, make_dir
-from loradrift.layout import model_key, results_db, run_dir_for, run_path
+from loradrift.layout import base_file, model_key, results_db, run_dir_for, run_path
 from loradrift.models import public_base
-from loradrift.representations import base_path, encode_probe, extract, probe_key, read_snapshot_meta, save_snapshot, snapshot_path, write_index
+from loradrift.representations import encode_probe, extract, probe_key, read_snapshot_meta, save_snapshot, snapshot_path, write_index
 
 
 class RunConflict(RuntimeError):
@@ -338,7 +338,7 @@ class _Snapshots:
         self.feats = encode_probe(ctx.spec, ctx.tokenizer, probe_examples(cfg, ctx.data), cfg.model.max_length) if cfg.probe.enabled else []
         self.dtype = getattr(torch, cfg.probe.dtype)
         self.key = probe_key(cfg)
-        self.base = base_path(cfg, model_key(cfg.model), cfg.task)
+        self.base = base_file(cfg.out_dir, model_key(cfg.model), cfg.task)
 
     def __call__(self, step: int) -> None:
         cfg, ctx = self.cfg, self.ctx

@@ -59,6 +59,22 @@ def test_memory_profile(tmp_path):
     assert row["metrics"]["peak_memory_mb"] > 10
 
 
+def test_memory_profiles_are_isolated_from_each_other(tmp_path):
+    """Each profile is its own process: a small batch after a large one reports its own, lower
+    peak, not the high-water mark the large one left behind."""
+    from loradrift.config import resolve_config
+    from loradrift.phase0 import memory_profile_isolated
+
+    def peak(bs):
+        cfg = resolve_config(preset="tiny", task="sst2", out_dir=str(tmp_path),
+                             overrides=["method.name=full", f"train.batch_size={bs}", "model.max_length=128"])
+        return memory_profile_isolated(cfg)
+
+    big, small = peak(64), peak(1)
+    assert small["peak_memory_mb"] < big["peak_memory_mb"]
+    assert not big["peak_is_whole_process"] and not small["peak_is_whole_process"]  # Linux resets VmHWM
+
+
 def test_score_squad_matches_hand_values(tmp_path, capsys):
     data = {"version": "v2.0", "data": [{"title": "t", "paragraphs": [{"context": "Paris is big.", "qas": [
         {"id": "a", "question": "q", "answers": [{"text": "Paris", "answer_start": 0}], "is_impossible": False},

@@ -246,7 +246,7 @@ def memory_profile_isolated(cfg: RunConfig) -> dict:
     transformers and PEFT once, instead of spawned (each spawn imported them again, about 5 s
     a profile). The server has run no torch op, so no thread pool or CUDA context is forked.
     A forked child's RSS counts the library pages it touches, not every page the import loaded,
-    so its peak is some 50 MB lower than a spawned one's; the step's own memory is the same."""
+    so its peak is 50-60 MB lower than a spawned one's; the step's own memory is the same."""
     import multiprocessing as mp
 
     if "forkserver" in mp.get_all_start_methods():
